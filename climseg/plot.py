@@ -1,0 +1,152 @@
+"""The one map of a sample: TMQ on a latitude/longitude grid with TC and AR masks on top.
+
+Used by ``python -m climseg.predict`` (PNG next to each predicted mask) and by the trainer's
+TensorBoard image panel (:func:`figure_to_array` gives the HWC uint8 image ``add_image`` takes).
+
+The CAM5 grid is regular: row 0 is the southernmost latitude (−90°) and column 0 is the
+Greenwich meridian (0°E), longitudes increasing eastwards to 360°. Figures are built on the Agg
+canvas directly (no pyplot), so nothing needs a display and no figure is kept alive by a global
+registry.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+# Class id -> (legend label, colour). Red and orange stand out on the blue moisture map and
+# stay distinct for the common forms of colour blindness when paired with the outline.
+CLASS_STYLE = {
+    1: ("Tropical cyclone (TC)", "#e4002b"),
+    2: ("Atmospheric river (AR)", "#ff9f1c"),
+}
+TMQ_CMAP = "YlGnBu"
+TMQ_LABEL = "TMQ, total precipitable water (kg m$^{-2}$)"
+FILL_ALPHA = 0.45
+PANEL_SIZE = (6.4, 3.9)  # inches per panel; with DPI this fixes the PNG's pixel size
+DPI = 100
+
+
+def _as_array(a: Any, name: str) -> np.ndarray:
+    if hasattr(a, "detach"):  # a torch tensor, possibly on the GPU
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"plot_sample: {name} must be 2-D (lat, lon), got shape {a.shape}")
+    return a
+
+
+def _grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Latitudes and longitudes of the grid points (degrees)."""
+    h, w = shape
+    return np.linspace(-90.0, 90.0, h), np.linspace(0.0, 360.0, w, endpoint=False)
+
+
+def _draw_panel(ax, tmq, mask, lat, lon, norm_range, panel_title):
+    vmin, vmax = norm_range
+    im = ax.imshow(tmq, origin="lower", extent=(0.0, 360.0, -90.0, 90.0), aspect="auto",
+                   cmap=TMQ_CMAP, vmin=vmin, vmax=vmax, interpolation="nearest")
+    if mask is not None:
+        for cls, (_, colour) in CLASS_STYLE.items():
+            hit = mask == cls
+            if not hit.any():
+                continue
+            fill = np.ma.masked_where(~hit, np.ones(hit.shape, np.uint8))
+            ax.imshow(fill, origin="lower", extent=(0.0, 360.0, -90.0, 90.0), aspect="auto",
+                      cmap=ListedColormap([colour]), alpha=FILL_ALPHA, interpolation="nearest")
+            ax.contour(lon, lat, hit.astype(np.float32), levels=[0.5], colors=[colour],
+                       linewidths=1.2)
+    ax.set_xlim(0.0, 360.0)
+    ax.set_ylim(-90.0, 90.0)
+    ax.set_xticks(np.arange(0, 361, 60))
+    ax.set_yticks(np.arange(-90, 91, 30))
+    ax.set_xlabel("Longitude (°E)")
+    ax.set_ylabel("Latitude (°N)")
+    ax.grid(color="0.35", linewidth=0.4, alpha=0.5)
+    if panel_title:
+        ax.set_title(panel_title)
+    return im
+
+
+def plot_sample(tmq, prediction=None, truth=None, title: str | None = None) -> Figure:
+    """Map of one sample.
+
+    ``tmq`` is the raw TMQ field in kg m⁻², shape (lat, lon); from a normalized batch recover
+    it as ``x / scale + shift`` for the TMQ channel. ``prediction`` and ``truth`` are class-id
+    masks of the same shape (0 background, 1 TC, 2 AR). With ``truth`` the figure has two
+    panels, truth left and prediction right (or the TMQ field alone when there is no
+    prediction); otherwise one panel. Returns a figure on the Agg canvas.
+    """
+    tmq = _as_array(tmq, "tmq").astype(np.float32, copy=False)
+    masks = {}
+    for name, m in (("truth", truth), ("prediction", prediction)):
+        if m is not None:
+            m = _as_array(m, name)
+            if m.shape != tmq.shape:
+                raise ValueError(f"plot_sample: {name} has shape {m.shape} but tmq has {tmq.shape}")
+            masks[name] = m
+
+    if truth is not None:
+        panels = [("Ground truth", masks["truth"]),
+                  ("Prediction", masks.get("prediction"))]
+    elif prediction is not None:
+        panels = [("Prediction", masks["prediction"])]
+    else:
+        panels = [(None, None)]
+
+    fig = Figure(figsize=(PANEL_SIZE[0] * len(panels), PANEL_SIZE[1]), dpi=DPI,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    lat, lon = _grid(tmq.shape)
+    finite = tmq[np.isfinite(tmq)]
+    norm_range = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    for i, (ax, (panel_title, mask)) in enumerate(zip(axes, panels)):
+        im = _draw_panel(ax, tmq, mask, lat, lon, norm_range, panel_title)
+        if i > 0:
+            ax.set_ylabel("")
+    fig.colorbar(im, ax=list(axes), orientation="vertical", fraction=0.025, pad=0.01,
+                 label=TMQ_LABEL)
+    if masks:
+        handles = [Patch(facecolor=colour, edgecolor=colour, alpha=0.8, label=label)
+                   for label, colour in CLASS_STYLE.values()]
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles),
+                   frameon=False)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """The rendered figure as uint8 RGB, shape (height, width, 3) (TensorBoard ``dataformats='HWC'``)."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.array(canvas.buffer_rgba())[..., :3]
+
+
+def save_map(fig: Figure, path: str | os.PathLike) -> None:
+    """Write ``fig`` as a PNG at ``path`` atomically (temporary file, fsync, rename).
+
+    The image is exactly the figure's size in inches times its dpi (no tight cropping), so
+    callers can rely on its pixel size.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=fig.dpi)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
