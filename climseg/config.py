@@ -1,0 +1,317 @@
+"""The run configuration: one dataclass tree, built once from YAML plus dotted overrides.
+
+``load_config("yaml/demo.yaml", ["optimizer.lr=0.002", "data.root=/dev/shm/cam"])`` reads the
+file over the defaults below, applies each override (its value parsed as YAML, so ``[96, 144]``
+and ``null`` work), checks every key and type, and validates each section in its
+``__post_init__``. Every mistake raises :class:`ConfigError` with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+# Pixel frequencies of background, tropical cyclone and atmospheric river in the DeepCAM
+# training set, as used for the class weights of the MLPerf HPC DeepCAM reference.
+DEEPCAM_CLASS_FREQUENCIES = [0.986267818390377, 0.0004578708870701058, 0.01327431072255291]
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class DataConfig:
+    root: str = ""                      # holds <split>/data-*.h5 and stats.h5
+    train_split: str = "train"
+    validation_split: str = "validation"
+    stats_file: str | None = None        # default: <root>/stats.h5
+    channels: list[int] | None = None    # channel indices to use; null = all 16
+    normalization: str = "minmax"        # minmax | zscore
+    crop: list[int] | None = None        # [height, width]; null = full field
+    loader_threads: int = 4
+    prefetch: int = 2
+    shuffle: bool = True
+    max_validation_samples: int | None = None  # per run, across ranks; null = the whole split
+
+    def __post_init__(self):
+        _choice(self.normalization, "data.normalization", ("minmax", "zscore"))
+        if self.channels is not None:
+            _require(len(self.channels) > 0, "data.channels", "must list at least one channel")
+            _require(all(0 <= c < 16 for c in self.channels), "data.channels",
+                     f"indices must be in 0..15, got {self.channels}")
+            _require(len(set(self.channels)) == len(self.channels), "data.channels",
+                     f"has repeated indices: {self.channels}")
+        if self.crop is not None:
+            _require(len(self.crop) == 2, "data.crop", f"must be [height, width], got {self.crop}")
+            _require(all(c > 0 and c % 16 == 0 for c in self.crop), "data.crop",
+                     f"both sides must be positive multiples of 16 (the output stride), got {self.crop}")
+        _require(self.loader_threads >= 1, "data.loader_threads", "must be at least 1")
+        _require(self.prefetch >= 1, "data.prefetch", "must be at least 1")
+        _require(self.max_validation_samples is None or self.max_validation_samples > 0,
+                 "data.max_validation_samples", "must be positive or null")
+
+    @property
+    def stats_path(self) -> Path:
+        return Path(self.stats_file) if self.stats_file else Path(self.root) / "stats.h5"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deeplabv3plus"
+    in_channels: int | None = None       # null: the number of channels data.channels selects
+    num_classes: int = 3
+
+    def __post_init__(self):
+        _require(self.in_channels is None or self.in_channels > 0, "model.in_channels",
+                 "must be positive or null")
+        _require(self.num_classes >= 2, "model.num_classes", "must be at least 2")
+
+
+@dataclass
+class LossConfig:
+    class_frequencies: list[float] = field(default_factory=lambda: list(DEEPCAM_CLASS_FREQUENCIES))
+    weight_pow: float = -0.125
+
+    def __post_init__(self):
+        _require(all(f > 0 for f in self.class_frequencies), "loss.class_frequencies",
+                 "every frequency must be positive")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "lamb"                   # lamb | adam | adamw
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0           # global gradient-norm clip; 0 disables
+
+    def __post_init__(self):
+        _choice(self.name, "optimizer.name", ("lamb", "adam", "adamw"))
+        _require(self.lr > 0, "optimizer.lr", f"must be positive, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas",
+                 f"must be two numbers in [0, 1), got {self.betas}")
+        _require(self.eps > 0, "optimizer.eps", "must be positive")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", "must be non-negative")
+        _require(self.max_grad_norm >= 0, "optimizer.max_grad_norm", "must be non-negative")
+
+
+@dataclass
+class SchedulerConfig:
+    type: str = "constant"               # constant | multistep | cosine
+    warmup_steps: int = 0
+    warmup_factor: float = 1.0
+    milestones: list[int] = field(default_factory=list)
+    decay_rate: float = 0.1
+    t_max: int | None = None
+    eta_min: float = 0.0
+
+    def __post_init__(self):
+        _choice(self.type, "scheduler.type", ("constant", "multistep", "cosine"))
+        _require(self.warmup_steps >= 0, "scheduler.warmup_steps", "must be non-negative")
+        _require(self.warmup_factor >= 1.0, "scheduler.warmup_factor",
+                 f"must be at least 1 (the MLPerf warmup multiplier), got {self.warmup_factor}")
+        _require(list(self.milestones) == sorted(set(self.milestones)), "scheduler.milestones",
+                 f"must be strictly increasing, got {self.milestones}")
+        _require(0 < self.decay_rate <= 1, "scheduler.decay_rate", "must be in (0, 1]")
+        if self.type == "cosine":
+            _require(self.t_max is not None and self.t_max > 0, "scheduler.t_max",
+                     "must be a positive number of steps for the cosine schedule")
+        if self.type == "multistep":
+            _require(len(self.milestones) > 0, "scheduler.milestones",
+                     "must list at least one step for the multistep schedule")
+
+
+@dataclass
+class TrainConfig:
+    local_batch_size: int = 1
+    gradient_accumulation: int = 1       # micro-batches per optimizer step
+    global_batch_size: int | None = None  # when set, ranks x local x accumulation must equal it
+    max_epochs: int = 1
+    max_steps: int | None = None         # optimizer steps; null = max_epochs decide
+    target_iou: float = 0.82             # stop when eval_accuracy reaches it; 0 disables
+    validation_frequency: int = 0        # steps between validations; 0 = only at epoch ends
+    log_frequency: int = 10              # steps between progress lines and train scalars
+    save_frequency: int = 0              # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 3            # newest step checkpoints kept (best.pt is kept apart)
+    precision: str = "auto"              # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)
+    channels_last: bool | None = None    # null: on for CUDA, off on CPU
+    compile: bool = False                # torch.compile the model
+    sync_batchnorm: bool = False         # hvd.SyncBatchNorm across all ranks
+    gradient_compression: str = "none"   # none | fp16 (Horovod allreduce compression)
+    deterministic: bool = False          # deterministic kernels (for exact resume tests)
+    image_frequency: int = 1             # validations between TensorBoard map images; 0 = never
+
+    def __post_init__(self):
+        for key in ("local_batch_size", "gradient_accumulation", "max_epochs", "log_frequency",
+                    "keep_checkpoints"):
+            _require(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
+        for key in ("validation_frequency", "save_frequency", "image_frequency"):
+            _require(getattr(self, key) >= 0, f"train.{key}", "must be 0 or positive")
+        _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps",
+                 "must be positive or null")
+        _require(self.global_batch_size is None or self.global_batch_size >= 1,
+                 "train.global_batch_size", "must be positive or null")
+        _require(0.0 <= self.target_iou <= 1.0, "train.target_iou", "must be in [0, 1]")
+        _choice(self.precision, "train.precision", ("auto", "fp32", "bf16", "fp16"))
+        _choice(self.gradient_compression, "train.gradient_compression", ("none", "fp16"))
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    seed: int = 333
+    resume: str = "none"                 # none | auto | path to a checkpoint
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        _require(bool(self.data.root), "data.root", "is required (e.g. data.root=/dev/shm/cam)")
+        _require(bool(self.output_dir), "output_dir", "is required")
+        _require(self.seed > 0, "seed", "must be positive (MLPerf requires it)")
+        n_channels = len(self.data.channels) if self.data.channels is not None else 16
+        if self.model.in_channels is None:
+            self.model.in_channels = n_channels
+        _require(self.model.in_channels == n_channels, "model.in_channels",
+                 f"is {self.model.in_channels} but data.channels selects {n_channels} channels")
+        _require(len(self.loss.class_frequencies) == self.model.num_classes,
+                 "loss.class_frequencies",
+                 f"has {len(self.loss.class_frequencies)} values for {self.model.num_classes} classes")
+
+    def global_batch(self, world_size: int) -> int:
+        """Samples per optimizer step over all ranks; checks ``train.global_batch_size``."""
+        t = self.train
+        actual = world_size * t.local_batch_size * t.gradient_accumulation
+        _require(t.global_batch_size is None or t.global_batch_size == actual,
+                 "train.global_batch_size",
+                 f"is {t.global_batch_size} but {world_size} ranks x local_batch_size "
+                 f"{t.local_batch_size} x gradient_accumulation {t.gradient_accumulation} = {actual}")
+        return actual
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """``value`` converted to ``hint`` where that is lossless, else a ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, key)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, tuple):
+            value = list(value)
+        _require(isinstance(value, list), key, f"must be a list, got {value!r}")
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        _require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key,
+                 f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
+                 f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        _require(isinstance(value, (str, int, float)) and not isinstance(value, bool), key,
+                 f"must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"config field {key} has an unsupported type {hint}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for name in values:
+        if name not in known:
+            raise ConfigError(f"{prefix}{name}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        key = f"{prefix}{f.name}"
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            section = values[f.name]
+            _require(isinstance(section, dict), key, f"must be a mapping, got {section!r}")
+            kwargs[f.name] = _build(hint, section, f"{key}.")
+        else:
+            kwargs[f.name] = _check_type(values[f.name], hint, key)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. optimizer.lr=0.002")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from None
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``overrides``; validated."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+        tree = loaded or {}
+    for override in overrides:
+        _apply_override(tree, override)
+    return _build(Config, tree, "")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint)."""
+    return _build(Config, values, "")
