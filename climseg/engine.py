@@ -1,0 +1,177 @@
+"""The training step and the evaluation loop, shared by ``train``, ``evaluate`` and ``bench``.
+
+Nothing here imports Horovod. A Horovod ``DistributedOptimizer`` is recognised by its
+``synchronize``/``skip_synchronize`` methods; a plain optimizer works the same way in a
+single process. Collectives go through :mod:`climseg.dist`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from climseg import dist
+from climseg.metrics import confusion_matrix, iou_from_confusion, mlperf_iou
+
+
+@dataclass
+class Precision:
+    """How the step runs: autocast dtype (None for fp32), GradScaler (fp16 only), layout."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    channels_last: bool = False
+
+    @classmethod
+    def build(cls, device: torch.device, precision: str, channels_last: bool | None) -> "Precision":
+        if precision == "auto":
+            precision = "bf16" if device.type == "cuda" else "fp32"
+        amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        if channels_last is None:
+            channels_last = device.type == "cuda"
+        return cls(device, amp_dtype, scaler, channels_last)
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The model input in the layout the model was put in."""
+        if self.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+
+
+def _synchronizing(optimizer):
+    """Horovod's DistributedOptimizer allreduces inside step(); these expose that step."""
+    return hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+               micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], prec: Precision,
+               clip_norm: float = 0.0, num_classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation).
+
+    Returns the summed loss over the micro-batches and the step's confusion matrix, both on
+    the device and not synchronised to the host (read them only at log steps).
+    ``clip_norm`` > 0 clips the global gradient norm here (LAMB clips inside its own step).
+    """
+    micro_batches = list(micro_batches)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=prec.device)
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=prec.device)
+    for x, y in micro_batches:
+        with prec.autocast():
+            logits = model(prec.prepare(x))
+            loss = loss_fn(logits, y)
+        scaled = loss / len(micro_batches)
+        (prec.scaler.scale(scaled) if prec.scaler is not None else scaled).backward()
+        loss_sum += loss.detach().float()
+        with torch.no_grad():
+            cm += confusion_matrix(logits.argmax(1), y, num_classes)
+
+    if prec.scaler is None and clip_norm <= 0:
+        optimizer.step()
+        return loss_sum, cm
+    # Gradients must be reduced before they are unscaled or clipped: the Horovod recipe is
+    # synchronize(), unscale/clip, then step without a second allreduce.
+    if _synchronizing(optimizer):
+        optimizer.synchronize()
+    if prec.scaler is not None:
+        prec.scaler.unscale_(optimizer)
+    if clip_norm > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    step_ctx = optimizer.skip_synchronize() if _synchronizing(optimizer) else contextlib.nullcontext()
+    with step_ctx:
+        if prec.scaler is not None:
+            prec.scaler.step(optimizer)
+            prec.scaler.update()
+        else:
+            optimizer.step()
+    return loss_sum, cm
+
+
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """Global L2 norm of the current gradients (device tensor)."""
+    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def average_batchnorm_stats(model: nn.Module) -> None:
+    """Average batch-norm running statistics over ranks (one allreduce), so that every rank
+    evaluates, and every checkpoint holds, the same model."""
+    buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for b in (m.running_mean, m.running_var) if b is not None]
+    dist.allreduce_mean_(buffers, name="bn_stats")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             loss_fn: nn.Module, prec: Precision, num_classes: int = 3,
+             keep_first: bool = False) -> dict:
+    """Score ``batches`` (this rank's partition) and reduce over ranks with one allreduce.
+
+    Returns per-class and mean IoU from the summed confusion matrix, the MLPerf
+    ``eval_accuracy`` (mean over all ranks' batches of the per-batch IoU), the mean loss,
+    the sample count and samples/s. With ``keep_first`` the dict also holds ``first``:
+    (x, y, prediction) of this rank's first sample, for a picture.
+    """
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=prec.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=prec.device)
+    iou_sum = torch.zeros((), dtype=torch.float64, device=prec.device)
+    n_batches = n_samples = 0
+    first = None
+    for x, y in batches:
+        with prec.autocast():
+            logits = model(prec.prepare(x))
+            loss = loss_fn(logits, y)
+        pred = logits.argmax(1)
+        cm += confusion_matrix(pred, y, num_classes)
+        loss_sum += loss.double() * x.shape[0]
+        iou_sum += mlperf_iou(pred, y, num_classes).double()
+        n_batches += 1
+        n_samples += x.shape[0]
+        if keep_first and first is None:
+            first = (x[0].cpu(), y[0].cpu(), pred[0].cpu())
+    model.train(was_training)
+
+    packed = torch.cat([cm.flatten().double(), torch.stack([loss_sum, iou_sum]),
+                        torch.tensor([n_batches, n_samples], dtype=torch.float64,
+                                     device=prec.device)]).cpu()
+    packed = dist.allreduce_sum(packed, name="eval_counts")
+    k = num_classes * num_classes
+    total_cm = packed[:k].round().to(torch.int64).view(num_classes, num_classes)
+    loss_total, iou_total, batches_total, samples_total = packed[k:].tolist()
+    per_class, mean_iou = iou_from_confusion(total_cm)
+    elapsed = time.perf_counter() - start
+    result = {
+        "loss": loss_total / max(samples_total, 1),
+        "mean_iou": float(mean_iou),
+        "per_class_iou": [float(v) for v in per_class],
+        "eval_accuracy": iou_total / max(batches_total, 1),
+        "confusion": total_cm.tolist(),
+        "samples": int(samples_total),
+        "batches": int(batches_total),
+        "seconds": elapsed,
+        "samples_per_second": samples_total / elapsed if elapsed > 0 else 0.0,
+    }
+    if keep_first:
+        result["first"] = first
+    return result
