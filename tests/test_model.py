@@ -1,0 +1,91 @@
+"""DeepLabv3+ model: reference parameter count, shapes at several sizes, gradients, errors."""
+
+import pytest
+import torch
+
+from climseg.model import DeepLabV3Plus, build_model
+
+# Parameter count of the MLPerf HPC DeepCAM reference network with 16 inputs and 3 classes.
+REFERENCE_PARAMETERS = 56_454_720
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("deeplabv3plus", in_channels=16, num_classes=3)
+
+
+def test_parameter_count_matches_reference(model):
+    assert sum(p.numel() for p in model.parameters()) == REFERENCE_PARAMETERS
+
+
+def test_batch_norm_layers_are_plain(model):
+    # The trainer converts these to synchronized batch norm; the model itself knows no ranks.
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(type(m) is torch.nn.BatchNorm2d for m in bns)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("size", [(64, 96), (96, 160)])
+def test_output_shape(model, size, train):
+    model.train(train)
+    with torch.no_grad():
+        out = model(torch.randn(2, 16, *size))
+    assert out.shape == (2, 3, *size)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_channels_last_input_gives_same_logits(model):
+    model.eval()
+    x = torch.randn(1, 16, 64, 96)
+    with torch.no_grad():
+        ref = model(x)
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    # Untrained, in eval mode, the logits reach ~1e6: compare relative to their scale.
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_every_parameter_gets_a_finite_gradient():
+    torch.manual_seed(0)
+    model = build_model(in_channels=4, num_classes=3).train()
+    model.zero_grad(set_to_none=True)
+    out = model(torch.randn(2, 4, 64, 96))
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
+    assert not bad
+    zero = [n for n, p in model.named_parameters() if not p.grad.abs().sum() > 0]
+    assert not zero
+
+
+def test_other_channel_counts():
+    model = build_model(in_channels=3, num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 48)).shape == (1, 5, 32, 48)
+
+
+def test_input_not_divisible_by_16_is_rejected(model):
+    with pytest.raises(ValueError, match="divisible by 16"):
+        model(torch.randn(1, 16, 40, 96))
+
+
+def test_unknown_name_is_rejected():
+    with pytest.raises(ValueError, match="model.name"):
+        build_model("unet")
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"in_channels": 0}, "model.in_channels"),
+    ({"num_classes": 1}, "model.num_classes"),
+    ({"num_classes": 2.5}, "model.num_classes"),
+    ({"dropout": 0.1}, "model.dropout"),
+])
+def test_bad_options_are_rejected(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        build_model(**kwargs)
+
+
+def test_builder_returns_the_reference_architecture():
+    assert isinstance(build_model(), DeepLabV3Plus)
