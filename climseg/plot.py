@@ -12,7 +12,6 @@ registry.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+
+from climseg.data.format import atomic_output
 
 # Class id -> (legend label, colour). Red and orange stand out on the blue moisture map and
 # stay distinct for the common forms of colour blindness when paired with the outline.
@@ -137,16 +138,13 @@ def save_map(fig: Figure, path: str | os.PathLike) -> None:
     The image is exactly the figure's size in inches times its dpi (no tight cropping), so
     callers can rely on its pixel size.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    tmp = atomic_output(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             fig.savefig(f, format="png", dpi=fig.dpi)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise

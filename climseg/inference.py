@@ -1,0 +1,150 @@
+"""Load a trained checkpoint and run it: the shared core of ``evaluate`` and ``predict``.
+
+A checkpoint (see docs/design.md, "Checkpoints") holds the unwrapped model's state dict and the
+resolved config, so it loads the same whether it came from 1 or 1024 ranks, and on CPU or GPU:
+tensors are mapped to the requested device and converted to the model's dtype on load.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from climseg.checkpoint import CheckpointError, load_checkpoint
+from climseg.data.stats import channel_indices, normalization, read_stats
+from climseg.model import build_model
+
+OUTPUT_STRIDE = 16  # the network's input sides must be multiples of this
+# Prefixes that wrappers add to parameter names: DistributedDataParallel and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_LIST_AT_MOST = 5
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_LIST_AT_MOST])
+    more = len(items) - _LIST_AT_MOST
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _strip_wrappers(state: dict[str, Any]) -> dict[str, Any]:
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint dict at ``path`` with tensors on ``device``; CheckpointError if it is not one."""
+    ckpt = load_checkpoint(path, map_location=device)
+    config = ckpt["config"]
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) \
+            or not isinstance(config.get("data"), dict):
+        raise CheckpointError(f"{path}: the checkpoint's config lacks the 'model' and 'data' sections")
+    if not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: the checkpoint's 'model' entry is not a state dict")
+    return ckpt
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError naming every key that does not fit ``model`` (a few of each kind)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items()
+                  if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_listing(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_listing(unexpected)})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches ({_listing(mismatched)})")
+    if problems:
+        raise CheckpointError(f"{source}: weights do not fit the model: " + "; ".join(problems))
+
+
+def load_model(checkpoint_path: str | os.PathLike,
+               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The checkpoint's model in eval mode on ``device``, and its resolved config dict."""
+    ckpt = read_checkpoint(checkpoint_path, device)
+    config = ckpt["config"]
+    try:
+        model = build_model(**config["model"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{checkpoint_path}: cannot build the model from config.model {config['model']}: {err}"
+        ) from None
+    state = _strip_wrappers(dict(ckpt["model"]))
+    check_state_dict(model, state, f"{checkpoint_path} (model {config['model']})")
+    model.load_state_dict(state)  # copy_ converts bf16/fp16 weights to the model's dtype
+    model.to(device).eval()
+    return model, config
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a checkpoint's model wants its input: which channels, normalized how, what size."""
+
+    channels: list[int]        # indices into the file's 16 channels, in model order
+    shift: np.ndarray          # float32 (C,): x_normalized = (x - shift) * scale
+    scale: np.ndarray          # float32 (C,)
+    crop: tuple[int, int] | None  # the training crop (height, width); None = full field
+    normalization: str
+    stats_file: str
+
+
+def input_spec(config: dict[str, Any], stats_file: str | os.PathLike | None = None) -> InputSpec:
+    """Channels, normalization and crop from ``config["data"]`` (a checkpoint's config).
+
+    ``stats_file`` overrides the path stored in the checkpoint (for a checkpoint moved to
+    another machine); the stored path, else ``<data.root>/stats.h5``, is the default.
+    """
+    data = config["data"]
+    if stats_file is None:
+        stats_file = data.get("stats_file") or os.path.join(data.get("root", ""), "stats.h5")
+    stats_file = os.fspath(stats_file)
+    channels = channel_indices(data.get("channels"))
+    mode = data.get("normalization", "minmax")
+    shift, scale = normalization(read_stats(stats_file), mode, channels)
+    crop = data.get("crop")
+    return InputSpec(channels=channels,
+                     shift=np.asarray(shift, dtype=np.float32).reshape(-1),
+                     scale=np.asarray(scale, dtype=np.float32).reshape(-1),
+                     crop=tuple(crop) if crop else None, normalization=mode,
+                     stats_file=stats_file)
+
+
+def prepare(data: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    """A file's (H, W, 16) sample as the model's input: (1, C, H, W), normalized, channels_last."""
+    x = np.asarray(data, dtype=np.float32)[..., spec.channels]
+    x = (x - spec.shift) * spec.scale
+    return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def predict_probabilities(model: torch.nn.Module, x: torch.Tensor,
+                          device: str | torch.device = "cpu") -> torch.Tensor:
+    """Class probabilities (N, K, H, W) float32 on the CPU for an input batch (N, C, H, W).
+
+    Fields whose sides are not multiples of the output stride are padded (periodically in
+    longitude, by edge values in latitude) and the result cropped back. On CUDA the forward
+    pass runs under bf16 autocast, as in training.
+    """
+    device = torch.device(device)
+    h, w = x.shape[-2:]
+    pad_h, pad_w = -h % OUTPUT_STRIDE, -w % OUTPUT_STRIDE
+    x = x.to(device, non_blocking=True)
+    if pad_w:
+        x = F.pad(x, (0, pad_w, 0, 0), mode="circular")
+    if pad_h:
+        x = F.pad(x, (0, 0, 0, pad_h), mode="replicate")
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(x)
+    return torch.softmax(logits[..., :h, :w].float(), dim=1).cpu()

@@ -1,0 +1,155 @@
+"""``python -m climseg.predict``: segment sample files with a trained checkpoint.
+
+For each input ``<name>.h5`` writes, into ``--out``:
+
+- ``<name>-mask.h5`` with ``climate/prediction``: uint8 (lat, lon) class ids (0 background,
+  1 tropical cyclone, 2 atmospheric river); with ``--probabilities`` also
+  ``climate/probabilities``: float16 (lat, lon, class), channels last like ``climate/data``;
+- ``<name>.png``: the TMQ map with the predicted TCs and ARs, and the file's own labels side by
+  side when it has them.
+
+Files are processed one at a time (a full 768x1152 sample needs a few GB on a CPU). Under
+``horovodrun``/``srun`` rank ``r`` of ``n`` takes ``FILES[r::n]``. Outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from climseg import dist
+from climseg.checkpoint import CheckpointError
+from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, DataError,
+                                 atomic_output, read_sample)
+from climseg.inference import input_spec, load_model, predict_probabilities, prepare
+from climseg.plot import plot_sample, save_map
+
+log = logging.getLogger("climseg.predict")
+
+PREDICTION_KEY = "climate/prediction"
+PROBABILITIES_KEY = "climate/probabilities"
+TMQ = CHANNELS.index("TMQ")
+
+
+def read_input(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(data (H, W, 16) float32, labels uint8 or None) of a file to predict on.
+
+    Labelled files go through ``read_sample`` (all its checks). New, unlabelled model output is
+    allowed too: then only ``climate/data`` is read.
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            has_labels = LABEL_KEY in f
+    except (OSError, FileNotFoundError):
+        has_labels = True  # let read_sample name the problem
+    if has_labels:
+        return read_sample(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if not isinstance(f.get(DATA_KEY), h5py.Dataset):
+                raise DataError(f"{path}: missing dataset '{DATA_KEY}'")
+            data = f[DATA_KEY][...]
+    except OSError as err:
+        raise DataError(f"{path}: cannot read '{DATA_KEY}': {str(err).splitlines()[0]}") from None
+    if data.ndim != 3 or data.shape[2] != len(CHANNELS):
+        raise DataError(f"{path}: '{DATA_KEY}' has shape {data.shape}, expected "
+                        f"(height, width, {len(CHANNELS)})")
+    return data.astype(np.float32, copy=False), None
+
+
+def write_mask(path: Path, prediction: np.ndarray, probabilities: np.ndarray | None,
+               attrs: dict[str, str]) -> None:
+    """Write the predicted mask file atomically (temp file, fsync, rename)."""
+    tmp = atomic_output(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset(PREDICTION_KEY, data=prediction.astype(np.uint8))
+            if probabilities is not None:
+                f.create_dataset(PROBABILITIES_KEY, data=probabilities.astype(np.float16),
+                                 compression="gzip", compression_opts=1)
+                f[PROBABILITIES_KEY].attrs["layout"] = "lat, lon, class"
+            f["climate"].attrs["class_names"] = ",".join(CLASS_NAMES)
+            for key, value in attrs.items():
+                f["climate"].attrs[key] = value
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def predict_file(model, spec, path: Path, out_dir: Path, device: torch.device,
+                 probabilities: bool, checkpoint: str) -> dict[str, int]:
+    data, labels = read_input(path)
+    probs = predict_probabilities(model, prepare(data, spec), device)[0]   # (K, H, W)
+    prediction = probs.argmax(0).to(torch.uint8).numpy()
+    name = path.stem
+    write_mask(out_dir / f"{name}-mask.h5", prediction,
+               probs.permute(1, 2, 0).numpy() if probabilities else None,
+               {"source": str(path), "checkpoint": checkpoint})
+    fig = plot_sample(data[..., TMQ], prediction, labels, title=name)
+    save_map(fig, out_dir / f"{name}.png")
+    return {CLASS_NAMES[c]: int((prediction == c).sum()) for c in range(len(CLASS_NAMES))}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m climseg.predict", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by climseg.train")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also store per-class probabilities, float16 (lat, lon, class)")
+    p.add_argument("--stats", default=None,
+                   help="stats.h5 for normalization (default: the one named in the checkpoint)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("files", nargs="+", type=Path, help="sample files (climate/data (H, W, 16))")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    dist.init()
+    # Every rank works on its own files, so every rank reports them.
+    prefix = f"[rank {dist.rank()}] " if dist.size() > 1 else ""
+    logging.basicConfig(level=logging.INFO, format=prefix + "%(message)s")
+    try:
+        names = [f.stem for f in args.files]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise DataError(f"{args.files[names.index(dupes[0])]}: several inputs are named "
+                            f"{dupes[0]}.h5; their outputs would overwrite each other")
+        for f in args.files:
+            if not f.is_file():
+                raise DataError(f"{f}: file not found")
+        if dist.local_rank() and torch.cuda.is_available():
+            torch.cuda.set_device(dist.local_rank())
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, config = load_model(args.checkpoint, device)
+        spec = input_spec(config, args.stats)
+        args.out.mkdir(parents=True, exist_ok=True)
+        mine = args.files[dist.rank()::dist.size()]
+        for i, path in enumerate(mine, 1):
+            start = time.perf_counter()
+            counts = predict_file(model, spec, path, args.out, device, args.probabilities,
+                                  str(args.checkpoint))
+            log.info("[%d/%d] %s: %.1fs, predicted pixels %s -> %s", i, len(mine), path.name,
+                     time.perf_counter() - start, counts, args.out / f"{path.stem}-mask.h5")
+    except (DataError, CheckpointError) as err:
+        log.error("error: %s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
