@@ -1,0 +1,80 @@
+"""Checkpoints: weights_only round trip, atomic replacement, retention, RNG state."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from climseg import checkpoint as ck
+
+
+def _state(value: float, step: int = 1) -> dict:
+    model = torch.nn.Linear(3, 2)
+    torch.nn.init.constant_(model.weight, value)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "rng": [ck.rng_state()], "config": {"model": {"name": "x"}, "seed": 3}}
+
+
+def test_round_trip_is_weights_only(tmp_path):
+    state = _state(0.5)
+    path = ck.save_checkpoint(state, tmp_path / "a.pt")
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["model"]["weight"], state["model"]["weight"])
+    assert loaded["optimizer"]["state"][0]["exp_avg"].shape == (2, 3)
+    assert loaded["step"] == 1 and loaded["config"]["seed"] == 3
+
+
+def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    first = _state(0.5)
+    ck.save_checkpoint(first, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_checkpoint(_state(9.0), path)
+    monkeypatch.undo()
+    loaded = ck.load_checkpoint(path)
+    assert torch.equal(loaded["model"]["weight"], first["model"]["weight"])
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(ck.CheckpointError, match="nope.pt: checkpoint file not found"):
+        ck.load_checkpoint(tmp_path / "nope.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ck.CheckpointError, match="junk.pt: not a readable climseg checkpoint"):
+        ck.load_checkpoint(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ck.CheckpointError, match="no 'model' and 'config'"):
+        ck.load_checkpoint(other)
+
+
+def test_saver_keeps_last_k_and_best(tmp_path):
+    saver = ck.CheckpointSaver(tmp_path, keep=2)
+    for step, iou in [(10, 0.3), (20, 0.6), (30, 0.4), (40, None)]:
+        saver.save(_state(float(step), step), step, iou)
+    assert [s for s, _ in ck.step_checkpoints(tmp_path)] == [30, 40]
+    assert ck.latest_checkpoint(tmp_path).name == "ckpt-step00000040.pt"
+    assert ck.load_checkpoint(tmp_path / "best.pt")["step"] == 20
+    assert saver.best_iou == 0.6
+
+
+def test_rng_state_restores_every_generator():
+    state = ck.rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(7), random.random()
+    ck.set_rng_state(state)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0])
+    assert np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2]

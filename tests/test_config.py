@@ -1,0 +1,106 @@
+"""Config: YAML then dotted overrides, typed, validated once, errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from climseg.config import Config, ConfigError, config_from_dict, load_config, save_config
+
+REPO = Path(__file__).resolve().parent.parent
+ROOT = ["data.root=/tmp/cam"]
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optimizer:\n  lr: 0.5\n  name: adam\ndata:\n  root: /from/yaml\n")
+    cfg = load_config(f, ["optimizer.lr=0.002", "data.crop=[96, 144]", "train.max_steps=null"])
+    assert cfg.optimizer.lr == 0.002          # the command line wins
+    assert cfg.optimizer.name == "adam"       # the file beats the default
+    assert cfg.optimizer.eps == 1e-6          # the default fills the rest
+    assert cfg.data.root == "/from/yaml"
+    assert cfg.data.crop == [96, 144]
+    assert cfg.train.max_steps is None
+    assert isinstance(cfg.optimizer.lr, float)
+
+
+def test_in_channels_follows_channel_subset():
+    cfg = load_config(None, ROOT + ["data.channels=[0, 3, 5]"])
+    assert cfg.model.in_channels == 3
+    assert load_config(None, ROOT).model.in_channels == 16
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lrr=1", "optimizer.lrr: unknown key"),
+    ("bogus=1", "bogus: unknown key"),
+    ("optimizer.lr=fast", "optimizer.lr: must be a number"),
+    ("optimizer.lr=-1", "optimizer.lr: must be positive"),
+    ("optimizer.name=sgd", "optimizer.name: 'sgd' is not one of"),
+    ("train.local_batch_size=0", "train.local_batch_size: must be at least 1"),
+    ("train.local_batch_size=2.5", "train.local_batch_size: must be an integer"),
+    ("train.compile=yes please", "train.compile: must be true or false"),
+    ("data.crop=[100, 144]", "data.crop: both sides must be positive multiples of 16"),
+    ("data.channels=[0, 16]", "data.channels: indices must be in 0..15"),
+    ("data.normalization=l2", "data.normalization: 'l2' is not one of"),
+    ("scheduler.type=cosine", "scheduler.t_max: must be a positive number"),
+    ("scheduler.type=multistep", "scheduler.milestones: must list at least one"),
+    ("scheduler.milestones=[800, 400]", "scheduler.milestones: must be strictly increasing"),
+    ("scheduler.warmup_factor=0.5", "scheduler.warmup_factor: must be at least 1"),
+    ("model.in_channels=4", "model.in_channels: is 4 but data.channels selects 16"),
+    ("loss.class_frequencies=[0.5, 0.5]", "loss.class_frequencies: has 2 values for 3 classes"),
+    ("train.precision=fp8", "train.precision: 'fp8' is not one of"),
+    ("optimizer=3", "optimizer: must be a mapping"),
+    ("noequals", "expected key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(None, ROOT + [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_root_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="data.root: is required"):
+        load_config(None, [])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+
+
+def test_global_batch_check():
+    cfg = load_config(REPO / "yaml" / "gbs2048.yaml", ROOT)
+    assert cfg.global_batch(256) == 2048
+    with pytest.raises(ConfigError, match="train.global_batch_size: is 2048 but 4 ranks"):
+        cfg.global_batch(4)
+    cfg = load_config(REPO / "yaml" / "gbs128.yaml", ROOT + ["train.gradient_accumulation=4"])
+    assert cfg.global_batch(4) == 128
+
+
+@pytest.mark.parametrize("name", ["gbs2048", "gbs128", "workstation", "demo", "ci"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "yaml" / f"{name}.yaml", ROOT)
+    assert isinstance(cfg, Config)
+
+
+def test_mlperf_reference_points():
+    big = load_config(REPO / "yaml" / "gbs2048.yaml", ROOT)
+    assert (big.optimizer.name, big.optimizer.lr, big.optimizer.eps) == ("lamb", 0.0055, 1e-6)
+    assert (big.optimizer.weight_decay, big.optimizer.max_grad_norm) == (0.01, 1.0)
+    assert (big.scheduler.type, big.scheduler.warmup_steps, big.scheduler.milestones,
+            big.scheduler.decay_rate) == ("multistep", 400, [800], 0.1)
+    small = load_config(REPO / "yaml" / "gbs128.yaml", ROOT)
+    assert (small.optimizer.lr, small.scheduler.type, small.scheduler.t_max,
+            small.scheduler.warmup_steps) == (0.00155, "cosine", 9000, 0)
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = load_config(REPO / "yaml" / "demo.yaml", ["train.max_steps=7"])
+    assert config_from_dict(cfg.to_dict()) == cfg
+    save_config(cfg, tmp_path / "config.yaml")
+    assert config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
