@@ -1,0 +1,124 @@
+"""Weighted cross-entropy and the IoU metrics on hand-built tensors."""
+
+import math
+
+import pytest
+import torch
+
+from climseg.losses import DEEPCAM_CLASS_FREQUENCIES, build_loss
+from climseg.metrics import _pair_counts, confusion_matrix, iou_from_confusion, mlperf_iou
+
+
+def test_loss_matches_hand_computation():
+    freqs, power = (0.5, 0.25, 0.25), -0.5
+    w = [f ** power for f in freqs]            # sqrt(2), 2, 2
+    logits = torch.tensor([[0.0, 0.0, 0.0],    # pixel 0, label 1: -log(1/3)
+                           [2.0, 0.0, 0.0],    # pixel 1, label 0: -log(e^2 / (e^2 + 2))
+                           [0.0, 1.0, 3.0]])   # pixel 2, label 2: -log(e^3 / (1 + e + e^3))
+    logits = logits.T.reshape(1, 3, 1, 3)
+    labels = torch.tensor([[[1, 0, 2]]])
+    expected = (w[1] * math.log(3)
+                + w[0] * math.log(1 + 2 * math.exp(-2))
+                + w[2] * math.log((1 + math.e + math.exp(3)) / math.exp(3))) / 3
+    loss = build_loss(freqs, power)(logits, labels)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_default_weights_are_the_reference_ones():
+    loss = build_loss()
+    expected = torch.tensor([f ** -0.125 for f in DEEPCAM_CLASS_FREQUENCIES])
+    torch.testing.assert_close(loss.weight, expected)
+
+
+def test_loss_accepts_low_precision_logits_and_is_differentiable():
+    logits = torch.randn(2, 3, 4, 6, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 4, 6))
+    loss = build_loss()(logits, labels)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad.float()).all()
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"class_frequencies": (1.0,)}, "loss.class_frequencies"),
+    ({"class_frequencies": (0.5, 0.0, 0.5)}, "loss.class_frequencies"),
+    ({"class_frequencies": (0.5, -0.1, 0.6)}, "loss.class_frequencies"),
+    ({"class_frequencies": "0.5 0.5"}, "loss.class_frequencies"),
+    ({"weight_pow": float("nan")}, "loss.weight_pow"),
+    ({"weight_pow": "x"}, "loss.weight_pow"),
+])
+def test_bad_loss_options_are_rejected(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        build_loss(**kwargs)
+
+
+def test_class_count_mismatch_names_the_key():
+    with pytest.raises(ValueError, match="loss.class_frequencies"):
+        build_loss((0.5, 0.5))(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+# Two 2x3 samples. Sample a: every class has IoU 1/2. Sample b: truth all background,
+# one pixel predicted as AR; TC absent from both.
+TARGET = torch.tensor([[[0, 0, 1], [2, 2, 0]],
+                       [[0, 0, 0], [0, 0, 0]]])
+PRED = torch.tensor([[[0, 1, 1], [2, 0, 0]],
+                     [[0, 0, 0], [0, 0, 2]]])
+
+
+def test_confusion_matrix_rows_are_truth():
+    expected = torch.tensor([[7, 1, 1],
+                             [0, 1, 0],
+                             [1, 0, 1]])
+    cm = confusion_matrix(PRED, TARGET, 3)
+    assert cm.dtype == torch.int64
+    assert torch.equal(cm, expected)
+
+
+def test_reduction_counting_agrees_with_bincount():
+    pred = torch.randint(0, 3, (2, 16, 24))
+    target = torch.randint(0, 3, (2, 16, 24))
+    for groups in (1, 2):
+        a = _pair_counts(pred, target, 3, groups=groups, use_bincount=True)
+        b = _pair_counts(pred, target, 3, groups=groups, use_bincount=False)
+        assert torch.equal(a, b)
+
+
+def test_iou_from_confusion():
+    per_class, mean = iou_from_confusion(confusion_matrix(PRED, TARGET, 3))
+    assert per_class.dtype == torch.float64
+    torch.testing.assert_close(per_class, torch.tensor([7 / 10, 1 / 2, 1 / 3], dtype=torch.float64))
+    assert mean.item() == pytest.approx((7 / 10 + 1 / 2 + 1 / 3) / 3)
+
+
+def test_iou_of_an_absent_class_is_nan_and_left_out_of_the_mean():
+    cm = torch.tensor([[3, 0, 1],
+                       [0, 0, 0],
+                       [1, 0, 2]])
+    per_class, mean = iou_from_confusion(cm)
+    assert per_class[0].item() == pytest.approx(3 / 5)
+    assert math.isnan(per_class[1].item())
+    assert per_class[2].item() == pytest.approx(2 / 4)
+    assert mean.item() == pytest.approx((3 / 5 + 2 / 4) / 2)
+
+
+def test_mlperf_iou_is_a_per_sample_mean_with_absent_classes_counting_one():
+    sample_a = (1 / 2 + 1 / 2 + 1 / 2) / 3
+    sample_b = (5 / 6 + 1 + 0) / 3
+    assert mlperf_iou(PRED, TARGET, 3).item() == pytest.approx((sample_a + sample_b) / 2)
+    assert mlperf_iou(PRED[1:], TARGET[1:], 3).item() == pytest.approx(sample_b)
+
+
+def test_perfect_prediction_scores_one():
+    target = torch.randint(0, 3, (2, 8, 8))
+    assert mlperf_iou(target, target, 3).item() == 1.0
+    assert iou_from_confusion(confusion_matrix(target, target, 3))[1].item() == 1.0
+
+
+def test_shape_mismatch_and_out_of_range_labels_are_rejected():
+    with pytest.raises(ValueError, match="shape"):
+        confusion_matrix(PRED[0], TARGET, 3)
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(torch.tensor([0, 3]), torch.tensor([0, 0]), 3)
+    with pytest.raises(ValueError, match="labels outside"):
+        mlperf_iou(torch.tensor([[0, 1]]), torch.tensor([[0, -1]]), 3)
