@@ -70,22 +70,27 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         raise CheckpointError(f"{source}: weights do not fit the model: " + "; ".join(problems))
 
 
-def load_model(checkpoint_path: str | os.PathLike,
-               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The checkpoint's model in eval mode on ``device``, and its resolved config dict."""
-    ckpt = read_checkpoint(checkpoint_path, device)
+def model_from_checkpoint(ckpt: dict[str, Any], source: str,
+                          device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model a checkpoint dict (from :func:`read_checkpoint`) describes, in eval mode."""
     config = ckpt["config"]
     try:
         model = build_model(**config["model"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(
-            f"{checkpoint_path}: cannot build the model from config.model {config['model']}: {err}"
+            f"{source}: cannot build the model from config.model {config['model']}: {err}"
         ) from None
     state = _strip_wrappers(dict(ckpt["model"]))
-    check_state_dict(model, state, f"{checkpoint_path} (model {config['model']})")
+    check_state_dict(model, state, f"{source} (model {config['model']})")
     model.load_state_dict(state)  # copy_ converts bf16/fp16 weights to the model's dtype
-    model.to(device).eval()
-    return model, config
+    return model.to(device).eval()
+
+
+def load_model(checkpoint_path: str | os.PathLike,
+               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The checkpoint's model in eval mode on ``device``, and its resolved config dict."""
+    ckpt = read_checkpoint(checkpoint_path, device)
+    return model_from_checkpoint(ckpt, str(checkpoint_path), device), ckpt["config"]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,187 @@
+"""``python -m climseg.evaluate``: score a checkpoint on a data split.
+
+Alone or under ``horovodrun``/``srun``: rank ``r`` of ``n`` scores ``files[r::n]`` of the split
+with the trainer's own evaluation loop (:func:`climseg.engine.evaluate`), whose confusion counts
+and loss/batch sums are reduced in one allreduce. Rank 0 prints the result and writes it as
+JSON: per-class and mean IoU, the MLPerf ``eval_accuracy``, the confusion matrix (rows truth,
+columns prediction), per-class pixel frequencies of truth and prediction, and samples/s.
+
+The whole field is scored by default, whatever crop the model was trained on (the network is
+fully convolutional); ``--crop H W`` scores the centred crop instead, as the trainer's
+validation does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from climseg import dist
+from climseg.checkpoint import CheckpointError
+from climseg.config import ConfigError
+from climseg.data.format import CLASS_NAMES, DataError, atomic_output, validate_file
+from climseg.data.loader import BatchLoader
+from climseg.data.partition import list_files, rank_partition
+from climseg.engine import Precision, evaluate
+from climseg.inference import OUTPUT_STRIDE, input_spec, model_from_checkpoint, read_checkpoint
+from climseg.losses import build_loss
+
+log = logging.getLogger("climseg.evaluate")
+
+
+def _finite_or_none(values: list[float]) -> list[float | None]:
+    # An IoU of a class absent from truth and prediction is NaN, which JSON cannot hold.
+    return [v if math.isfinite(v) else None for v in values]
+
+
+def pixel_frequencies(confusion: list[list[int]]) -> dict[str, list[float]]:
+    """Share of pixels per class in the truth (row sums) and in the prediction (column sums)."""
+    cm = torch.tensor(confusion, dtype=torch.float64)
+    total = cm.sum().clamp(min=1)
+    return {"truth": (cm.sum(1) / total).tolist(), "prediction": (cm.sum(0) / total).tolist()}
+
+
+def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: str = "test",
+          batch_size: int | None = None, crop: tuple[int, int] | None = None,
+          stats_file: str | os.PathLike | None = None, device: str | None = None,
+          precision: str = "auto", threads: int = 2) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on ``data_root/split``; the same result dict on every rank."""
+    if dist.local_rank() and torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank())
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt = read_checkpoint(checkpoint, device)
+    model = model_from_checkpoint(ckpt, str(checkpoint), device)
+    config = ckpt["config"]
+    spec = input_spec(config, stats_file)
+    num_classes = int(config["model"].get("num_classes", len(CLASS_NAMES)))
+    batch_size = batch_size or int(config.get("train", {}).get("local_batch_size", 1))
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: must be at least 1, got {batch_size}")
+    if crop is not None and any(c <= 0 or c % OUTPUT_STRIDE for c in crop):
+        raise ConfigError(f"--crop: sides must be positive multiples of {OUTPUT_STRIDE}, "
+                          f"got {crop[0]} {crop[1]}")
+
+    split_dir = Path(data_root) / split
+    files = list_files(split_dir)
+    if len(files) < dist.size():
+        raise DataError(f"{split_dir}: {len(files)} files for {dist.size()} ranks; "
+                        "every rank needs at least one")
+    mine = rank_partition(files, dist.rank(), dist.size())
+    for path in mine:  # fail now on a bad file, not after an hour of scoring
+        validate_file(path)
+    try:
+        loader = BatchLoader(mine, batch_size, shift=spec.shift, scale=spec.scale,
+                             channels=spec.channels, crop=crop, random_crop=False,
+                             shuffle=False, drop_last=False, num_threads=threads, prefetch=2,
+                             device=device)
+    except ValueError as err:
+        raise ConfigError(f"--crop/--threads: {err}") from None
+    field = crop or loader.full_shape[:2]
+    if any(s % OUTPUT_STRIDE for s in field):
+        raise DataError(f"{split_dir}: the {field[0]}x{field[1]} field is not a multiple of "
+                        f"{OUTPUT_STRIDE} on each side; score a crop with --crop H W")
+    prec = Precision.build(device, precision, None)
+    if prec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(**config["loss"]).to(device) if "loss" in config else build_loss()
+
+    result = evaluate(model, loader.epoch(0), loss_fn, prec, num_classes)
+    result["per_class_iou"] = _finite_or_none(result["per_class_iou"])
+    if not math.isfinite(result["mean_iou"]):
+        result["mean_iou"] = None
+    names = list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else \
+        [f"class_{c}" for c in range(num_classes)]
+    return {
+        "checkpoint": str(checkpoint),
+        "step": ckpt.get("step"),
+        "data": str(split_dir),
+        "classes": names,
+        **result,
+        "pixel_frequency": pixel_frequencies(result["confusion"]),
+        "ranks": dist.size(),
+        "batch_size": batch_size,
+        "field": list(field),
+        "device": device.type,
+        "precision": prec.name,
+    }
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_output(path)
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def summary(result: dict[str, Any]) -> str:
+    def pct(v):
+        return f"{100 * v:.3f}%"
+
+    def iou(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = [f"{result['samples']} samples of {result['data']} on {result['ranks']} rank(s), "
+             f"{result['samples_per_second']:.2f} samples/s",
+             f"mean IoU {iou(result['mean_iou'])}   eval_accuracy (MLPerf) "
+             f"{result['eval_accuracy']:.4f}   loss {result['loss']:.4f}",
+             f"{'class':<20}{'IoU':>8}{'truth px':>12}{'predicted px':>14}"]
+    freq = result["pixel_frequency"]
+    for c, name in enumerate(result["classes"]):
+        lines.append(f"{name:<20}{iou(result['per_class_iou'][c]):>8}"
+                     f"{pct(freq['truth'][c]):>12}{pct(freq['prediction'][c]):>14}")
+    lines.append("confusion (rows truth, columns prediction): " + str(result["confusion"]))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m climseg.evaluate",
+                                description="Score a checkpoint on a data split (IoU, MLPerf "
+                                            "eval_accuracy); runs alone or under horovodrun/srun.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by climseg.train")
+    p.add_argument("--data", required=True, help="data root holding <split>/data-*.h5")
+    p.add_argument("--split", default="test", help="split folder under --data (default: test)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per batch and rank (default: the run's train.local_batch_size)")
+    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="score the centred HxW crop (default: the whole field)")
+    p.add_argument("--stats", default=None,
+                   help="stats.h5 for normalization (default: the one named in the checkpoint)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--threads", type=int, default=2, help="reader threads per rank")
+    p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    dist.init()
+    tag = "" if dist.size() == 1 else f"[{dist.rank()}] "
+    logging.basicConfig(level=logging.INFO if dist.is_primary() else logging.WARNING,
+                        format=f"{tag}%(message)s")
+    try:
+        result = score(args.checkpoint, args.data, args.split, args.batch_size,
+                       tuple(args.crop) if args.crop else None, args.stats, args.device,
+                       args.precision, args.threads)
+    except (DataError, CheckpointError, ConfigError) as err:
+        log.error("error: %s", err)
+        return 2
+    if dist.is_primary():
+        log.info("%s", summary(result))
+        if args.out is not None:
+            write_json(result, args.out)
+            log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
