@@ -122,18 +122,31 @@ def labels_to_uint8(raw: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     return labels
 
 
-def read_sample(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def read_sample(path: str | os.PathLike, window: tuple[int, int, int, int] | None = None,
+                expect_shape: tuple[int, int, int] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(data float32 (H, W, C), labels uint8 (H, W)) of one sample file.
 
-    The header and the label values are checked; data values are not scanned for NaN/inf
-    (that is ``tools/check_data.py``'s job, once, not every epoch).
+    ``window`` (top, left, height, width) reads only that region; ``expect_shape`` is checked
+    as in :func:`validate_file`. The header and the label
+    values are checked; data values are not scanned for NaN/inf (that is
+    ``tools/check_data.py``'s job, once, not every epoch).
     """
     path = Path(path)
     with _open(path) as f:
-        _check_header(f, path, None)
+        shape = _check_header(f, path, expect_shape)
+        if window is None:
+            rows, cols = slice(None), slice(None)
+        else:
+            top, left, height, width = window
+            if not (0 <= top and 0 <= left and 0 < height and 0 < width
+                    and top + height <= shape[0] and left + width <= shape[1]):
+                raise DataError(f"{path}: window {window} outside the {shape[0]}x{shape[1]} "
+                                "sample")
+            rows, cols = slice(top, top + height), slice(left, left + width)
         try:
-            data = f[DATA_KEY][...]
-            raw = f[LABEL_KEY][...]
+            data = f[DATA_KEY][rows, cols]
+            raw = f[LABEL_KEY][rows, cols]
         except OSError as err:
             raise DataError(f"{path}: cannot read data (truncated or corrupt?): "
                             f"{str(err).splitlines()[0]}") from None
@@ -191,29 +204,43 @@ def atomic_output(path: str | os.PathLike) -> Path:
 class Progress:
     """A dependency-free progress line on stderr: ``desc: done/total  rate  eta``.
 
-    Redraws in place on a terminal; otherwise prints about every 10 % so logs stay short.
+    Redraws in place on a terminal; otherwise prints at most every 10 % and every few seconds
+    (and at the end), so logs stay short. ``update`` is safe to call from several threads.
     """
 
-    def __init__(self, total: int, desc: str, unit: str = "files", enabled: bool = True):
+    def __init__(self, total: int, desc: str, unit: str = "files", enabled: bool = True,
+                 min_interval: float = 2.0):
         self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
         self.done = 0
         self.start = time.perf_counter()
         self._tty = sys.stderr.isatty()
-        self._next_report = 0
+        self._min_interval = 0.1 if self._tty else min_interval
+        self._last_draw = self.start
+        self._next_count = max(1, total // 10)
+        self._lock = threading.Lock()
 
     def update(self, n: int = 1) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        if self._tty or self.done >= self._next_report or self.done == self.total:
-            self._draw(end="" if self._tty and self.done < self.total else "\n")
-            self._next_report = self.done + max(1, self.total // 10)
+        with self._lock:
+            self.done += n
+            if not self.enabled:
+                return
+            now = time.perf_counter()
+            if self.done >= self.total:
+                self._draw(now, end="\n")
+            elif (now - self._last_draw >= self._min_interval
+                  and (self._tty or self.done >= self._next_count)):
+                self._draw(now, end="")
+                self._next_count = self.done + max(1, self.total // 10)
 
-    def _draw(self, end: str) -> None:
-        elapsed = time.perf_counter() - self.start
+    def _draw(self, now: float, end: str) -> None:
+        self._last_draw = now
+        elapsed = now - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         line = (f"{self.desc}: {self.done}/{self.total} {self.unit}  "
                 f"{rate:.2f}/s  eta {eta:.0f}s")
-        sys.stderr.write(("\r" + line if self._tty else line) + end)
+        if self._tty:
+            sys.stderr.write("\r" + line + end)
+        else:
+            sys.stderr.write(line + "\n")
         sys.stderr.flush()

@@ -112,3 +112,25 @@ def horovod_reducer():
         return gathered.min(axis=0) if op == "min" else gathered.max(axis=0)
 
     return dist.rank(), dist.size(), reduce
+
+
+def launcher_reducer(size: int):
+    """(rank, size, reducer) for a launch of ``size`` ranks (from the launcher's variables).
+
+    One rank: no communication. Several: mpi4py when its COMM_WORLD holds them all (mpirun,
+    srun with PMI), else Horovod (horovodrun --gloo).
+    """
+    if size == 1:
+        return 0, 1, _single
+    tried = []
+    for make in (mpi_reducer, horovod_reducer):
+        try:
+            rank, world, reduce = make()
+        except (ImportError, RuntimeError) as err:
+            tried.append(f"{make.__name__}: {err}")
+            continue
+        if world == size:
+            return rank, world, reduce
+        tried.append(f"{make.__name__}: sees {world} rank(s)")
+    raise DataError(f"launched as {size} ranks but no communicator spans them "
+                    f"({'; '.join(tried)})")
