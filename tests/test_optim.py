@@ -1,0 +1,222 @@
+"""LAMB against the paper's update computed by hand; optimizer table; learning-rate schedules."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from climseg.optim import LAMB, build_optimizer, build_scheduler
+
+
+def lamb_by_hand(weights, grad_steps, lr, beta1, beta2, eps, wd, max_norm):
+    """LAMB (You et al. 2019, Algorithm 2, phi = identity) in float64 Python lists, preceded by
+    global gradient-norm clipping. `weights`: list of lists; `grad_steps`: per step, a list of
+    gradient lists."""
+    weights = [list(map(float, w)) for w in weights]
+    m = [[0.0] * len(w) for w in weights]
+    v = [[0.0] * len(w) for w in weights]
+    for t, grads in enumerate(grad_steps, start=1):
+        total = math.sqrt(sum(g * g for gs in grads for g in gs))
+        scale = max_norm / total if 0 < max_norm < total else 1.0
+        for i, (w, gs) in enumerate(zip(weights, grads)):
+            r = []
+            for j, g in enumerate(gs):
+                g = g * scale
+                m[i][j] = beta1 * m[i][j] + (1 - beta1) * g
+                v[i][j] = beta2 * v[i][j] + (1 - beta2) * g * g
+                m_hat = m[i][j] / (1 - beta1 ** t)
+                v_hat = v[i][j] / (1 - beta2 ** t)
+                r.append(m_hat / (math.sqrt(v_hat) + eps) + wd * w[j])
+            w_norm = math.sqrt(sum(x * x for x in w))
+            r_norm = math.sqrt(sum(x * x for x in r))
+            trust = w_norm / r_norm if w_norm > 0 and r_norm > 0 else 1.0
+            weights[i] = [x - lr * trust * u for x, u in zip(w, r)]
+    return weights
+
+
+WEIGHTS = [[1.0, -2.0], [0.5], [0.0, 0.0]]           # the last one exercises the ||w|| = 0 guard
+GRADS = [[[3.0, 4.0], [12.0], [1.0, 1.0]],             # global norm sqrt(171): clipped to 1
+         [[0.1, -0.2], [0.0], [0.05, 0.0]]]            # norm < 1: not clipped
+
+
+def run_lamb(max_norm, steps=GRADS, **kwargs):
+    params = [torch.nn.Parameter(torch.tensor(w)) for w in WEIGHTS]
+    opt = LAMB(params, lr=0.1, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+               max_grad_norm=max_norm, **kwargs)
+    for grads in steps:
+        for p, g in zip(params, grads):
+            p.grad = torch.tensor(g)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.0])
+def test_lamb_matches_the_paper_update(max_norm):
+    params, _ = run_lamb(max_norm)
+    expected = lamb_by_hand(WEIGHTS, GRADS, 0.1, 0.9, 0.999, 1e-6, 0.01, max_norm)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), torch.tensor(e, dtype=torch.float64),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_lamb_first_step_by_hand():
+    # One parameter, first step: m_hat = g, v_hat = g^2, so r = g / (|g| + eps) + wd * w.
+    w, g = [3.0, 4.0], [0.6, -0.8]          # ||g|| = 1: at the clip threshold, unchanged
+    r = [gi / (abs(gi) + 1e-6) + 0.01 * wi for gi, wi in zip(g, w)]
+    trust = 5.0 / math.hypot(*r)
+    expected = [wi - 0.1 * trust * ri for wi, ri in zip(w, r)]
+    p = torch.nn.Parameter(torch.tensor(w))
+    p.grad = torch.tensor(g)
+    LAMB([p], lr=0.1, eps=1e-6, weight_decay=0.01, max_grad_norm=1.0).step()
+    torch.testing.assert_close(p.detach().double(), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_lamb_leaves_gradients_alone():
+    params, _ = run_lamb(1.0, steps=GRADS[:1])
+    assert params[1].grad.item() == 12.0
+
+
+def test_lamb_state_round_trip_continues_identically():
+    full, _ = run_lamb(1.0)
+    params, opt = run_lamb(1.0, steps=GRADS[:1])
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    fresh = LAMB(params, max_grad_norm=5.0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert fresh.param_groups[0]["max_grad_norm"] == 1.0
+    for p, g in zip(params, GRADS[1]):
+        p.grad = torch.tensor(g)
+    fresh.step()
+    for a, b in zip(params, full):
+        assert torch.equal(a, b)
+
+
+def test_lamb_settings_survive_reconstruction_from_param_groups():
+    # hvd.DistributedOptimizer re-creates the optimizer class from `param_groups` alone.
+    _, opt = run_lamb(0.25, steps=[])
+    again = LAMB(opt.param_groups)
+    assert again.param_groups[0]["max_grad_norm"] == 0.25
+
+
+@pytest.mark.parametrize("name, cls", [("lamb", LAMB), ("adam", torch.optim.Adam),
+                                       ("adamw", torch.optim.AdamW)])
+def test_build_optimizer(name, cls):
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = build_optimizer([p], name=name, lr=0.002, betas=[0.8, 0.99], eps=1e-6,
+                          weight_decay=0.01, max_grad_norm=1.0)
+    assert type(opt) is cls
+    group = opt.param_groups[0]
+    assert (group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]) == \
+        (0.002, (0.8, 0.99), 1e-6, 0.01)
+
+
+def test_build_optimizer_rejects_bad_names_and_options():
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    with pytest.raises(ValueError, match="optimizer.name"):
+        build_optimizer(p, name="sgd")
+    with pytest.raises(ValueError, match="optimizer.momentum"):
+        build_optimizer(p, name="adam", momentum=0.9)
+
+
+def lr_sequence(steps, base_lr=1.0, **kwargs):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
+    sched = build_scheduler(opt, **kwargs)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_multistep_with_warmup_from_zero():
+    # warmup 4 steps 0 -> base; milestone m applies at step warmup + m + 1 (reference).
+    lrs = lr_sequence(13, type="multistep", warmup_steps=4, milestones=[3, 5], decay_rate=0.1)
+    expected = [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01, 0.01]
+    assert lrs == pytest.approx(expected)
+
+
+def test_warmup_factor_ramps_from_base_to_factor_times_base():
+    lrs = lr_sequence(7, base_lr=0.5, type="multistep", warmup_steps=4, warmup_factor=3.0,
+                      milestones=[1], decay_rate=0.5)
+    assert lrs == pytest.approx([0.5, 0.75, 1.0, 1.25, 1.5, 1.5, 0.75])
+
+
+def test_multistep_without_warmup_is_torch_multistep():
+    lrs = lr_sequence(8, type="multistep", milestones=[2, 5], decay_rate=0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 5], gamma=0.1)
+    expected = []
+    for _ in range(8):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert lrs == pytest.approx(expected)
+    assert lrs == pytest.approx([1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01])
+
+
+def test_cosine_after_warmup():
+    lrs = lr_sequence(7, type="cosine", warmup_steps=2, t_max=4, eta_min=0.1)
+    half = 0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2
+    assert lrs == pytest.approx([0.0, 0.5, 1.0, half, 0.55, 0.1 + 0.9 - (half - 0.1), 0.1])
+
+
+def test_cosine_without_warmup_is_torch_cosine():
+    lrs = lr_sequence(10, base_lr=0.00155, type="cosine", t_max=9, eta_min=1e-5)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.00155)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=9, eta_min=1e-5)
+    expected = []
+    for _ in range(10):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_constant_with_and_without_warmup():
+    assert lr_sequence(4, base_lr=2.0) == [2.0] * 4
+    assert lr_sequence(5, type="constant", warmup_steps=2) == pytest.approx([0, 0.5, 1, 1, 1])
+
+
+def test_resumed_scheduler_gives_the_same_learning_rates():
+    kwargs = dict(type="multistep", warmup_steps=3, warmup_factor=2.0, milestones=[2, 4])
+    full = lr_sequence(12, base_lr=0.1, **kwargs)
+
+    def build():
+        opt = LAMB([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+        return opt, build_scheduler(opt, **kwargs)
+
+    opt, sched = build()
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    buf = io.BytesIO()
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    opt, sched = build()
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    resumed = []
+    for _ in range(7):
+        resumed.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert resumed == pytest.approx(full[5:])
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"type": "step"}, "scheduler.type"),
+    ({"type": "cosine"}, "scheduler.t_max"),
+    ({"type": "multistep", "milestones": [5, 2]}, "scheduler.milestones"),
+    ({"warmup_steps": -1}, "scheduler.warmup_steps"),
+    ({"warmup_factor": 0.5}, "scheduler.warmup_factor"),
+    ({"decay_rate": 0.0}, "scheduler.decay_rate"),
+    ({"gamma": 0.1}, "scheduler.gamma"),
+])
+def test_build_scheduler_rejects_bad_options(kwargs, key):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match=key):
+        build_scheduler(opt, **kwargs)
