@@ -31,7 +31,8 @@ from climseg.data.format import CLASS_NAMES, DataError, atomic_output, validate_
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.engine import Precision, evaluate
-from climseg.inference import OUTPUT_STRIDE, input_spec, model_from_checkpoint, read_checkpoint
+from climseg.inference import (OUTPUT_STRIDE, input_spec, model_from_checkpoint,
+                               read_checkpoint, select_device)
 from climseg.losses import build_loss
 
 log = logging.getLogger("climseg.evaluate")
@@ -54,9 +55,7 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
           stats_file: str | os.PathLike | None = None, device: str | None = None,
           precision: str = "auto", threads: int = 2) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``data_root/split``; the same result dict on every rank."""
-    if dist.local_rank() and torch.cuda.is_available():
-        torch.cuda.set_device(dist.local_rank())
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = select_device(device, dist.local_rank())
     ckpt = read_checkpoint(checkpoint, device)
     model = model_from_checkpoint(ckpt, str(checkpoint), device)
     config = ckpt["config"]

@@ -17,13 +17,32 @@ import torch
 import torch.nn.functional as F
 
 from climseg.checkpoint import CheckpointError, load_checkpoint
+from climseg.config import ConfigError
 from climseg.data.stats import channel_indices, normalization, read_stats
+from climseg.engine import Precision
 from climseg.model import build_model
 
 OUTPUT_STRIDE = 16  # the network's input sides must be multiples of this
 # Prefixes that wrappers add to parameter names: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LIST_AT_MOST = 5
+
+
+def select_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """``name`` (cpu, cuda, cuda:N) or, when None, this rank's GPU if there is one, else cpu."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device: {name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device: cuda requested but no GPU is visible")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
 
 
 def _listing(items: list[str]) -> str:
@@ -134,22 +153,21 @@ def prepare(data: np.ndarray, spec: InputSpec) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, x: torch.Tensor,
-                          device: str | torch.device = "cpu") -> torch.Tensor:
+def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, prec: Precision) -> torch.Tensor:
     """Class probabilities (N, K, H, W) float32 on the CPU for an input batch (N, C, H, W).
 
-    Fields whose sides are not multiples of the output stride are padded (periodically in
-    longitude, by edge values in latitude) and the result cropped back. On CUDA the forward
-    pass runs under bf16 autocast, as in training.
+    The forward pass runs as the trainer's evaluation does (``prec``: device, autocast dtype,
+    memory layout), so predictions match ``climseg.evaluate``'s. Fields whose sides are not
+    multiples of the output stride are padded (periodically in longitude, by edge values in
+    latitude) and the result cropped back.
     """
-    device = torch.device(device)
     h, w = x.shape[-2:]
     pad_h, pad_w = -h % OUTPUT_STRIDE, -w % OUTPUT_STRIDE
-    x = x.to(device, non_blocking=True)
+    x = x.to(prec.device, non_blocking=True)
     if pad_w:
         x = F.pad(x, (0, pad_w, 0, 0), mode="circular")
     if pad_h:
         x = F.pad(x, (0, 0, 0, pad_h), mode="replicate")
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(x)
+    with prec.autocast():
+        logits = model(prec.prepare(x))
     return torch.softmax(logits[..., :h, :w].float(), dim=1).cpu()

@@ -27,9 +27,12 @@ import torch
 
 from climseg import dist
 from climseg.checkpoint import CheckpointError
+from climseg.config import ConfigError
 from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, DataError,
                                  atomic_output, read_sample)
-from climseg.inference import input_spec, load_model, predict_probabilities, prepare
+from climseg.engine import Precision
+from climseg.inference import (InputSpec, input_spec, load_model, predict_probabilities,
+                               prepare, select_device)
 from climseg.plot import plot_sample, save_map
 
 log = logging.getLogger("climseg.predict")
@@ -90,10 +93,11 @@ def write_mask(path: Path, prediction: np.ndarray, probabilities: np.ndarray | N
         raise
 
 
-def predict_file(model, spec, path: Path, out_dir: Path, device: torch.device,
+def predict_file(model, spec: InputSpec, path: Path, out_dir: Path, prec: Precision,
                  probabilities: bool, checkpoint: str) -> dict[str, int]:
+    """Write ``<name>-mask.h5`` and ``<name>.png`` for one file; return predicted pixel counts."""
     data, labels = read_input(path)
-    probs = predict_probabilities(model, prepare(data, spec), device)[0]   # (K, H, W)
+    probs = predict_probabilities(model, prepare(data, spec), prec)[0]   # (K, H, W)
     prediction = probs.argmax(0).to(torch.uint8).numpy()
     name = path.stem
     write_mask(out_dir / f"{name}-mask.h5", prediction,
@@ -113,6 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stats", default=None,
                    help="stats.h5 for normalization (default: the one named in the checkpoint)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("files", nargs="+", type=Path, help="sample files (climate/data (H, W, 16))")
     return p.parse_args(argv)
 
@@ -132,20 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         for f in args.files:
             if not f.is_file():
                 raise DataError(f"{f}: file not found")
-        if dist.local_rank() and torch.cuda.is_available():
-            torch.cuda.set_device(dist.local_rank())
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = select_device(args.device, dist.local_rank())
         model, config = load_model(args.checkpoint, device)
         spec = input_spec(config, args.stats)
+        prec = Precision.build(device, args.precision, None)
+        if prec.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         args.out.mkdir(parents=True, exist_ok=True)
         mine = args.files[dist.rank()::dist.size()]
         for i, path in enumerate(mine, 1):
             start = time.perf_counter()
-            counts = predict_file(model, spec, path, args.out, device, args.probabilities,
+            counts = predict_file(model, spec, path, args.out, prec, args.probabilities,
                                   str(args.checkpoint))
             log.info("[%d/%d] %s: %.1fs, predicted pixels %s -> %s", i, len(mine), path.name,
                      time.perf_counter() - start, counts, args.out / f"{path.stem}-mask.h5")
-    except (DataError, CheckpointError) as err:
+    except (DataError, CheckpointError, ConfigError) as err:
         log.error("error: %s", err)
         return 2
     return 0

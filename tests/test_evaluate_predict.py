@@ -1,0 +1,206 @@
+"""evaluate and predict on the tiny synthetic data set, with checkpoints built here.
+
+Most tests register a small convolutional net as model "tiny" so that they take seconds; one
+test loads a real DeepLabv3+ checkpoint stored in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from climseg import dist, evaluate, inference, predict
+from climseg.checkpoint import CheckpointError, save_checkpoint
+from climseg.config import load_config
+from climseg.data.format import DATA_KEY, LABEL_KEY
+from climseg.data.partition import list_files
+from climseg.model import build_model, deeplab
+from climseg.plot import DPI, PANEL_SIZE
+
+
+class TinyNet(nn.Module):
+    def __init__(self, in_channels: int = 16, num_classes: int = 3):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                  nn.ReLU(), nn.Conv2d(8, num_classes, 1))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    monkeypatch.setitem(deeplab.MODELS, "tiny", TinyNet)
+
+
+def make_checkpoint(path, root, name="tiny", state=None, seed=0):
+    """A checkpoint laid out as docs/design.md says, with a randomly initialised model."""
+    config = load_config(None, [f"data.root={root}", f"model.name={name}"]).to_dict()
+    torch.manual_seed(seed)
+    model = build_model(**config["model"])
+    with torch.no_grad():  # sharpen the random features so that the predicted class varies
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.fill_(0.01)
+    save_checkpoint({"model": model.state_dict() if state is None else state,
+                     "optimizer": {}, "scheduler": {}, "scaler": None, "step": 7, "epoch": 1,
+                     "batch_in_epoch": 0, "rng": [], "best_iou": 0.0, "config": config}, path)
+    return path
+
+
+def test_predict_writes_masks_probabilities_and_maps(tiny_root, tiny_model, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root)
+    files = list_files(tiny_root / "test")
+    out = tmp_path / "pred"
+    assert predict.main(["--checkpoint", str(ckpt), "--out", str(out), "--probabilities",
+                         *map(str, files)]) == 0
+    for f in files:
+        with h5py.File(out / f"{f.stem}-mask.h5", "r") as h:
+            pred = h[predict.PREDICTION_KEY][...]
+            probs = h[predict.PROBABILITIES_KEY][...]
+        assert pred.shape == (64, 96) and pred.dtype == np.uint8
+        assert probs.shape == (64, 96, 3) and probs.dtype == np.float16
+        assert set(np.unique(pred)) <= {0, 1, 2}
+        np.testing.assert_allclose(probs.astype(np.float32).sum(-1), 1.0, atol=5e-3)
+        png = (out / f"{f.stem}.png").read_bytes()
+        width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+        assert (width, height) == (round(2 * PANEL_SIZE[0] * DPI), round(PANEL_SIZE[1] * DPI))
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def _confusion(truths, preds, k=3):
+    cm = np.zeros((k, k), np.int64)
+    for t, p in zip(truths, preds):
+        np.add.at(cm, (t.ravel().astype(np.int64), p.ravel().astype(np.int64)), 1)
+    return cm
+
+
+def test_evaluate_matches_iou_of_saved_masks(tiny_root, tiny_model, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root)
+    files = list_files(tiny_root / "test")
+    out = tmp_path / "pred"
+    assert predict.main(["--checkpoint", str(ckpt), "--out", str(out), *map(str, files)]) == 0
+    result_path = tmp_path / "eval.json"
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(tiny_root),
+                          "--batch-size", "1", "--out", str(result_path)]) == 0
+    result = json.loads(result_path.read_text())
+
+    truths, preds = [], []
+    for f in files:
+        with h5py.File(f, "r") as h:
+            truths.append(h[LABEL_KEY][...])
+        with h5py.File(out / f"{f.stem}-mask.h5", "r") as h:
+            preds.append(h[predict.PREDICTION_KEY][...])
+    cm = _confusion(truths, preds)
+    assert result["confusion"] == cm.tolist()
+    tp = np.diag(cm).astype(float)
+    union = cm.sum(0) + cm.sum(1) - tp
+    np.testing.assert_allclose(result["per_class_iou"], tp / union)
+    assert result["mean_iou"] == pytest.approx(np.mean(tp / union))
+    # MLPerf: per sample, an absent class counts 1; mean over classes, then over batches (of 1).
+    per_sample = []
+    for t, p in zip(truths, preds):
+        c = _confusion([t], [p])
+        i, u = np.diag(c), c.sum(0) + c.sum(1) - np.diag(c)
+        per_sample.append(np.where(u > 0, i / np.maximum(u, 1), 1.0).mean())
+    assert result["eval_accuracy"] == pytest.approx(np.mean(per_sample))
+    np.testing.assert_allclose(result["pixel_frequency"]["truth"], cm.sum(1) / cm.sum())
+    np.testing.assert_allclose(result["pixel_frequency"]["prediction"], cm.sum(0) / cm.sum())
+    assert result["samples"] == len(files) and result["samples_per_second"] > 0
+    assert result["step"] == 7 and result["classes"][1] == "tropical_cyclone"
+    assert (cm.sum(0) > 0).sum() >= 2, "a constant prediction would make this test weak"
+
+
+def test_two_ranks_give_the_single_rank_result(tiny_root, tiny_model, tmp_path, monkeypatch):
+    """Each rank scores files[r::2]; the sum over ranks (one allreduce) is the global result."""
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root)
+    single = evaluate.score(ckpt, tiny_root, batch_size=1)
+
+    calls = []
+    monkeypatch.setattr(dist, "size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    monkeypatch.setattr(dist, "allreduce_sum", lambda t, name=None: calls.append(t) or t.clone())
+    rank1 = evaluate.score(ckpt, tiny_root, batch_size=1)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    monkeypatch.setattr(dist, "allreduce_sum",
+                        lambda t, name=None: calls.append(t) or t + calls[0])
+    rank0 = evaluate.score(ckpt, tiny_root, batch_size=1)
+    assert len(calls) == 2  # one allreduce per rank
+    assert rank1["samples"] == 1
+    assert rank0["confusion"] == single["confusion"]
+    assert rank0["eval_accuracy"] == pytest.approx(single["eval_accuracy"])
+    assert rank0["samples"] == single["samples"] == 2
+
+
+def test_incompatible_checkpoint_names_the_keys(tiny_root, tiny_model, tmp_path, caplog):
+    state = TinyNet(in_channels=4).state_dict()          # first conv: 4 inputs, not 16
+    state["head.weight"] = torch.zeros(1)                 # unexpected
+    del state["body.3.bias"]                              # missing
+    ckpt = make_checkpoint(tmp_path / "bad.pt", tiny_root, state=state)
+    files = list_files(tiny_root / "test")
+    with caplog.at_level(logging.ERROR):
+        code = predict.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"),
+                             str(files[0])])
+    assert code == 2
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "\n" not in message and str(ckpt) in message
+    assert "1 missing keys (body.3.bias)" in message
+    assert "1 unexpected keys (head.weight)" in message
+    assert "body.0.weight (8, 4, 3, 3) vs model (8, 16, 3, 3)" in message
+
+    renamed = {f"old.{k}": v for k, v in TinyNet().state_dict().items()}  # 9 keys
+    with pytest.raises(CheckpointError, match=r"9 missing keys \(.* and 4 more\)"):
+        inference.check_state_dict(TinyNet(), renamed, "x.pt")
+
+
+@pytest.mark.parametrize("content", [None, b"not a checkpoint"])
+def test_missing_or_foreign_checkpoint_exits_2(tiny_root, tmp_path, caplog, content):
+    ckpt = tmp_path / "c.pt"
+    if content is not None:
+        ckpt.write_bytes(content)
+    with caplog.at_level(logging.ERROR):
+        code = evaluate.main(["--checkpoint", str(ckpt), "--data", str(tiny_root)])
+    assert code == 2
+    assert str(ckpt) in caplog.text
+
+
+def test_unlabelled_file_gets_a_prediction_only_map(tiny_root, tiny_model, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root)
+    with h5py.File(list_files(tiny_root / "test")[0], "r") as h:
+        data = h[DATA_KEY][...]
+    src = tmp_path / "new-sample.h5"
+    with h5py.File(src, "w") as h:
+        h.create_dataset(DATA_KEY, data=data)
+    out = tmp_path / "pred"
+    assert predict.main(["--checkpoint", str(ckpt), "--out", str(out), str(src)]) == 0
+    with h5py.File(out / "new-sample-mask.h5", "r") as h:
+        assert h[predict.PREDICTION_KEY].shape == (64, 96)
+        assert predict.PROBABILITIES_KEY not in h
+    png = (out / "new-sample.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") == round(PANEL_SIZE[0] * DPI)
+
+
+def test_real_model_checkpoint_in_bf16_loads_on_cpu(tiny_root, tmp_path):
+    """A DeepLabv3+ checkpoint saved in bf16 (any precision) loads into an fp32 model."""
+    config = load_config(None, [f"data.root={tiny_root}"]).to_dict()
+    torch.manual_seed(0)
+    model = build_model(**config["model"])
+    state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
+    save_checkpoint({"model": state, "config": config, "step": 1}, tmp_path / "bf16.pt")
+    del model
+    loaded, cfg = inference.load_model(tmp_path / "bf16.pt", "cpu")
+    assert not loaded.training and cfg["model"] == config["model"]
+    weight = next(loaded.parameters())
+    assert weight.dtype == torch.float32
+    key = next(iter(state))
+    torch.testing.assert_close(loaded.state_dict()[key], state[key].float())
+    spec = inference.input_spec(cfg)
+    assert spec.channels == list(range(16)) and spec.shift.shape == (16,) and spec.crop is None
