@@ -1,0 +1,120 @@
+# climseg: `make demo` trains on a small synthetic data set, `make test` runs the test suite.
+# Both create the virtual environment and install what is missing first; re-running reuses what
+# exists. Every variable below can be overridden: `make demo NP=4 DEMO_SAMPLES=128`.
+
+PYTHON_BOOT ?= python3
+VENV        ?= .venv
+VENV_ARGS   ?=
+TORCH_SPEC  ?= torch==2.13.0
+
+NP           ?= 2
+DEMO_DIR     ?= data/demo
+DEMO_SAMPLES ?= 64
+DEMO_SEED    ?= 1
+DEMO_HEIGHT  ?= 192
+DEMO_WIDTH   ?= 288
+SPLIT_SEED   ?= 12345
+DEMO_CONFIG  ?= yaml/demo.yaml
+RUN_DIR      ?= runs/demo
+TRAIN_ARGS   ?=
+PYTEST_ARGS  ?=
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+
+# The venv's bin comes first, so `python`, `horovodrun`, `mpicxx` below are the venv's.
+VENV_BIN := $(abspath $(VENV))/bin
+export PATH := $(VENV_BIN):$(PATH)
+PY       := $(VENV_BIN)/python
+STAMPS   := $(VENV)/.climseg-stamps
+HOROVODRUN := horovodrun -np $(NP) --gloo
+
+.PHONY: help install test demo demo-data clean-demo FORCE
+
+help:
+	@echo "make demo     install, make a synthetic data set, train $(DEMO_CONFIG) with $(NP) ranks"
+	@echo "make test     install, run the whole test suite (python -m pytest -q tests)"
+	@echo "make install  virtual environment $(VENV): requirements, torch, Horovod"
+	@echo "make clean-demo  remove $(DEMO_DIR) and $(RUN_DIR)"
+
+# --- install ----------------------------------------------------------------------------------
+install: $(STAMPS)/horovod
+
+$(PY):
+	$(PYTHON_BOOT) -m venv $(VENV_ARGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMPS)/requirements: requirements.txt | $(PY)
+	$(PY) -m pip install -r requirements.txt
+	@mkdir -p $(STAMPS) && touch $@
+
+# Keep a torch that is already importable (a cluster's or container's CUDA build, visible with
+# VENV_ARGS=--system-site-packages); otherwise install the pinned one.
+$(STAMPS)/torch: | $(PY)
+	@if $(PY) -c 'import torch' 2>/dev/null; then \
+	    echo "keeping installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+	    $(PY) -m pip install '$(TORCH_SPEC)'; \
+	fi
+	@mkdir -p $(STAMPS) && touch $@
+
+$(STAMPS)/horovod: tools/install_horovod.sh $(STAMPS)/requirements $(STAMPS)/torch
+	PYTHON=$(PY) tools/install_horovod.sh
+	@mkdir -p $(STAMPS) && touch $@
+
+# --- test -------------------------------------------------------------------------------------
+test: install
+	python -m pytest -q tests $(PYTEST_ARGS)
+
+# --- demo -------------------------------------------------------------------------------------
+# Each data step leaves a stamp under $(DEMO_DIR)/.stamps (outside the data folders, which the
+# tools read). The synthetic-data settings are recorded so that changing them redoes the chain.
+$(if $(strip $(DEMO_DIR)),,$(error DEMO_DIR is empty))
+$(if $(shell [[ '$(NP)' =~ ^[1-9][0-9]*$$ ]] && echo ok),,$(error NP=$(NP): expected a positive number of ranks))
+DEMO_STAMPS := $(DEMO_DIR)/.stamps
+DATA_PARAMS := samples=$(DEMO_SAMPLES) seed=$(DEMO_SEED) height=$(DEMO_HEIGHT) width=$(DEMO_WIDTH) split_seed=$(SPLIT_SEED)
+STAGE_PARAMS := np=$(NP)
+
+# A params file changes (and so redoes what depends on it) only when its settings change.
+$(DEMO_STAMPS)/data-params: FORCE
+	@mkdir -p $(DEMO_STAMPS)
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(DATA_PARAMS)" ]; then echo "$(DATA_PARAMS)" > $@; fi
+
+$(DEMO_STAMPS)/stage-params: FORCE
+	@mkdir -p $(DEMO_STAMPS)
+	@if [ "$$(cat $@ 2>/dev/null)" != "$(STAGE_PARAMS)" ]; then echo "$(STAGE_PARAMS)" > $@; fi
+
+$(DEMO_STAMPS)/raw: $(DEMO_STAMPS)/data-params | install
+	rm -rf $(DEMO_DIR)/raw
+	python tools/make_synthetic.py --out $(DEMO_DIR)/raw --samples $(DEMO_SAMPLES) --seed $(DEMO_SEED) --height $(DEMO_HEIGHT) --width $(DEMO_WIDTH)
+	@touch $@
+
+# The split tool refuses a non-empty output folder; this rule runs only when the stamp is
+# missing or older than the raw data, so what is there is stale and --force replaces it.
+$(DEMO_STAMPS)/split: $(DEMO_STAMPS)/raw
+	python tools/split_data.py --input $(DEMO_DIR)/raw --output $(DEMO_DIR)/cam --seed $(SPLIT_SEED) $(if $(wildcard $(DEMO_DIR)/cam),--force,)
+	@touch $@
+
+$(DEMO_STAMPS)/summary: $(DEMO_STAMPS)/split
+	python tools/summarize_data.py --data $(DEMO_DIR)/cam
+	@touch $@
+
+$(DEMO_STAMPS)/checked: $(DEMO_STAMPS)/summary
+	python tools/check_data.py $(DEMO_DIR)/cam
+	@touch $@
+
+$(DEMO_STAMPS)/staged: $(DEMO_STAMPS)/checked $(DEMO_STAMPS)/stage-params
+	rm -rf $(DEMO_DIR)/staged
+	$(HOROVODRUN) python tools/stage_data.py --source $(DEMO_DIR)/cam --dest $(DEMO_DIR)/staged --splits train validation test
+	@touch $@
+
+demo-data: $(DEMO_STAMPS)/staged
+
+demo: install demo-data
+	$(HOROVODRUN) python -m climseg.train --config $(DEMO_CONFIG) data.root=$(DEMO_DIR)/staged output_dir=$(RUN_DIR) $(TRAIN_ARGS)
+	@echo
+	@echo "TensorBoard: tensorboard --logdir $(RUN_DIR)/tensorboard"
+
+clean-demo:
+	rm -rf $(DEMO_DIR) $(RUN_DIR)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Train on one machine, one rank per GPU: stage the data set to local disk, then train.
+#
+#   source .venv/bin/activate
+#   DATA=/path/to/cam NGPUS=4 jobs/workstation.sh [config overrides, e.g. train.max_epochs=8]
+#
+# Settings (environment, with defaults):
+#   DATA        the prepared data set (the split_data.py output, with stats.h5)     required
+#   NGPUS       ranks; one per GPU               number of GPUs nvidia-smi lists, else 2
+#   CONFIG      training config                                    yaml/workstation.yaml
+#   STAGE_DIR   local copy the ranks read from          ${TMPDIR:-/tmp}/climseg-staged
+#   STAGE       1: stage DATA to STAGE_DIR first; 0: train straight from DATA         1
+#   OUTPUT      run folder (checkpoints, TensorBoard)                runs/workstation
+#   HOROVODRUN_ARGS  extra horovodrun options, e.g. --gloo on a CPU-only machine  (none)
+# Each rank uses the GPU of its Horovod local rank (the trainer binds cuda:<local_rank>).
+set -euo pipefail
+
+: "${DATA:?set DATA to the prepared data set folder (the split_data.py output)}"
+[[ -d $DATA ]] || { echo "workstation.sh: DATA=$DATA is not a folder" >&2; exit 2; }
+if [[ -z ${NGPUS:-} ]]; then
+    NGPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    [[ $NGPUS -gt 0 ]] || NGPUS=2
+fi
+[[ $NGPUS =~ ^[1-9][0-9]*$ ]] || { echo "workstation.sh: NGPUS=$NGPUS is not a positive number" >&2; exit 2; }
+CONFIG=${CONFIG:-yaml/workstation.yaml}
+[[ -f $CONFIG ]] || { echo "workstation.sh: CONFIG=$CONFIG not found" >&2; exit 2; }
+STAGE_DIR=${STAGE_DIR:-${TMPDIR:-/tmp}/climseg-staged}
+STAGE=${STAGE:-1}
+OUTPUT=${OUTPUT:-runs/workstation}
+# shellcheck disable=SC2206
+HOROVODRUN=(horovodrun -np "$NGPUS" -H "localhost:$NGPUS" ${HOROVODRUN_ARGS:-})
+
+root=$DATA
+if [[ $STAGE == 1 ]]; then
+    "${HOROVODRUN[@]}" python tools/stage_data.py --source "$DATA" --dest "$STAGE_DIR" \
+        --splits train validation
+    root=$STAGE_DIR
+fi
+exec "${HOROVODRUN[@]}" python -m climseg.train --config "$CONFIG" \
+    data.root="$root" output_dir="$OUTPUT" "$@"
