@@ -58,7 +58,8 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
     device = select_device(device, dist.local_rank())
     ckpt = read_checkpoint(checkpoint, device)
     model = model_from_checkpoint(ckpt, str(checkpoint), device)
-    config = ckpt["config"]
+    config, step = ckpt["config"], ckpt.get("step")
+    del ckpt  # the optimizer state is as large as the model twice over
     spec = input_spec(config, stats_file)
     num_classes = int(config["model"].get("num_classes", len(CLASS_NAMES)))
     batch_size = batch_size or int(config.get("train", {}).get("local_batch_size", 1))
@@ -74,8 +75,9 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
         raise DataError(f"{split_dir}: {len(files)} files for {dist.size()} ranks; "
                         "every rank needs at least one")
     mine = rank_partition(files, dist.rank(), dist.size())
-    for path in mine:  # fail now on a bad file, not after an hour of scoring
-        validate_file(path)
+    shape = validate_file(mine[0])
+    for path in mine[1:]:  # fail now on a bad file, not after an hour of scoring
+        validate_file(path, expect_shape=shape)
     try:
         loader = BatchLoader(mine, batch_size, shift=spec.shift, scale=spec.scale,
                              channels=spec.channels, crop=crop, random_crop=False,
@@ -90,7 +92,7 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
     prec = Precision.build(device, precision, None)
     if prec.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(**config["loss"]).to(device) if "loss" in config else build_loss()
+    loss_fn = build_loss(**config.get("loss", {})).to(device)
 
     result = evaluate(model, loader.epoch(0), loss_fn, prec, num_classes)
     result["per_class_iou"] = _finite_or_none(result["per_class_iou"])
@@ -100,7 +102,7 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
         [f"class_{c}" for c in range(num_classes)]
     return {
         "checkpoint": str(checkpoint),
-        "step": ckpt.get("step"),
+        "step": step,
         "data": str(split_dir),
         "classes": names,
         **result,

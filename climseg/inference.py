@@ -20,9 +20,9 @@ from climseg.checkpoint import CheckpointError, load_checkpoint
 from climseg.config import ConfigError
 from climseg.data.stats import channel_indices, normalization, read_stats
 from climseg.engine import Precision
+from climseg.data.format import DataError
 from climseg.model import build_model
-
-OUTPUT_STRIDE = 16  # the network's input sides must be multiples of this
+from climseg.model.deeplab import OUTPUT_STRIDE  # input sides must be multiples of this
 # Prefixes that wrappers add to parameter names: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LIST_AT_MOST = 5
@@ -131,9 +131,13 @@ def input_spec(config: dict[str, Any], stats_file: str | os.PathLike | None = No
     another machine); the stored path, else ``<data.root>/stats.h5``, is the default.
     """
     data = config["data"]
-    if stats_file is None:
+    from_checkpoint = stats_file is None
+    if from_checkpoint:
         stats_file = data.get("stats_file") or os.path.join(data.get("root", ""), "stats.h5")
     stats_file = os.fspath(stats_file)
+    if from_checkpoint and not os.path.exists(stats_file):
+        raise DataError(f"{stats_file}: the stats file the model was trained with is not here; "
+                        "pass the training data's stats.h5 with --stats")
     channels = channel_indices(data.get("channels"))
     mode = data.get("normalization", "minmax")
     shift, scale = normalization(read_stats(stats_file), mode, channels)
