@@ -8,6 +8,7 @@ serializes threads, so processes are what makes this parallel).
 from __future__ import annotations
 
 import os
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -62,20 +63,22 @@ def check_tree(root: str | os.PathLike, workers: int | None = None,
     """(number of files checked, problem lines) for every sample under ``root`` and its stats.h5."""
     files = find_files(root)
     workers = workers or min(len(files), os.cpu_count() or 1)
-    problems: list[str] = []
-    shapes: dict[tuple[int, ...], Path] = {}
+    results = []
     bar = Progress(len(files), "checking", enabled=progress)
     with ProcessPoolExecutor(max_workers=max(workers, 1)) as pool:
-        results = pool.map(check_file, files, chunksize=max(1, len(files) // (8 * workers)))
-        for path, (shape, problem) in zip(files, results):
-            if problem:
-                problems.append(problem)
-            elif shapes and shape not in shapes:
-                first_shape, first = next(iter(shapes.items()))
-                problems.append(f"{path}: shape {shape} differs from {first_shape} of {first}")
-            else:
-                shapes.setdefault(shape, path)
+        for result in pool.map(check_file, files,
+                               chunksize=max(1, len(files) // (8 * workers))):
+            results.append(result)
             bar.update()
+    # The shape most files have is the data set's; a file with another is bad.
+    shapes = Counter(shape for shape, problem in results if problem is None)
+    common = shapes.most_common(1)[0][0] if shapes else None
+    problems: list[str] = []
+    for path, (shape, problem) in zip(files, results):
+        if problem:
+            problems.append(problem)
+        elif shape != common:
+            problems.append(f"{path}: shape {shape} differs from {common} of the other files")
     stats = Path(root) / STATS_NAME
     if Path(root).is_dir() and stats.exists():
         problem = check_stats(stats)

@@ -49,7 +49,7 @@ def list_files(split_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
-def rank_partition(files: list[Path], rank: int, size: int) -> list[Path]:
+def rank_partition(files: list, rank: int, size: int) -> list:
     """Rank ``rank`` of ``size``'s files: the rank-strided slice ``files[rank::size]``.
 
     In a staged split (one with ``index.txt``) every file of the slice must be present: a
@@ -58,9 +58,9 @@ def rank_partition(files: list[Path], rank: int, size: int) -> list[Path]:
     if size < 1 or not 0 <= rank < size:
         raise ValueError(f"rank {rank} is outside 0..{size - 1}")
     mine = list(files[rank::size])
-    if mine and (mine[0].parent / INDEX_NAME).exists():
+    if mine and (Path(mine[0]).parent / INDEX_NAME).exists():
         for path in mine:
-            if not path.exists():
+            if not Path(path).exists():
                 raise DataError(f"{path}: not staged here (needed by rank {rank} of {size}); "
                                 "was this folder staged with a different number of ranks?")
     return mine

@@ -8,7 +8,7 @@ the keys the DeepCAM reference ``summarize_data.py`` writes, so the files move b
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -23,7 +23,7 @@ NORMALIZATION_MODES = ("minmax", "zscore")
 _ZERO_STD_RELATIVE = 1e-7
 
 
-@dataclass
+@dataclass(eq=False)   # numpy fields: compare them with np.testing, not ==
 class Stats:
     """Per-channel statistics; ``path`` names the file they came from (for error messages).
 
@@ -35,7 +35,7 @@ class Stats:
     sqmean: np.ndarray
     minval: np.ndarray
     maxval: np.ndarray
-    path: str | None = field(default=None, compare=False)
+    path: str | None = None
 
     @property
     def std(self) -> np.ndarray:

@@ -114,16 +114,20 @@ def horovod_reducer():
     return dist.rank(), dist.size(), reduce
 
 
-def launcher_reducer(size: int):
+def launcher_reducer(size: int, environ: dict[str, str] | None = None):
     """(rank, size, reducer) for a launch of ``size`` ranks (from the launcher's variables).
 
-    One rank: no communication. Several: mpi4py when its COMM_WORLD holds them all (mpirun,
-    srun with PMI), else Horovod (horovodrun --gloo).
+    One rank: no communication. Several: Horovod first under horovodrun (it sets
+    HOROVOD_RANK), mpi4py first otherwise (mpirun, srun with PMI); the first communicator that
+    spans all ``size`` ranks is used.
     """
     if size == 1:
         return 0, 1, _single
+    env = os.environ if environ is None else environ
+    order = (horovod_reducer, mpi_reducer) if "HOROVOD_RANK" in env else \
+        (mpi_reducer, horovod_reducer)
     tried = []
-    for make in (mpi_reducer, horovod_reducer):
+    for make in order:
         try:
             rank, world, reduce = make()
         except (ImportError, RuntimeError) as err:

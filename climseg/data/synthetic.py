@@ -31,10 +31,10 @@ from climseg.data.format import (CHANNELS, HEIGHT, NUM_CHANNELS, WIDTH, DataErro
 TARGET_FRACTIONS = (0.986, 0.0005, 0.013)
 
 # Feature sizes in units of the grid height (768 rows = 180 degrees at full size).
-_TC_RADIUS = 0.0126        # e-folding radius of the PSL low (label radius is 0.83 of it)
+_TC_RADIUS = 0.0120        # e-folding radius of the PSL low (label radius is 0.83 of it)
 _TC_PER_SAMPLE = (1, 4)    # integers in [low, high)
 _AR_LENGTH = (0.28, 0.42)  # centre-line length
-_AR_HALF_WIDTH = 0.019     # e-folding half width of the TMQ filament
+_AR_HALF_WIDTH = 0.0199    # e-folding half width of the TMQ filament
 _AR_PER_SAMPLE = (1, 4)
 _HALF = 0.5                # a feature is labelled where its intensity exceeds half its peak
 
