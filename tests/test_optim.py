@@ -60,6 +60,20 @@ def test_lamb_matches_the_paper_update(max_norm):
                                    rtol=1e-6, atol=1e-7)
 
 
+def test_lamb_clips_over_all_parameter_groups():
+    params = [torch.nn.Parameter(torch.tensor(w)) for w in WEIGHTS]
+    opt = LAMB([{"params": params[:1]}, {"params": params[1:]}], lr=0.1, eps=1e-6,
+               weight_decay=0.01, max_grad_norm=1.0)
+    for grads in GRADS:
+        for p, g in zip(params, grads):
+            p.grad = torch.tensor(g)
+        opt.step()
+    expected = lamb_by_hand(WEIGHTS, GRADS, 0.1, 0.9, 0.999, 1e-6, 0.01, 1.0)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), torch.tensor(e, dtype=torch.float64),
+                                   rtol=1e-6, atol=1e-7)
+
+
 def test_lamb_first_step_by_hand():
     # One parameter, first step: m_hat = g, v_hat = g^2, so r = g / (|g| + eps) + wd * w.
     w, g = [3.0, 4.0], [0.6, -0.8]          # ||g|| = 1: at the clip threshold, unchanged
