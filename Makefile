@@ -30,7 +30,7 @@ PY       := $(VENV_BIN)/python
 STAMPS   := $(VENV)/.climseg-stamps
 HOROVODRUN := horovodrun -np $(NP) --gloo
 
-.PHONY: help install test demo demo-data clean-demo FORCE
+.PHONY: help install test demo demo-data clean-demo
 
 help:
 	@echo "make demo     install, make a synthetic data set, train $(DEMO_CONFIG) with $(NP) ranks"
@@ -76,14 +76,15 @@ DEMO_STAMPS := $(DEMO_DIR)/.stamps
 DATA_PARAMS := samples=$(DEMO_SAMPLES) seed=$(DEMO_SEED) height=$(DEMO_HEIGHT) width=$(DEMO_WIDTH) split_seed=$(SPLIT_SEED)
 STAGE_PARAMS := np=$(NP)
 
-# A params file changes (and so redoes what depends on it) only when its settings change.
-$(DEMO_STAMPS)/data-params: FORCE
-	@mkdir -p $(DEMO_STAMPS)
-	@if [ "$$(cat $@ 2>/dev/null)" != "$(DATA_PARAMS)" ]; then echo "$(DATA_PARAMS)" > $@; fi
-
-$(DEMO_STAMPS)/stage-params: FORCE
-	@mkdir -p $(DEMO_STAMPS)
-	@if [ "$$(cat $@ 2>/dev/null)" != "$(STAGE_PARAMS)" ]; then echo "$(STAGE_PARAMS)" > $@; fi
+# A params file is rewritten (and so redoes what depends on it) only when its settings change.
+# Done while the Makefile is read, so that `make -n demo` shows what a real run would do.
+define record_params
+$(shell mkdir -p $(dir $1) && if [ "$$(cat $1 2>/dev/null)" != "$2" ]; then echo "$2" > $1; fi)
+endef
+ifneq ($(filter demo demo-data,$(MAKECMDGOALS)),)
+$(call record_params,$(DEMO_STAMPS)/data-params,$(DATA_PARAMS))
+$(call record_params,$(DEMO_STAMPS)/stage-params,$(STAGE_PARAMS))
+endif
 
 $(DEMO_STAMPS)/raw: $(DEMO_STAMPS)/data-params | install
 	rm -rf $(DEMO_DIR)/raw

@@ -1,0 +1,323 @@
+"""Setup and launch: the Makefile, tools/install_horovod.sh, the jobs/ scripts, Horovod itself
+under horovodrun and srun, and (where slurm-wlm and munge are installed and we are root) a real
+one-node Slurm running jobs/slurm.sbatch with 2 tasks on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from climseg.dist import launcher_rank_size
+
+REPO = Path(__file__).resolve().parents[1]
+PYBIN = Path(sys.executable).parent
+HOROVODRUN = PYBIN / "horovodrun"
+SCRIPTS = ["jobs/workstation.sh", "jobs/slurm.sbatch", "tools/install_horovod.sh", ".ci/run",
+           "tests/slurm_local.sh"]
+
+# One allreduce and where each rank thinks it is: what the launch paths must get right.
+HVD_PROBE = """
+import json, os, torch, horovod.torch as hvd
+hvd.init()
+total = hvd.allreduce(torch.tensor([hvd.rank() + 1.0]), op=hvd.Sum).item()
+print("PROBE " + json.dumps({"rank": hvd.rank(), "size": hvd.size(), "local": hvd.local_rank(),
+      "mpi": hvd.mpi_enabled(), "total": total,
+      "slurm_local": os.environ.get("SLURM_LOCALID")}), flush=True)
+"""
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{PYBIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+def _run(cmd, timeout=300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=kw.pop("cwd", REPO), capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def _probes(output: str) -> list[dict]:
+    rows = [json.loads(line.split("PROBE ", 1)[1]) for line in output.splitlines()
+            if "PROBE " in line]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+def _horovod_features() -> dict[str, bool] | None:
+    try:
+        import horovod.torch as hvd
+    except ImportError:
+        return None
+    return {"mpi": hvd.mpi_built(), "gloo": hvd.gloo_built()}
+
+
+needs_horovod = pytest.mark.skipif(_horovod_features() is None,
+                                   reason="horovod not installed (make install builds it)")
+
+
+# --- the scripts --------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_parses_and_is_executable(script):
+    path = REPO / script
+    assert os.access(path, os.X_OK), f"{script} is not executable"
+    result = _run(["bash", "-n", str(path)])
+    assert result.returncode == 0, result.stderr
+
+
+def test_ci_runs_make_test():
+    lines = [line.strip() for line in (REPO / ".ci/run").read_text().splitlines()]
+    assert lines[0] == "#!/usr/bin/env bash"
+    assert "set -euo pipefail" in lines
+    assert lines[-1] == "make test"
+
+
+def test_make_demo_runs_the_documented_commands(tmp_path):
+    demo, run = tmp_path / "demo", tmp_path / "run"
+    result = _run(["make", "-n", "demo", f"DEMO_DIR={demo}", f"RUN_DIR={run}"])
+    assert result.returncode == 0, result.stderr
+    expected = [
+        f"python tools/make_synthetic.py --out {demo}/raw --samples 64 --seed 1 --height 192 --width 288",
+        f"python tools/split_data.py --input {demo}/raw --output {demo}/cam --seed 12345",
+        f"python tools/summarize_data.py --data {demo}/cam",
+        f"python tools/check_data.py {demo}/cam",
+        f"horovodrun -np 2 --gloo python tools/stage_data.py --source {demo}/cam --dest {demo}/staged --splits train validation test",
+        f"horovodrun -np 2 --gloo python -m climseg.train --config yaml/demo.yaml data.root={demo}/staged output_dir={run}",
+        f'echo "TensorBoard: tensorboard --logdir {run}/tensorboard"',
+    ]
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    found = [next((i for i, line in enumerate(lines) if line == cmd), None) for cmd in expected]
+    assert None not in found, "\n".join(c for c, i in zip(expected, found) if i is None)
+    assert found == sorted(found), "demo steps out of order"
+
+
+def test_make_demo_overrides_reach_the_commands(tmp_path):
+    demo = tmp_path / "demo"
+    result = _run(["make", "-n", "demo", f"DEMO_DIR={demo}", "NP=3", "DEMO_SAMPLES=8",
+                   "DEMO_HEIGHT=32", "DEMO_WIDTH=48", "TRAIN_ARGS=train.max_steps=2"])
+    assert result.returncode == 0, result.stderr
+    assert "--samples 8 --seed 1 --height 32 --width 48" in result.stdout
+    assert "horovodrun -np 3 --gloo python -m climseg.train" in result.stdout
+    assert "train.max_steps=2" in result.stdout
+
+
+def test_make_demo_reuses_finished_steps(tmp_path):
+    demo = tmp_path / "demo"
+    stamps = demo / ".stamps"
+    stamps.mkdir(parents=True)
+    # what an earlier run leaves behind, oldest first
+    (stamps / "data-params").write_text(
+        "samples=64 seed=1 height=192 width=288 split_seed=12345\n")
+    (stamps / "stage-params").write_text("np=2\n")
+    for i, name in enumerate(["raw", "split", "summary", "checked", "staged"]):
+        (stamps / name).touch()
+        os.utime(stamps / name, (1.5e9 + i, 1.5e9 + i))
+    os.utime(stamps / "data-params", (1e9, 1e9))
+    os.utime(stamps / "stage-params", (1e9, 1e9))
+    result = _run(["make", "-n", "demo", f"DEMO_DIR={demo}"])
+    assert result.returncode == 0, result.stderr
+    assert "make_synthetic.py" not in result.stdout
+    assert "stage_data.py" not in result.stdout
+    assert "climseg.train" in result.stdout
+    # another rank count restages but keeps the data
+    result = _run(["make", "-n", "demo", f"DEMO_DIR={demo}", "NP=4"])
+    assert "make_synthetic.py" not in result.stdout
+    assert "horovodrun -np 4 --gloo python tools/stage_data.py" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["NP=0"], "NP=0: expected a positive number of ranks"),
+    (["NP=two"], "NP=two: expected a positive number of ranks"),
+    (["DEMO_DIR="], "DEMO_DIR is empty"),
+])
+def test_make_rejects_bad_settings(args, message):
+    result = _run(["make", "-n", "demo", *args])
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+# --- install_horovod.sh -------------------------------------------------------------------------
+@pytest.mark.parametrize("env, message", [
+    ({"CLIMSEG_HOROVOD_MPI": "yes"}, "CLIMSEG_HOROVOD_MPI=yes: expected auto, 1 or 0"),
+    ({"CLIMSEG_HOROVOD_NCCL": "maybe"}, "CLIMSEG_HOROVOD_NCCL=maybe: expected auto, 1 or 0"),
+    ({"PYTHON": "/nonexistent/python"}, "python interpreter '/nonexistent/python' not found (set PYTHON=...)"),
+])
+def test_install_horovod_rejects_bad_settings(env, message):
+    result = _run([str(REPO / "tools/install_horovod.sh")], env=_env(**env))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"install_horovod: error: {message}"
+
+
+def test_install_horovod_names_missing_torch(tmp_path):
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    result = _run([str(REPO / "tools/install_horovod.sh")],
+                  env=_env(PYTHON=str(venv / "bin" / "python")))
+    assert result.returncode == 1
+    assert "torch is not importable" in result.stderr
+
+
+def test_install_horovod_cuda_build_needs_cuda_torch():
+    import torch
+
+    if torch.version.cuda:
+        pytest.skip("torch has CUDA here")
+    result = _run([str(REPO / "tools/install_horovod.sh")],
+                  env=_env(PYTHON=sys.executable, CLIMSEG_HOROVOD_NCCL="1"))
+    assert result.returncode == 1
+    assert "built without CUDA" in result.stderr.strip().splitlines()[-1]
+
+
+@needs_horovod
+def test_install_horovod_skips_a_matching_build():
+    try:
+        import horovod._climseg_build  # noqa: F401
+    except ImportError:
+        pytest.skip("horovod here was not installed by tools/install_horovod.sh")
+    result = _run([str(REPO / "tools/install_horovod.sh")], env=_env(PYTHON=sys.executable))
+    assert result.returncode == 0, result.stderr
+    assert "already installed and matching" in result.stderr
+    assert "[X] PyTorch" in result.stdout
+    assert "building" not in result.stderr
+
+
+# --- Horovod under horovodrun, and rank derivation ----------------------------------------------
+@needs_horovod
+def test_horovodrun_gloo_two_ranks():
+    result = _run([str(HOROVODRUN), "-np", "2", "--gloo", sys.executable, "-c", HVD_PROBE],
+                  env=_env(), timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    probes = _probes(result.stdout)
+    assert [(p["rank"], p["size"], p["local"], p["total"]) for p in probes] == \
+        [(0, 2, 0, 3.0), (1, 2, 1, 3.0)]
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}, (5, 8, 1)),
+    ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1",
+      "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}, (1, 2, 1)),
+    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "3"}, (3, 4, 3)),
+    ({}, (0, 1, 0)),
+])
+def test_launcher_rank_size(environ, expected):
+    assert launcher_rank_size(environ) == expected
+
+
+@pytest.mark.xfail(reason="srun --mpi=pmi2 sets PMI_RANK/PMI_SIZE but no MPI_LOCALRANKID; "
+                          "launcher_rank_size then reports local rank 0 on every rank")
+def test_launcher_rank_size_under_srun_pmi2():
+    # the variables `srun --mpi=pmi2 -n 2` gives task 1 (read off a real srun)
+    environ = {"PMI_FD": "13", "PMI_JOBID": "2.0", "PMI_RANK": "1", "PMI_SIZE": "2",
+               "SLURM_LOCALID": "1", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+               "SLURM_STEP_NUM_TASKS": "2", "SLURM_TASKS_PER_NODE": "2"}
+    assert launcher_rank_size(environ) == (1, 2, 1)
+
+
+def test_launcher_rank_size_rejects_bad_variables():
+    with pytest.raises(RuntimeError, match="SLURM_PROCID/SLURM_NTASKS"):
+        launcher_rank_size({"SLURM_PROCID": "x", "SLURM_NTASKS": "2"})
+    with pytest.raises(RuntimeError, match="rank 2 outside size 2"):
+        launcher_rank_size({"SLURM_PROCID": "2", "SLURM_NTASKS": "2"})
+
+
+# --- jobs/workstation.sh ------------------------------------------------------------------------
+def test_workstation_requires_data():
+    env = _env()
+    env.pop("DATA", None)
+    result = _run(["bash", "jobs/workstation.sh"], env=env)
+    assert result.returncode != 0
+    assert "set DATA to the prepared data set folder" in result.stderr
+
+
+def test_workstation_rejects_bad_ngpus(tmp_path):
+    result = _run(["bash", "jobs/workstation.sh"], env=_env(DATA=str(tmp_path), NGPUS="0"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "workstation.sh: NGPUS=0 is not a positive number"
+
+
+@needs_horovod
+def test_workstation_stages_and_trains(tiny_root, tmp_path):
+    out, staged = tmp_path / "run", tmp_path / "staged"
+    result = _run(["bash", "jobs/workstation.sh"], timeout=600, env=_env(
+        DATA=str(tiny_root), NGPUS="2", HOROVODRUN_ARGS="--gloo", CONFIG="yaml/ci.yaml",
+        STAGE_DIR=str(staged), OUTPUT=str(out)))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert (staged / "train" / "index.txt").is_file()
+    assert (out / "metrics.jsonl").is_file()
+
+
+# --- a real one-node Slurm ----------------------------------------------------------------------
+def _free_port_pair() -> int:
+    for _ in range(50):
+        port = random.randrange(20000, 60000, 2)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("", port))
+                b.bind(("", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two free consecutive ports for a test Slurm")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = [exe for exe in ("munged", "slurmctld", "slurmd", "sbatch", "srun")
+               if shutil.which(exe) is None]
+    if missing:
+        pytest.skip(f"Slurm not installed ({', '.join(missing)} missing; "
+                    "apt-get install slurm-wlm munge)")
+    if os.geteuid() != 0:
+        pytest.skip("a local slurmd needs root")
+    # short path: the munge socket must fit a unix socket name
+    state = Path(tmp_path_factory.mktemp("slurm"))
+    env = _env(SLURM_LOCAL_PORT=str(_free_port_pair()))
+    result = _run(["bash", "tests/slurm_local.sh", "start", str(state)], env=env, timeout=120)
+    if result.returncode != 0:
+        _run(["bash", "tests/slurm_local.sh", "stop", str(state)])
+        pytest.fail(f"local Slurm did not start: {result.stderr.strip()}")
+    yield _env(SLURM_CONF=str(state / "slurm.conf"))
+    _run(["bash", "tests/slurm_local.sh", "stop", str(state)])
+
+
+@needs_horovod
+def test_srun_starts_horovod_through_mpi(slurm):
+    if not _horovod_features()["mpi"]:
+        pytest.skip("horovod built without MPI: srun launches need the MPI controller")
+    result = _run(["srun", "--mpi=pmi2", "-n", "2", sys.executable, "-c", HVD_PROBE],
+                  env=slurm, timeout=180, cwd="/tmp")
+    assert result.returncode == 0, result.stdout + result.stderr
+    probes = _probes(result.stdout)
+    assert [(p["rank"], p["size"], p["mpi"], p["total"]) for p in probes] == \
+        [(0, 2, True, 3.0), (1, 2, True, 3.0)]
+    # Horovod's local rank (which picks the GPU) agrees with Slurm's
+    assert [p["local"] for p in probes] == [int(p["slurm_local"]) for p in probes]
+
+
+@needs_horovod
+def test_sbatch_stages_and_trains(slurm, tiny_root, tmp_path):
+    if not _horovod_features()["mpi"]:
+        pytest.skip("horovod built without MPI: srun launches need the MPI controller")
+    out, staged, log = tmp_path / "run", tmp_path / "staged", tmp_path / "job.out"
+    env = dict(slurm, DATA=str(tiny_root), CONFIG="yaml/ci.yaml", OUTPUT=str(out),
+               STAGE_DIR=str(staged), VENV=str(PYBIN.parent))
+    # the header asks for 4 GPU nodes; on this CPU node: one node, 2 tasks, no GPUs
+    result = _run(["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                   "--gpus-per-node=0", "--time=15", f"--output={log}", "jobs/slurm.sbatch",
+                   "train.log_frequency=3"], env=env, timeout=900)
+    text = log.read_text() if log.exists() else ""
+    assert result.returncode == 0, (result.stdout + result.stderr + text)[-4000:]
+    assert (staged / "train" / "index.txt").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "eval" for r in rows)
+    # "$@" reached the trainer
+    assert "log_frequency: 3" in (out / "config.yaml").read_text()
