@@ -1,0 +1,76 @@
+"""Smoke tests of ``python -m climseg.bench``: each mode runs tiny and writes its JSON.
+
+No timing assertions: only that the numbers are there and positive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from climseg import bench
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(tmp_path, argv):
+    out = tmp_path / "bench.json"
+    assert bench.main(argv + ["--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["results"] and record["environment"]["torch"]
+    for row in record["results"]:
+        for key in ("samples_per_s", "ms_per_step"):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["name"], key)
+        assert row["batch_size"] >= 1 and row["steps"] >= 1
+    return record
+
+
+def test_loader_mode(tiny_root, tmp_path, capsys):
+    record = run(tmp_path, ["loader", "--data", str(tiny_root / "train"), "--batch-size", "2",
+                            "--crop", "32", "48", "--steps", "2", "--warmup", "1",
+                            "--threads", "1", "2", "--ref-workers", "0", "1",
+                            "--repeats", "1", "--device", "cpu"])
+    kinds = [row["extra"]["kind"] for row in record["results"]]
+    assert kinds == ["climseg", "climseg", "reference", "reference"]
+    for row in record["results"]:
+        assert row["mb_per_s"] > 0 and row["peak_memory_gib"] > 0
+    summary = record["summary"]
+    assert summary["speedup"] > 0 and summary["normalization"].startswith("minmax")
+    assert summary["crop"] == [32, 48]
+    assert "reference best" in capsys.readouterr().out
+
+
+def test_loader_mode_cold_with_channels(tiny_root, tmp_path):
+    record = run(tmp_path, ["loader", "--data", str(tiny_root / "train"), "--batch-size", "4",
+                            "--channels", "0", "5", "--cold", "--threads", "2",
+                            "--no-reference", "--repeats", "1", "--device", "cpu"])
+    assert record["summary"]["cold_cache"] is True
+    assert record["results"][0]["steps"] == 16 // 4   # one pass over the files
+
+
+def test_step_mode(tmp_path):
+    pytest.importorskip("climseg.optim")
+    record = run(tmp_path, ["step", "--size", "32", "48", "--batch-size", "1", "--steps", "1",
+                            "--warmup", "1", "--device", "cpu"])
+    row = record["results"][0]
+    assert row["tflops"] > 0 and row["data_wait_share"] == 0.0
+    assert record["summary"]["precision"] == "fp32"
+    assert row["extra"]["first_step_s"] > 0
+
+
+def test_train_mode(tiny_root, tmp_path):
+    pytest.importorskip("climseg.optim")
+    record = run(tmp_path, ["train", "--config", str(REPO / "yaml" / "ci.yaml"), "--steps",
+                            "2", "--warmup", "1", "--output-dir", str(tmp_path / "run"),
+                            f"data.root={tiny_root}", "train.local_batch_size=2",
+                            "train.max_epochs=100"])
+    row = record["results"][0]
+    assert 0 <= row["data_wait_share"] <= 1 and row["tflops"] > 0
+    assert row["extra"]["trainer_summary"]["steps"] == 3
+
+
+def test_bad_data_folder_exits_2(tmp_path):
+    assert bench.main(["loader", "--data", str(tmp_path / "missing")]) == 2
