@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from climseg.data.format import CHANNELS, NUM_CHANNELS, read_sample, validate_file
+from climseg.data.format import CHANNELS, NUM_CHANNELS, DataError, read_sample, validate_file
 from climseg.data.synthetic import TARGET_FRACTIONS, generate_dataset, generate_sample
 
 # Plausible ranges per channel (units of the CAM5 output), loose enough for TC extremes.
@@ -78,3 +78,12 @@ def test_generate_dataset_names_and_files(tmp_path):
     assert validate_file(paths[0]) == (32, 48, NUM_CHANNELS)
     again = generate_dataset(tmp_path / "again", 3, seed=2, height=32, width=48, progress=False)
     np.testing.assert_array_equal(read_sample(paths[2])[0], read_sample(again[2])[0])
+
+
+def test_refuses_to_mix_with_existing_samples(tmp_path):
+    out = tmp_path / "raw"
+    generate_dataset(out, 3, seed=1, height=16, width=24, progress=False)
+    with pytest.raises(DataError, match="already holds 3 data-\\*.h5 files; use --force"):
+        generate_dataset(out, 2, seed=1, height=16, width=24, progress=False)
+    generate_dataset(out, 2, seed=1, height=16, width=24, progress=False, force=True)
+    assert len(list(out.iterdir())) == 2

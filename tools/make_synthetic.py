@@ -28,13 +28,16 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--height", type=int, default=HEIGHT, help=f"rows (default {HEIGHT})")
     parser.add_argument("--width", type=int, default=WIDTH, help=f"columns (default {WIDTH})")
+    parser.add_argument("--force", action="store_true",
+                        help="delete data-*.h5 files already in --out first")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         start = time.perf_counter()
         paths = generate_dataset(args.out, args.samples, args.seed, height=args.height,
-                                 width=args.width, progress=not args.quiet)
+                                 width=args.width, progress=not args.quiet,
+                                 force=args.force)
         seconds = time.perf_counter() - start
     except (DataError, OSError) as err:
         print(f"make_synthetic: error: {err}", file=sys.stderr)

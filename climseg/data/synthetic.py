@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from climseg.data.format import (CHANNELS, HEIGHT, NUM_CHANNELS, WIDTH, DataError, Progress,
-                                 write_sample)
+from climseg.data.format import (CHANNELS, FILE_GLOB, HEIGHT, NUM_CHANNELS, WIDTH, DataError,
+                                 Progress, write_sample)
 
 # Class fractions of the real data set (DeepCAM README): targets of the calibration below.
 TARGET_FRACTIONS = (0.986, 0.0005, 0.013)
@@ -221,12 +221,24 @@ def sample_name(index: int) -> str:
 
 
 def generate_dataset(out_dir: str | os.PathLike, samples: int, seed: int,
-                     height: int = HEIGHT, width: int = WIDTH,
-                     progress: bool = True) -> list[Path]:
-    """Write ``samples`` synthetic sample files into ``out_dir``; return their paths."""
+                     height: int = HEIGHT, width: int = WIDTH, progress: bool = True,
+                     force: bool = False) -> list[Path]:
+    """Write ``samples`` synthetic sample files into ``out_dir``; return their paths.
+
+    Refuses a folder that already holds sample files (they would mix with the new ones)
+    unless ``force``, which deletes them first.
+    """
     if samples < 1:
         raise DataError(f"number of samples must be positive, got {samples}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a folder")
+    old = sorted(out_dir.glob(FILE_GLOB)) if out_dir.is_dir() else []
+    if old and not force:
+        raise DataError(f"{out_dir}: already holds {len(old)} {FILE_GLOB} files; use --force "
+                        "to replace them")
+    for path in old:
+        path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = Progress(samples, f"generating {height}x{width} samples", enabled=progress)
     paths = []
