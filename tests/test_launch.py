@@ -321,3 +321,16 @@ def test_sbatch_stages_and_trains(slurm, tiny_root, tmp_path):
     assert any(r["kind"] == "eval" for r in rows)
     # "$@" reached the trainer
     assert "log_frequency: 3" in (out / "config.yaml").read_text()
+
+
+# --- Dockerfile.horovod (no Docker engine here: check what can be checked) ----------------------
+def test_dockerfile_builds_horovod_with_the_install_script():
+    lines = (REPO / "Dockerfile.horovod").read_text().splitlines()
+    text = "\n".join(lines)
+    assert "tools/install_horovod.sh" in text
+    assert "CLIMSEG_HOROVOD_MPI=1 CLIMSEG_HOROVOD_NCCL=1" in text
+    assert "horovodrun --check-build" in text
+    for line in lines:   # every COPY source is in the repository
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), f"Dockerfile.horovod copies missing {source}"
