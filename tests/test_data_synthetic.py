@@ -76,7 +76,8 @@ def test_generate_dataset_names_and_files(tmp_path):
     assert names == sorted(names) and len(set(names)) == 10
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == names   # no temp files
     assert validate_file(paths[0]) == (32, 48, NUM_CHANNELS)
-    again = generate_dataset(tmp_path / "again", 3, seed=2, height=32, width=48, progress=False)
+    again = generate_dataset(tmp_path / "again", 3, seed=2, height=32, width=48, progress=False,
+                             workers=2)
     np.testing.assert_array_equal(read_sample(paths[2])[0], read_sample(again[2])[0])
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--height", type=int, default=HEIGHT, help=f"rows (default {HEIGHT})")
     parser.add_argument("--width", type=int, default=WIDTH, help=f"columns (default {WIDTH})")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="generator processes (default: CPU count, at most 8)")
     parser.add_argument("--force", action="store_true",
                         help="delete data-*.h5 files already in --out first")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -37,7 +40,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         paths = generate_dataset(args.out, args.samples, args.seed, height=args.height,
                                  width=args.width, progress=not args.quiet,
-                                 force=args.force)
+                                 force=args.force, workers=args.workers)
         seconds = time.perf_counter() - start
     except (DataError, OSError) as err:
         print(f"make_synthetic: error: {err}", file=sys.stderr)

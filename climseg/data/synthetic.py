@@ -19,7 +19,9 @@ independent of how many samples are generated or in which order.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -220,16 +222,28 @@ def sample_name(index: int) -> str:
     return f"data-{when:%Y-%m-%d-%H}-1.h5"
 
 
+def write_synthetic_sample(out_dir: Path, index: int, seed: int, height: int,
+                           width: int) -> Path:
+    """Generate sample ``index`` of the data set with ``seed`` and write it; return its path."""
+    data, labels = generate_sample(np.random.default_rng([int(seed), index]), height, width)
+    path = Path(out_dir) / sample_name(index)
+    write_sample(path, data, labels)
+    return path
+
+
 def generate_dataset(out_dir: str | os.PathLike, samples: int, seed: int,
                      height: int = HEIGHT, width: int = WIDTH, progress: bool = True,
-                     force: bool = False) -> list[Path]:
+                     force: bool = False, workers: int = 1) -> list[Path]:
     """Write ``samples`` synthetic sample files into ``out_dir``; return their paths.
 
-    Refuses a folder that already holds sample files (they would mix with the new ones)
-    unless ``force``, which deletes them first.
+    ``workers`` > 1 generates in that many processes (the files are the same: sample ``i``
+    depends only on ``seed`` and ``i``). Refuses a folder that already holds sample files
+    (they would mix with the new ones) unless ``force``, which deletes them first.
     """
     if samples < 1:
         raise DataError(f"number of samples must be positive, got {samples}")
+    if workers < 1:
+        raise DataError(f"number of workers must be positive, got {workers}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir}: exists and is not a folder")
@@ -241,11 +255,16 @@ def generate_dataset(out_dir: str | os.PathLike, samples: int, seed: int,
         path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = Progress(samples, f"generating {height}x{width} samples", enabled=progress)
+    job = functools.partial(write_synthetic_sample, out_dir, seed=seed, height=height,
+                            width=width)
     paths = []
-    for i in range(samples):
-        data, labels = generate_sample(np.random.default_rng([int(seed), i]), height, width)
-        path = out_dir / sample_name(i)
-        write_sample(path, data, labels)
-        paths.append(path)
-        bar.update()
+    if workers == 1:
+        for i in range(samples):
+            paths.append(job(i))
+            bar.update()
+        return paths
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for path in pool.map(job, range(samples)):
+            paths.append(path)
+            bar.update()
     return paths
