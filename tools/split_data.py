@@ -32,13 +32,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help=f"shuffle seed (default {DEFAULT_SEED})")
     parser.add_argument("--copy", action="store_true", help="copy files instead of symlinks")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--force", action="store_true",
                         help="replace split folders that are not empty")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         counts = split_dataset(args.input, args.output, args.fractions, args.seed,
-                               copy=args.copy, force=args.force)
+                               copy=args.copy, force=args.force,
+                               progress=args.copy and not args.quiet)
     except (DataError, OSError) as err:
         print(f"split_data: error: {err}", file=sys.stderr)
         return 2

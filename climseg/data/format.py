@@ -128,9 +128,8 @@ def read_sample(path: str | os.PathLike, window: tuple[int, int, int, int] | Non
     """(data float32 (H, W, C), labels uint8 (H, W)) of one sample file.
 
     ``window`` (top, left, height, width) reads only that region; ``expect_shape`` is checked
-    as in :func:`validate_file`. The header and the label
-    values are checked; data values are not scanned for NaN/inf (that is
-    ``tools/check_data.py``'s job, once, not every epoch).
+    as in :func:`validate_file`. The header and the label values are checked; data values are
+    not scanned for NaN/inf (that is ``tools/check_data.py``'s job, once, not every epoch).
     """
     path = Path(path)
     with _open(path) as f:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from climseg.data.format import DataError
+from climseg.data.format import DataError, Progress
 from climseg.data.partition import INDEX_NAME, list_files
 
 SPLITS = ("train", "validation", "test")
@@ -48,7 +48,7 @@ def _is_empty_dir(path: Path) -> bool:
 
 def split_dataset(input_dir: str | os.PathLike, output_root: str | os.PathLike,
                   fractions=DEFAULT_FRACTIONS, seed: int = DEFAULT_SEED, copy: bool = False,
-                  force: bool = False) -> dict[str, int]:
+                  force: bool = False, progress: bool = False) -> dict[str, int]:
     """Create the split folders as symlinks to (or copies of) the input files; return counts.
 
     Refuses to touch a non-empty split folder unless ``force``, which replaces it.
@@ -70,6 +70,7 @@ def split_dataset(input_dir: str | os.PathLike, output_root: str | os.PathLike,
     output_root.mkdir(parents=True, exist_ok=True)
 
     source = input_dir.resolve()
+    bar = Progress(len(files), "copying" if copy else "linking", enabled=progress)
     for split in SPLITS:
         target = output_root / split
         tmp = output_root / f".{split}.tmp{os.getpid()}"
@@ -81,6 +82,7 @@ def split_dataset(input_dir: str | os.PathLike, output_root: str | os.PathLike,
                     shutil.copyfile(source / name, tmp / name)
                 else:
                     os.symlink(source / name, tmp / name)
+                bar.update()
             if target.exists():
                 os.rename(target, old)
             os.rename(tmp, target)
