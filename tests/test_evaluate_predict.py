@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -22,6 +26,9 @@ from climseg.data.format import DATA_KEY, LABEL_KEY
 from climseg.data.partition import list_files
 from climseg.model import build_model, deeplab
 from climseg.plot import DPI, PANEL_SIZE
+
+REPO = Path(__file__).resolve().parent.parent
+HOROVODRUN = Path(sys.executable).parent / "horovodrun"
 
 
 class TinyNet(nn.Module):
@@ -187,20 +194,47 @@ def test_unlabelled_file_gets_a_prediction_only_map(tiny_root, tiny_model, tmp_p
     assert int.from_bytes(png[16:20], "big") == round(PANEL_SIZE[0] * DPI)
 
 
-def test_real_model_checkpoint_in_bf16_loads_on_cpu(tiny_root, tmp_path):
-    """A DeepLabv3+ checkpoint saved in bf16 (any precision) loads into an fp32 model."""
+@pytest.fixture(scope="module")
+def real_checkpoint(tiny_root, tmp_path_factory):
+    """A randomly initialised DeepLabv3+ checkpoint, stored in bf16 (as any precision may be)."""
     config = load_config(None, [f"data.root={tiny_root}"]).to_dict()
     torch.manual_seed(0)
-    model = build_model(**config["model"])
     state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
-             for k, v in model.state_dict().items()}
-    save_checkpoint({"model": state, "config": config, "step": 1}, tmp_path / "bf16.pt")
-    del model
-    loaded, cfg = inference.load_model(tmp_path / "bf16.pt", "cpu")
+             for k, v in build_model(**config["model"]).state_dict().items()}
+    path = tmp_path_factory.mktemp("real") / "bf16.pt"
+    save_checkpoint({"model": state, "config": config, "step": 1}, path)
+    return path, state, config
+
+
+def test_real_model_checkpoint_in_bf16_loads_on_cpu(real_checkpoint):
+    path, state, config = real_checkpoint
+    loaded, cfg = inference.load_model(path, "cpu")
     assert not loaded.training and cfg["model"] == config["model"]
-    weight = next(loaded.parameters())
-    assert weight.dtype == torch.float32
+    assert next(loaded.parameters()).dtype == torch.float32
     key = next(iter(state))
     torch.testing.assert_close(loaded.state_dict()[key], state[key].float())
     spec = inference.input_spec(cfg)
     assert spec.channels == list(range(16)) and spec.shift.shape == (16,) and spec.crop is None
+
+
+def test_evaluate_under_horovodrun_matches_one_process(real_checkpoint, tiny_root, tmp_path):
+    if not HOROVODRUN.exists():
+        pytest.skip("horovod is not installed (make test installs it)")
+    path, _, _ = real_checkpoint
+    out = tmp_path / "hvd.json"
+    cmd = [str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
+           "climseg.evaluate", "--checkpoint", str(path), "--data", str(tiny_root),
+           "--batch-size", "1", "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same kernels as the ranks, for bit-identical logits
+    try:
+        one = evaluate.score(path, tiny_root, batch_size=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert two["ranks"] == 2 and two["samples"] == one["samples"] == 2
+    assert two["confusion"] == one["confusion"]
+    assert two["eval_accuracy"] == pytest.approx(one["eval_accuracy"])
