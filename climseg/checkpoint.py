@@ -100,10 +100,24 @@ class CheckpointSaver:
         path = save_checkpoint(state, self.directory / f"ckpt-step{step:08d}.pt")
         if eval_iou is not None and eval_iou > self.best_iou:
             self.best_iou = eval_iou
-            save_checkpoint(state, self.directory / BEST_NAME)
+            _link_atomically(path, self.directory / BEST_NAME)
         for _, old in step_checkpoints(self.directory)[:-self.keep]:
             old.unlink(missing_ok=True)
         return path
+
+
+def _link_atomically(source: Path, dest: Path) -> None:
+    """Make ``dest`` name the same file as ``source`` (a hard link: a checkpoint is hundreds
+    of MB, so best.pt costs no second write), replacing ``dest`` atomically."""
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # a filesystem without hard links: copy instead
+        import shutil
+
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
 
 
 def rng_state() -> dict[str, Any]:

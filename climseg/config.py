@@ -17,14 +17,12 @@ from typing import Any
 
 import yaml
 
+from climseg.losses import DEEPCAM_CLASS_FREQUENCIES, DEEPCAM_WEIGHT_POW
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
 
-
-# Pixel frequencies of background, tropical cyclone and atmospheric river in the DeepCAM
-# training set, as used for the class weights of the MLPerf HPC DeepCAM reference.
-DEEPCAM_CLASS_FREQUENCIES = [0.986267818390377, 0.0004578708870701058, 0.01327431072255291]
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -87,7 +85,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     class_frequencies: list[float] = field(default_factory=lambda: list(DEEPCAM_CLASS_FREQUENCIES))
-    weight_pow: float = -0.125
+    weight_pow: float = DEEPCAM_WEIGHT_POW
 
     def __post_init__(self):
         _require(all(f > 0 for f in self.class_frequencies), "loss.class_frequencies",

@@ -69,7 +69,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.M
     ``clip_norm`` > 0 clips the global gradient norm here (LAMB clips inside its own step).
     """
     micro_batches = list(micro_batches)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()  # set_to_none by default; Horovod 0.28 takes no argument
     loss_sum = torch.zeros((), device=prec.device)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=prec.device)
     for x, y in micro_batches:

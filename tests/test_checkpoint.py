@@ -78,3 +78,11 @@ def test_rng_state_restores_every_generator():
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1])
     assert expected[2] == again[2]
+
+
+def test_best_survives_pruning_of_its_step_file(tmp_path):
+    saver = ck.CheckpointSaver(tmp_path, keep=1)
+    saver.save(_state(1.0, 1), 1, 0.9)
+    saver.save(_state(2.0, 2), 2, 0.1)
+    assert [s for s, _ in ck.step_checkpoints(tmp_path)] == [2]
+    assert ck.load_checkpoint(tmp_path / "best.pt")["step"] == 1

@@ -1,0 +1,45 @@
+"""Run climseg.train under horovodrun and report what the tests check across ranks.
+
+Usage: horovodrun -np 2 --gloo python tests/scripts/hvd_train.py REPORT.json --config C [k=v ...]
+Rank 0 writes REPORT.json with the summary and, for each rank, a float64 checksum of its
+final parameters and batch-norm buffers (all must agree after training).
+"""
+
+import json
+import sys
+
+import torch
+
+import climseg.train as train_module
+from climseg import dist
+from climseg.config import load_config
+
+captured = {}
+_build_training = train_module.build_training
+
+
+def _capturing_build_training(cfg, device):
+    model, loss_fn, optimizer = _build_training(cfg, device)
+    captured["model"] = model
+    return model, loss_fn, optimizer
+
+
+def main() -> None:
+    report_path, argv = sys.argv[1], sys.argv[2:]
+    args = train_module.parse_args(argv)
+    dist.init()
+    train_module.setup_logging()
+    train_module.build_training = _capturing_build_training
+    summary = train_module.train(load_config(args.config, args.overrides))
+    state = captured["model"].state_dict()
+    checksum = [float(t.double().sum()) + float((t.double() ** 2).sum()) for t in state.values()
+                if t.is_floating_point()]
+    checksums = dist.allgather_object(checksum, name="checksums")
+    if dist.is_primary():
+        with open(report_path, "w") as f:
+            json.dump({"summary": summary, "size": dist.size(), "checksums": checksums}, f)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()

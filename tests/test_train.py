@@ -1,0 +1,166 @@
+"""The trainer end to end on tiny synthetic data: single process in-process, and two ranks
+under ``horovodrun -np 2 --gloo``."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from climseg import train as train_module
+from climseg.checkpoint import load_checkpoint, step_checkpoints
+from climseg.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+CI = REPO / "yaml" / "ci.yaml"
+HOROVODRUN = Path(sys.executable).parent / "horovodrun"
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    cfg = load_config(CI, [f"data.root={tiny_root}", f"output_dir={out}"])
+    summary = train_module.train(cfg)
+    return out, summary
+
+
+def test_single_process_outputs(single_run):
+    out, summary = single_run
+    assert summary["steps"] == 6
+    assert 0.0 <= summary["eval_mean_iou"] <= 1.0
+    assert (out / "config.yaml").is_file()
+    rows = _metrics(out)
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [3, 6]
+    (ckpt,) = [p for _, p in step_checkpoints(out)]
+    state = torch.load(ckpt, weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "scaler", "step", "epoch", "batch_in_epoch",
+                "rng", "config", "best_iou"):
+        assert key in state, key
+    assert state["step"] == 6
+    assert state["config"]["output_dir"] == str(out)
+    assert (out / "best.pt").is_file()
+
+
+def test_tensorboard_has_scalars_and_image(single_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = single_run
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/iou", "train/lr", "train/samples_per_second",
+                "train/grad_norm", "eval/loss", "eval/mean_iou", "eval/iou_cyclone",
+                "eval/iou_river"):
+        assert tag in tags["scalars"], tag
+    assert "validation/map" in tags["images"]
+    image = acc.Images("validation/map")[0]
+    assert image.width > 100 and image.height > 100
+
+
+def test_mlperf_log_parses(single_run):
+    from mlperf_logging.compliance_checker.mlp_parser import parse_file
+
+    out, _ = single_run
+    loglines, errors = parse_file(str(out / "mlperf.log"), ruleset="3.0.0")
+    assert not errors
+    keys = [line.key for line in loglines]
+    for key in ("init_start", "init_stop", "run_start", "run_stop", "epoch_start", "epoch_stop",
+                "eval_start", "eval_stop", "eval_accuracy", "train_samples", "eval_samples",
+                "global_batch_size", "seed", "gradient_accumulation_frequency",
+                "batchnorm_group_size", "opt_name", "opt_lr", "opt_betas", "opt_eps",
+                "opt_weight_decay", "scheduler_type", "scheduler_lr_warmup_steps",
+                "scheduler_lr_warmup_factor", "opt_bias_correction", "opt_max_grad_norm"):
+        assert key in keys, key
+    by_key = {line.key: line for line in loglines}
+    assert by_key["train_samples"].value["value"] == 16
+    assert "epoch_num" in by_key["eval_accuracy"].value["metadata"]
+
+
+def test_bad_config_exits_2_with_one_line(tiny_root, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "climseg.train", "--config", str(CI), f"data.root={tiny_root}",
+         f"output_dir={tmp_path}", "optimizer.lr=-1"],
+        capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert "optimizer.lr: must be positive" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_data_exits_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "climseg.train", "--config", str(CI),
+         f"data.root={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert "nothing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- two ranks under horovodrun ------------------------------------------------------------
+
+def _require_horovod():
+    if not HOROVODRUN.exists():
+        if os.environ.get("CLIMSEG_REQUIRE_HOROVOD") == "1":
+            pytest.fail(f"{HOROVODRUN} not found; run tools/install_horovod.sh")
+        pytest.skip("horovod is not installed (make test installs it)")
+
+
+def _hvd_train(report: Path, *overrides: str) -> dict:
+    _require_horovod()
+    cmd = [str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
+           str(REPO / "tests" / "scripts" / "hvd_train.py"), str(report), "--config", str(CI),
+           *overrides]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(report.read_text())
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hvd")
+    report = _hvd_train(out / "report.json", f"data.root={tiny_root}", f"output_dir={out}",
+                        "train.max_steps=16", "train.validation_frequency=8",
+                        "train.log_frequency=2")
+    return out, report
+
+
+def test_two_ranks_keep_identical_parameters(two_rank_run):
+    _, report = two_rank_run
+    assert report["size"] == 2
+    rank0, rank1 = report["checksums"]
+    assert rank0 == rank1
+
+
+def test_two_ranks_loss_falls(two_rank_run):
+    out, _ = two_rank_run
+    losses = [r["loss"] for r in _metrics(out) if r["kind"] == "train"]
+    assert len(losses) == 8
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_resume_matches_uninterrupted_run(tiny_root, tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    # A warmup + cosine schedule, so that the learning rates themselves must line up too.
+    common = [f"data.root={tiny_root}", "train.log_frequency=1", "train.validation_frequency=3",
+              "scheduler.type=cosine", "scheduler.t_max=8", "scheduler.warmup_steps=2"]
+    _hvd_train(tmp_path / "a.json", *common, f"output_dir={whole}", "train.max_steps=6")
+    _hvd_train(tmp_path / "b.json", *common, f"output_dir={part}", "train.max_steps=3")
+    assert load_checkpoint(step_checkpoints(part)[-1][1])["step"] == 3
+    _hvd_train(tmp_path / "c.json", *common, f"output_dir={part}", "train.max_steps=6",
+               "resume=auto")
+    expected = {r["step"]: r for r in _metrics(whole) if r["kind"] == "train"}
+    resumed = {r["step"]: r for r in _metrics(part) if r["kind"] == "train"}
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert len({expected[step]["lr"] for step in (4, 5, 6)}) == 3
+    for step in (4, 5, 6):
+        assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-6, abs=1e-7)
+        assert resumed[step]["lr"] == expected[step]["lr"]
