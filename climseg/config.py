@@ -42,7 +42,8 @@ class DataConfig:
     stats_file: str | None = None        # default: <root>/stats.h5
     channels: list[int] | None = None    # channel indices to use; null = all 16
     normalization: str = "minmax"        # minmax | zscore
-    crop: list[int] | None = None        # [height, width]; null = full field
+    crop: list[int] | None = None        # training crop [height, width] at a random offset; null = full field
+    validation_crop: list[int] | None = None  # centre crop for validation; null = full field
     loader_threads: int = 4
     prefetch: int = 2
     shuffle: bool = True
@@ -56,10 +57,13 @@ class DataConfig:
                      f"indices must be in 0..15, got {self.channels}")
             _require(len(set(self.channels)) == len(self.channels), "data.channels",
                      f"has repeated indices: {self.channels}")
-        if self.crop is not None:
-            _require(len(self.crop) == 2, "data.crop", f"must be [height, width], got {self.crop}")
-            _require(all(c > 0 and c % 16 == 0 for c in self.crop), "data.crop",
-                     f"both sides must be positive multiples of 16 (the output stride), got {self.crop}")
+        for key in ("crop", "validation_crop"):
+            crop = getattr(self, key)
+            if crop is not None:
+                _require(len(crop) == 2, f"data.{key}", f"must be [height, width], got {crop}")
+                _require(all(c > 0 and c % 16 == 0 for c in crop), f"data.{key}",
+                         f"both sides must be positive multiples of 16 (the output stride), "
+                         f"got {crop}")
         _require(self.loader_threads >= 1, "data.loader_threads", "must be at least 1")
         _require(self.prefetch >= 1, "data.prefetch", "must be at least 1")
         _require(self.max_validation_samples is None or self.max_validation_samples > 0,
@@ -156,6 +160,7 @@ class TrainConfig:
     gradient_compression: str = "none"   # none | fp16 (Horovod allreduce compression)
     deterministic: bool = False          # deterministic kernels (for exact resume tests)
     image_frequency: int = 1             # validations between TensorBoard map images; 0 = never
+    cpu_threads: int | None = None       # torch threads per rank on CPU; null = cores / ranks per node
 
     def __post_init__(self):
         for key in ("local_batch_size", "gradient_accumulation", "max_epochs", "log_frequency",
@@ -163,6 +168,8 @@ class TrainConfig:
             _require(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
         for key in ("validation_frequency", "save_frequency", "image_frequency"):
             _require(getattr(self, key) >= 0, f"train.{key}", "must be 0 or positive")
+        _require(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads",
+                 "must be positive or null")
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps",
                  "must be positive or null")
         _require(self.global_batch_size is None or self.global_batch_size >= 1,

@@ -86,6 +86,11 @@ def local_rank() -> int:
     return _hvd.local_rank() if _hvd is not None else 0
 
 
+def local_size() -> int:
+    """Ranks on this node."""
+    return _hvd.local_size() if _hvd is not None else 1
+
+
 def is_primary() -> bool:
     return rank() == 0
 

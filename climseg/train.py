@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from climseg import dist
@@ -92,13 +93,13 @@ def build_data(cfg: Config, rank: int, size: int, device: torch.device) -> Data:
     my_val = rank_partition(val_files, rank, size)
     for path in my_train + my_val:   # fail now on a bad file, not at step 10,000
         validate_file(path)
-    common = dict(shift=shift, scale=scale, channels=d.channels, crop=d.crop,
-                  num_threads=d.loader_threads, prefetch=d.prefetch, device=device)
-    train = BatchLoader(my_train, t.local_batch_size, random_crop=d.crop is not None,
-                        shuffle=d.shuffle, seed=cfg.seed, drop_last=True,
+    common = dict(shift=shift, scale=scale, channels=d.channels, num_threads=d.loader_threads,
+                  prefetch=d.prefetch, device=device, seed=cfg.seed)
+    train = BatchLoader(my_train, t.local_batch_size, crop=d.crop, random_crop=d.crop is not None,
+                        shuffle=d.shuffle, drop_last=True,
                         samples_per_epoch=len(train_files) // size, **common)
-    validation = BatchLoader(my_val, t.local_batch_size, random_crop=False, shuffle=False,
-                             seed=cfg.seed, drop_last=False, **common)
+    validation = BatchLoader(my_val, t.local_batch_size, crop=d.validation_crop,
+                             random_crop=False, shuffle=False, drop_last=False, **common)
     return Data(train, validation, len(train_files), len(val_files), shift, scale)
 
 
@@ -232,7 +233,13 @@ def train(cfg: Config) -> dict[str, Any]:
     device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # ranks sharing a node share its cores
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(cfg.train.cpu_threads or max(1, cores // dist.local_size()))
     global_batch = cfg.global_batch(size)
+    # The resolved config names the stats file absolutely: evaluate/predict read it from the
+    # checkpoint, perhaps from another working directory.
+    cfg.data.stats_file = str(cfg.data.stats_path.resolve())
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)
@@ -246,8 +253,8 @@ def train(cfg: Config) -> dict[str, Any]:
         save_config(cfg, output_dir / "config.yaml")
         mlperf = MLPerfLog(output_dir / "mlperf.log")
         mlperf.start("init_start")
-    log.info("climseg training on %d rank(s), %s, global batch %d\n%s", size, device,
-             global_batch, json.dumps(cfg.to_dict(), indent=1))
+    log.info("climseg training on %d rank(s), %s, global batch %d; config:\n%s", size, device,
+             global_batch, yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
 
     data = build_data(cfg, rank, size, device)
     model, loss_fn, optimizer = build_training(cfg, device)
@@ -279,7 +286,8 @@ def train(cfg: Config) -> dict[str, Any]:
         mlperf.end("init_stop")
         mlperf.start("run_start")
 
-    crop_pixels = (cfg.data.crop[0] * cfg.data.crop[1]) if cfg.data.crop else 768 * 1152
+    height, width = cfg.data.crop or data.train.full_shape[:2]
+    crop_pixels = height * width
     tflop_per_sample = FULL_SAMPLE_TFLOP * crop_pixels / (768 * 1152)
     last_eval: dict[str, Any] = {}
     stop_reason = "max_steps"

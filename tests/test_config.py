@@ -40,6 +40,7 @@ def test_in_channels_follows_channel_subset():
     ("train.local_batch_size=2.5", "train.local_batch_size: must be an integer"),
     ("train.compile=yes please", "train.compile: must be true or false"),
     ("data.crop=[100, 144]", "data.crop: both sides must be positive multiples of 16"),
+    ("data.validation_crop=[64]", "data.validation_crop: must be [height, width]"),
     ("data.channels=[0, 16]", "data.channels: indices must be in 0..15"),
     ("data.normalization=l2", "data.normalization: 'l2' is not one of"),
     ("scheduler.type=cosine", "scheduler.t_max: must be a positive number"),
@@ -104,3 +105,24 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     assert config_from_dict(cfg.to_dict()) == cfg
     save_config(cfg, tmp_path / "config.yaml")
     assert config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
+
+
+def _keys(cls, prefix=""):
+    """Every leaf key of a config dataclass, dotted."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
+def test_readme_documents_every_config_key():
+    readme = (REPO / "README.md").read_text()
+    keys = list(_keys(Config))
+    assert len(keys) > 40
+    missing = [k for k in keys if f"| `{k}` |" not in readme]
+    assert not missing, f"README.md does not document: {missing}"
