@@ -255,6 +255,22 @@ def test_workstation_stages_and_trains(tiny_root, tmp_path):
     assert (out / "metrics.jsonl").is_file()
 
 
+# --- jobs/slurm.sbatch: what it refuses before any srun ----------------------------------------
+@pytest.mark.parametrize("extra, message", [
+    ({}, "run this with sbatch (or inside salloc)"),
+    ({"SLURM_JOB_ID": "7"}, "set DATA to the prepared data set folder"),
+    ({"SLURM_JOB_ID": "7", "DATA": "/nonexistent/cam"}, "slurm.sbatch: DATA=/nonexistent/cam is not a folder"),
+    ({"SLURM_JOB_ID": "7", "DATA": "/tmp", "CONFIG": "yaml/none.yaml"},
+     "slurm.sbatch: CONFIG=yaml/none.yaml not found"),
+])
+def test_slurm_script_rejects_bad_settings(extra, message):
+    env = {k: v for k, v in _env().items() if not k.startswith("SLURM_") and k not in ("DATA", "CONFIG")}
+    env.update(extra)
+    result = _run(["bash", "jobs/slurm.sbatch"], env=env)
+    assert result.returncode != 0
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
 # --- a real one-node Slurm ----------------------------------------------------------------------
 def _free_port_pair() -> int:
     for _ in range(50):
