@@ -108,8 +108,11 @@ check_build() {
     local runner=$PYBIN/horovodrun
     [[ -x $runner ]] || runner=$(command -v horovodrun || true)
     [[ -n $runner ]] || die "horovod installed but horovodrun not found next to $PYTHON or on PATH"
-    "$PYTHON" -c 'import horovod.torch' || die "horovod installed but 'import horovod.torch' fails (see above)"
-    PATH=$PYBIN:$PATH "$runner" --check-build
+    local report
+    report=$(PATH=$PYBIN:$PATH "$runner" --check-build) || die "horovodrun --check-build failed"
+    echo "$report"
+    grep -q '\[X\] PyTorch' <<<"$report" \
+        || die "horovod is installed but its PyTorch extension does not load; $PYTHON -c 'import horovod.torch' shows why"
 }
 
 if [[ ${CLIMSEG_HOROVOD_FORCE:-0} != 1 && $(installed_signature) == "$signature" ]]; then
