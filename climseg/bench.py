@@ -39,13 +39,10 @@ from climseg.data.format import DATA_KEY, HEIGHT, LABEL_KEY, WIDTH, DataError
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files
 from climseg.data.stats import channel_indices, normalization, read_stats
+from climseg.train import FULL_SAMPLE_TFLOP
 
 log = logging.getLogger("climseg.bench")
 
-# Forward + backward cost of one 768x1152 training sample, in TFLOP (issue 6's count for the
-# DeepCAM DeepLabv3+); it scales with the pixel count for crops. Same figure as
-# climseg.train.FULL_SAMPLE_TFLOP.
-FULL_SAMPLE_TFLOP = 1.97
 _MB = 1e6
 _GIB = 2.0 ** 30
 
@@ -68,6 +65,7 @@ class Result:
 
 
 def tflop_per_sample(height: int, width: int) -> float:
+    """Forward + backward TFLOP of one training sample; a crop costs its share of pixels."""
     return FULL_SAMPLE_TFLOP * height * width / (HEIGHT * WIDTH)
 
 
@@ -372,13 +370,15 @@ def train_mode(args) -> tuple[list[Result], dict[str, Any]]:
     from climseg.config import load_config
 
     dist.init()
+    # A step is timed from asking for its batch to asking for the next one: one extra step.
+    total_steps = args.warmup + args.steps + 1
     with contextlib.ExitStack() as stack:
         output_dir = args.output_dir or stack.enter_context(
             tempfile.TemporaryDirectory(prefix="climseg-bench-"))
         overrides = list(args.overrides) + [
-            f"output_dir={output_dir}", f"train.max_steps={args.warmup + args.steps}",
+            f"output_dir={output_dir}", f"train.max_steps={total_steps}",
             "train.validation_frequency=0", "train.save_frequency=0", "train.target_iou=0.0",
-            f"train.log_frequency={args.warmup + args.steps}",
+            f"train.log_frequency={total_steps}",
             f"data.max_validation_samples={dist.size()}"]
         cfg = load_config(args.config, overrides)
         record: list[tuple[int, float, float]] = []
@@ -437,7 +437,7 @@ def format_table(results: list[Result]) -> str:
         wait = None if r.data_wait_share is None else 100 * r.data_wait_share
         lines.append(f"{r.name:44s} {r.samples_per_s:10.2f} {r.ms_per_step:9.1f} "
                      f"{num(r.mb_per_s, '9.0f')} {num(wait, '8.1f')}{'%' if wait is not None else ' '} "
-                     f"{num(r.peak_memory_gib, '9.2f')} {num(r.tflops, '8.2f')}")
+                     f"{num(r.peak_memory_gib, '9.2f')} {num(r.tflops, '8.3g')}")
     return "\n".join(lines)
 
 
