@@ -28,7 +28,9 @@ def test_each_rank_stages_exactly_its_partition(tiny_root, tmp_path, size):
     for rank in range(size):
         dest = tmp_path / f"node{rank}"
         result = stage_dataset(tiny_root, dest, SPLITS, rank, size, workers=2, progress=False)
-        assert result.skipped == 0 and result.copied == result.copied
+        mine = sum(len(rank_partition(list_files(tiny_root / s), rank, size)) for s in SPLITS)
+        assert (result.copied, result.skipped) == (1 + mine, 0)          # + stats.h5
+        assert result.bytes_copied == result.bytes_total > 0
         assert (dest / STATS_NAME).read_bytes() == (tiny_root / STATS_NAME).read_bytes()
         for split in SPLITS:
             source = list_files(tiny_root / split)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Generate a synthetic CAM5-like data set: data-YYYY-MM-DD-HH-N.h5 files in --out.
 
-Example: python tools/make_synthetic.py --out data/raw --samples 64 --seed 1 --height 192 --width 288
+Example:
+  python tools/make_synthetic.py --out data/raw --samples 64 --seed 1 --height 192 --width 288
 """
 
 from __future__ import annotations
