@@ -80,15 +80,24 @@ class MLPerfLog:
         from mlperf_logging import mllog
 
         self._constants = mllog.constants
+        # mllog keeps one process-wide logger; a second run in the same process (tests, a
+        # notebook) reuses it with this run's file as its only handler.
         logger = logging.getLogger("climseg.mlperf")
         logger.propagate = False
         logger.setLevel(logging.INFO)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
-        logger.addHandler(logging.FileHandler(path))
-        mllog.config(logger=logger, default_stack_offset=2,
-                     root_dir=str(Path(__file__).resolve().parent.parent))
+            handler.close()
+        self._handler = logging.FileHandler(path)
+        logger.addHandler(self._handler)
         self.mllogger = mllog.get_mllogger()
+        if self.mllogger.logger is not logger:
+            mllog.config(logger=logger)
+        mllog.config(default_stack_offset=2, root_dir=str(Path(__file__).resolve().parent.parent))
+
+    def close(self) -> None:
+        self.mllogger.logger.removeHandler(self._handler)
+        self._handler.close()
 
     def event(self, key: str, value: Any = None, **metadata) -> None:
         self.mllogger.event(key=key, value=value, metadata=metadata or None)

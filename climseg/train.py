@@ -422,6 +422,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if primary:
         status = "success" if stop_reason == "target_reached" else "aborted"
         mlperf.end("run_stop", status=status, epoch_num=progress.epoch + 1)
+        mlperf.close()
         tb.hparams(cfg.to_dict(), {"eval_mean_iou": final["mean_iou"],
                                    "eval_accuracy": final["eval_accuracy"]})
         tb.close()

@@ -164,3 +164,15 @@ def test_resume_matches_uninterrupted_run(tiny_root, tmp_path):
     for step in (4, 5, 6):
         assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-6, abs=1e-7)
         assert resumed[step]["lr"] == expected[step]["lr"]
+
+
+def test_mlperf_log_can_be_opened_twice_in_one_process(tmp_path):
+    from climseg.reporting import MLPerfLog
+
+    for name in ("a.log", "b.log"):
+        log = MLPerfLog(tmp_path / name)
+        log.event("seed", 7)
+        log.close()
+    for name in ("a.log", "b.log"):
+        lines = (tmp_path / name).read_text().splitlines()
+        assert len(lines) == 1 and '"key": "seed"' in lines[0]
