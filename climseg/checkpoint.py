@@ -11,11 +11,14 @@ import logging
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from climseg.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -27,29 +30,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read; the message names the file."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to ``path`` atomically (temp file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 
@@ -109,15 +95,11 @@ class CheckpointSaver:
 def _link_atomically(source: Path, dest: Path) -> None:
     """Make ``dest`` name the same file as ``source`` (a hard link: a checkpoint is hundreds
     of MB, so best.pt costs no second write), replacing ``dest`` atomically."""
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:  # a filesystem without hard links: copy instead
-        import shutil
-
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, dest)
+    with atomic_path(dest, fsync=False) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:  # a filesystem without hard links: copy instead
+            shutil.copyfile(source, tmp)
 
 
 def rng_state() -> dict[str, Any]:

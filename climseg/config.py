@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from climseg.atomic import atomic_path
 from climseg.losses import DEEPCAM_CLASS_FREQUENCIES, DEEPCAM_WEIGHT_POW
 
 
@@ -311,10 +312,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def save_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -27,7 +27,8 @@ import torch
 from climseg import dist
 from climseg.checkpoint import CheckpointError
 from climseg.config import ConfigError
-from climseg.data.format import CLASS_NAMES, DataError, atomic_output, validate_file
+from climseg.atomic import atomic_path
+from climseg.data.format import CLASS_NAMES, DataError, validate_file
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.engine import Precision, evaluate
@@ -117,9 +118,8 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
 
 def write_json(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_output(path)
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def summary(result: dict[str, Any]) -> str:

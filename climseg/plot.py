@@ -20,7 +20,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from climseg.data.format import atomic_output
+from climseg.atomic import atomic_path
 
 # Class id -> (legend label, colour). Red and orange stand out on the blue moisture map and
 # stay distinct for the common forms of colour blindness when paired with the outline.
@@ -138,13 +138,5 @@ def save_map(fig: Figure, path: str | os.PathLike) -> None:
     The image is exactly the figure's size in inches times its dpi (no tight cropping), so
     callers can rely on its pixel size.
     """
-    tmp = atomic_output(path)
-    try:
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=fig.dpi)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=fig.dpi)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,8 +27,9 @@ import torch
 from climseg import dist
 from climseg.checkpoint import CheckpointError
 from climseg.config import ConfigError
+from climseg.atomic import atomic_path
 from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, DataError,
-                                 atomic_output, read_sample)
+                                 read_sample)
 from climseg.engine import Precision
 from climseg.inference import (InputSpec, input_spec, load_model, predict_probabilities,
                                prepare, select_device)
@@ -71,26 +71,15 @@ def read_input(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 def write_mask(path: Path, prediction: np.ndarray, probabilities: np.ndarray | None,
                attrs: dict[str, str]) -> None:
     """Write the predicted mask file atomically (temp file, fsync, rename)."""
-    tmp = atomic_output(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset(PREDICTION_KEY, data=prediction.astype(np.uint8))
-            if probabilities is not None:
-                f.create_dataset(PROBABILITIES_KEY, data=probabilities.astype(np.float16),
-                                 compression="gzip", compression_opts=1)
-                f[PROBABILITIES_KEY].attrs["layout"] = "lat, lon, class"
-            f["climate"].attrs["class_names"] = ",".join(CLASS_NAMES)
-            for key, value in attrs.items():
-                f["climate"].attrs[key] = value
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(PREDICTION_KEY, data=prediction.astype(np.uint8))
+        if probabilities is not None:
+            f.create_dataset(PROBABILITIES_KEY, data=probabilities.astype(np.float16),
+                             compression="gzip", compression_opts=1)
+            f[PROBABILITIES_KEY].attrs["layout"] = "lat, lon, class"
+        f["climate"].attrs["class_names"] = ",".join(CLASS_NAMES)
+        for key, value in attrs.items():
+            f["climate"].attrs[key] = value
 
 
 def predict_file(model, spec: InputSpec, path: Path, out_dir: Path, prec: Precision,

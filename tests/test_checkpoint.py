@@ -34,7 +34,8 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     ck.save_checkpoint(first, path)
 
     def broken_save(obj, f):
-        f.write(b"half a checkpoint")
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(ck.torch, "save", broken_save)

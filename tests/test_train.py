@@ -3,7 +3,6 @@ under ``horovodrun -np 2 --gloo``."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -20,6 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from climseg.atomic import atomic_path
+
 # Channel order of `climate/data` in the DeepCAM data set (MLPerf HPC DeepCAM README).
 CHANNELS = ("TMQ", "U850", "V850", "UBOT", "VBOT", "QREFHT", "PS", "PSL",
             "T200", "T500", "PRECT", "TS", "TREFHT", "Z1000", "Z200", "ZBOT")
@@ -183,21 +185,9 @@ def write_sample(path: str | os.PathLike, data: np.ndarray, labels: np.ndarray) 
     if labels.shape != data.shape[:2]:
         raise DataError(f"{path}: labels have shape {labels.shape}, expected {data.shape[:2]}")
     labels = labels_to_uint8(np.asarray(labels), path)
-    tmp = atomic_output(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset(DATA_KEY, data=data)
-            f.create_dataset(LABEL_KEY, data=labels)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_output(path: str | os.PathLike) -> Path:
-    """A temp path next to ``path`` (same folder, hidden) to write and then ``os.replace``."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    with atomic_path(path, fsync=False) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(DATA_KEY, data=data)
+        f.create_dataset(LABEL_KEY, data=labels)
 
 
 class Progress:

@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from climseg.data.format import DataError, Progress, atomic_output
+from climseg.atomic import atomic_path
+from climseg.data.format import DataError, Progress
 from climseg.data.partition import INDEX_NAME, list_files, rank_partition
 from climseg.data.stats import STATS_NAME
 
@@ -48,33 +49,23 @@ def stage_file(src: Path, dest: Path) -> int:
         raise DataError(f"{src}: file not found") from None
     if _same_file(src_stat, dest):
         return 0
-    tmp = atomic_output(dest)
     try:
-        shutil.copyfile(src, tmp)
-        size = tmp.stat().st_size
-        if size != src_stat.st_size:
-            raise DataError(f"{dest}: copied {size} bytes but {src} has {src_stat.st_size}")
-        os.utime(tmp, ns=(src_stat.st_atime_ns, src_stat.st_mtime_ns))
-        os.replace(tmp, dest)
+        with atomic_path(dest, fsync=False) as tmp:
+            shutil.copyfile(src, tmp)
+            size = tmp.stat().st_size
+            if size != src_stat.st_size:
+                raise DataError(f"{dest}: copied {size} bytes but {src} has {src_stat.st_size}")
+            os.utime(tmp, ns=(src_stat.st_atime_ns, src_stat.st_mtime_ns))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"{dest}: cannot stage {src}: {err.strerror or err}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return src_stat.st_size
 
 
 def write_index(split_dir: Path, names: list[str]) -> None:
     """Write ``split_dir/index.txt`` (the full sorted file list) atomically."""
     path = split_dir / INDEX_NAME
-    tmp = atomic_output(path)
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text("".join(f"{name}\n" for name in sorted(names)))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def plan(source: str | os.PathLike, splits, rank: int, size: int) -> list[tuple[Path, Path]]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from climseg.data.format import CHANNELS, NUM_CHANNELS, DataError, atomic_output
+from climseg.atomic import atomic_path
+from climseg.data.format import CHANNELS, NUM_CHANNELS, DataError
 
 STATS_NAME = "stats.h5"
 _KEYS = ("mean", "sqmean", "minval", "maxval")
@@ -87,17 +88,12 @@ class StatsAccumulator:
 def write_stats(path: str | os.PathLike, stats: Stats) -> None:
     """Write ``stats.h5`` atomically (temp file + rename)."""
     path = Path(path)
-    tmp = atomic_output(path)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("climate/count", data=np.int64(stats.count))
             for key in _KEYS:
                 f.create_dataset(f"climate/{key}", data=np.asarray(getattr(stats, key),
                                                                    np.float64))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_stats(path: str | os.PathLike) -> Stats:
