@@ -86,11 +86,20 @@ def synchronize(device: torch.device) -> None:
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    # Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM).
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_memory_gib(device: torch.device) -> float:
+    """CUDA: max allocated. CPU: this process's peak resident set (not worker processes')."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / _GIB
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / _GIB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / _GIB
 
 

@@ -215,3 +215,19 @@ def test_bad_arguments(files, norm):
         BatchLoader(files, 2, shift=norm[0][:3], scale=norm[1][:3])
     with pytest.raises(DataError):
         BatchLoader([], 2, shift=norm[0], scale=norm[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_equal_cpu_batches(files, norm):
+    # Pinned buffers, side-stream copy, channel selection and normalization on the GPU.
+    channels = [0, 7, 13]
+    kwargs = dict(shift=norm[0][channels], scale=norm[1][channels], channels=channels,
+                  crop=(32, 48), random_crop=True, seed=9, num_threads=3)
+    cpu = collect(BatchLoader(files, 3, **kwargs), 1)
+    gpu = [(x.cpu(), y.cpu()) for x, y in BatchLoader(files, 3, device="cuda", **kwargs).epoch(1)]
+    assert_same_batches(cpu, gpu)
+    for x, y in BatchLoader(files, 3, device="cuda", **kwargs).epoch(0):
+        assert x.is_cuda and y.dtype == torch.int64
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        break
+    assert loader_threads() == []
