@@ -176,6 +176,71 @@ def test_install_horovod_cuda_build_needs_cuda_torch():
     assert "built without CUDA" in result.stderr.strip().splitlines()[-1]
 
 
+def _fake_nvcc(root: Path) -> Path:
+    nvcc = root / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    return root
+
+
+def _fake_cuda_torch(root: Path, nccl: bool) -> Path:
+    """A stand-in `torch` that says it was built with CUDA 13.0 (and an nvidia-nccl package):
+    enough for the script to take its GPU path up to the build, on a machine without CUDA."""
+    (root / "torch").mkdir(parents=True)
+    (root / "torch" / "__init__.py").write_text(
+        '__version__ = "2.13.0+cu130"\n'
+        "class version:\n    cuda = '13.0'\n"
+        "class cuda:\n    @staticmethod\n    def device_count():\n        return 0\n")
+    if nccl:
+        for sub in ("include", "lib"):
+            (root / "nvidia" / "nccl" / sub).mkdir(parents=True)
+        (root / "nvidia" / "nccl" / "include" / "nccl.h").touch()
+        (root / "nvidia" / "nccl" / "lib" / "libnccl.so.2").touch()
+    return root
+
+
+def test_install_horovod_gpu_build_settings(tmp_path):
+    fake = _fake_cuda_torch(tmp_path / "site", nccl=True)
+    cache = tmp_path / "cache"
+    result = _run([str(REPO / "tools/install_horovod.sh")], env=_env(
+        PYTHON=sys.executable, PYTHONPATH=str(fake), CLIMSEG_HOROVOD_CACHE=str(cache),
+        CLIMSEG_HOROVOD_DRY_RUN="1", CUDA_HOME=str(_fake_nvcc(tmp_path / "cuda"))))
+    assert result.returncode == 0, result.stderr
+    settings = result.stdout.splitlines()
+    for setting in ("HOROVOD_GPU_OPERATIONS=NCCL", "HOROVOD_NCCL_LINK=SHARED",
+                    "HOROVOD_WITH_GLOO=1", "CMAKE_POLICY_VERSION_MINIMUM=3.5",
+                    "HOROVOD_BUILD_CUDA_CC_LIST=80,90"):
+        assert setting in settings
+    assert any("-include cstdint -include string -include stdexcept" in s for s in settings)
+    (home,) = [s.split("=", 1)[1] for s in settings if s.startswith("HOROVOD_NCCL_HOME=")]
+    # linked against the pip package's NCCL through an unversioned libnccl.so link
+    assert Path(home, "lib", "libnccl.so").resolve() == \
+        (fake / "nvidia" / "nccl" / "lib" / "libnccl.so.2").resolve()
+    assert Path(home, "include", "nccl.h").exists()
+    assert "nccl=1" in result.stderr and "cuda=13.0" in result.stderr
+
+
+def test_install_horovod_gpu_build_names_missing_nvcc(tmp_path):
+    fake = _fake_cuda_torch(tmp_path / "site", nccl=True)
+    result = _run([str(REPO / "tools/install_horovod.sh")], env=_env(
+        PYTHON=sys.executable, PYTHONPATH=str(fake), CLIMSEG_HOROVOD_CACHE=str(tmp_path / "c"),
+        CLIMSEG_HOROVOD_DRY_RUN="1", CUDA_HOME="/nonexistent", PATH=f"{PYBIN}:/usr/bin:/bin"))
+    assert result.returncode == 1
+    assert "nvcc was not found" in result.stderr.strip().splitlines()[-1]
+
+
+def test_install_horovod_gpu_build_names_missing_nccl(tmp_path):
+    if Path("/usr/include/nccl.h").exists():
+        pytest.skip("a system NCCL is installed here")
+    fake = _fake_cuda_torch(tmp_path / "site", nccl=False)
+    result = _run([str(REPO / "tools/install_horovod.sh")], env=_env(
+        PYTHON=sys.executable, PYTHONPATH=str(fake), CLIMSEG_HOROVOD_CACHE=str(tmp_path / "c"),
+        CLIMSEG_HOROVOD_DRY_RUN="1", CUDA_HOME=str(_fake_nvcc(tmp_path / "cuda"))))
+    assert result.returncode == 1
+    assert "no NCCL was found" in result.stderr.strip().splitlines()[-1]
+
+
 @needs_horovod
 def test_install_horovod_skips_a_matching_build():
     try:

@@ -22,6 +22,7 @@
 #   CLIMSEG_HOROVOD_MPI        auto | 1 | 0                            (auto)
 #   CLIMSEG_HOROVOD_NCCL       auto | 1 | 0                            (auto)
 #   CLIMSEG_HOROVOD_FORCE      1: rebuild even when the installed build matches
+#   CLIMSEG_HOROVOD_DRY_RUN    1: print the build settings it would use, build nothing
 #   HOROVOD_SDIST              a horovod-0.28.1.tar.gz to use instead of downloading one
 #   HOROVOD_NCCL_HOME          NCCL install with include/ and lib/ (overrides detection)
 #   HOROVOD_BUILD_CUDA_CC_LIST compute capabilities, e.g. 80,90 (default: the visible GPU, else 80,90)
@@ -125,6 +126,59 @@ say "want: $signature"
 slug=$(echo "$signature" | sha1sum | cut -c1-12)
 WHEELDIR=$CACHE/wheels/$slug
 
+build_env=(
+    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
+    HOROVOD_WITH_GLOO=1
+    # Fix 2: GCC 13 no longer includes these transitively.
+    "CXXFLAGS=${CXXFLAGS:-} -include cstdint -include string -include stdexcept"
+    # Fix 3: CMake 4 refuses the bundled gloo's cmake_minimum_required.
+    CMAKE_POLICY_VERSION_MINIMUM=3.5
+    "MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}"
+)
+
+if [[ $with_nccl == 1 ]]; then
+    if ! command -v nvcc >/dev/null 2>&1; then
+        [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc ]] \
+            || die "torch has CUDA $TORCH_CUDA but nvcc was not found (set CUDA_HOME, or CLIMSEG_HOROVOD_NCCL=0 for a CPU build)"
+        PATH=${CUDA_HOME:-/usr/local/cuda}/bin:$PATH
+    fi
+    if [[ -z ${HOROVOD_NCCL_HOME:-} ]]; then
+        nccl_pkg=$("$PYTHON" -c '
+import importlib.util
+spec = importlib.util.find_spec("nvidia.nccl")
+print(list(spec.submodule_search_locations)[0] if spec else "")' 2>/dev/null || true)
+        if [[ -n $nccl_pkg && -f $nccl_pkg/include/nccl.h ]]; then
+            # Fix 4: link the NCCL torch uses; the pip package lacks the unversioned libnccl.so
+            # link, so build against a shadow folder instead of writing into site-packages.
+            libnccl=$(ls "$nccl_pkg"/lib/libnccl.so* 2>/dev/null | head -n1)
+            [[ -n $libnccl ]] || die "$nccl_pkg has nccl.h but no lib/libnccl.so*"
+            HOROVOD_NCCL_HOME=$CACHE/nccl-home/$slug
+            mkdir -p "$HOROVOD_NCCL_HOME/lib"
+            ln -sfn "$nccl_pkg/include" "$HOROVOD_NCCL_HOME/include"
+            ln -sfn "$libnccl" "$HOROVOD_NCCL_HOME/lib/libnccl.so"
+            ln -sfn "$libnccl" "$HOROVOD_NCCL_HOME/lib/libnccl.so.2"
+            say "NCCL from the nvidia-nccl package at $nccl_pkg"
+        elif [[ -f /usr/include/nccl.h ]]; then
+            say "NCCL from the system (/usr/include/nccl.h)"
+        else
+            die "torch has CUDA $TORCH_CUDA but no NCCL was found (no nvidia-nccl package, no /usr/include/nccl.h); set HOROVOD_NCCL_HOME or CLIMSEG_HOROVOD_NCCL=0"
+        fi
+    fi
+    cc_list=${HOROVOD_BUILD_CUDA_CC_LIST:-$("$PYTHON" -c '
+import torch
+caps = sorted({"%d%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+print(",".join(caps))' 2>/dev/null || true)}
+    build_env+=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_LINK=SHARED "HOROVOD_BUILD_CUDA_CC_LIST=${cc_list:-80,90}")
+    if [[ -n ${HOROVOD_NCCL_HOME:-} ]]; then build_env+=("HOROVOD_NCCL_HOME=$HOROVOD_NCCL_HOME"); fi
+fi
+
+if [[ ${CLIMSEG_HOROVOD_DRY_RUN:-0} == 1 ]]; then
+    printf '%s\n' "${build_env[@]}"
+    if [[ $with_mpi == 1 ]]; then echo "HOROVOD_WITH_MPI=1 (mpicxx: $MPICXX)"; else echo "HOROVOD_WITHOUT_MPI=1"; fi
+    say "dry run: nothing built or installed"
+    exit 0
+fi
+
 install_wheel() {
     local wheel
     wheel=$(ls "$WHEELDIR"/horovod-"$HOROVOD_VERSION"-*.whl 2>/dev/null | head -n1 || true)
@@ -172,49 +226,6 @@ cat > "$SRC/horovod/_climseg_build.py" <<EOF
 """Written by climseg's tools/install_horovod.sh: what this Horovod build was made for."""
 SIGNATURE = "$signature"
 EOF
-
-build_env=(
-    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
-    HOROVOD_WITH_GLOO=1
-    # Fix 2: GCC 13 no longer includes these transitively.
-    "CXXFLAGS=${CXXFLAGS:-} -include cstdint -include string -include stdexcept"
-    # Fix 3: CMake 4 refuses the bundled gloo's cmake_minimum_required.
-    CMAKE_POLICY_VERSION_MINIMUM=3.5
-    "MAKEFLAGS=${MAKEFLAGS:--j$(nproc)}"
-)
-
-if [[ $with_nccl == 1 ]]; then
-    command -v nvcc >/dev/null 2>&1 || [[ -x ${CUDA_HOME:-/usr/local/cuda}/bin/nvcc ]] \
-        || die "torch has CUDA $TORCH_CUDA but nvcc was not found (set CUDA_HOME, or CLIMSEG_HOROVOD_NCCL=0 for a CPU build)"
-    if [[ -z ${HOROVOD_NCCL_HOME:-} ]]; then
-        nccl_pkg=$("$PYTHON" -c '
-import importlib.util
-spec = importlib.util.find_spec("nvidia.nccl")
-print(list(spec.submodule_search_locations)[0] if spec else "")' 2>/dev/null || true)
-        if [[ -n $nccl_pkg && -f $nccl_pkg/include/nccl.h ]]; then
-            # Fix 4: link the NCCL torch uses; the pip package lacks the unversioned libnccl.so
-            # link, so build against a shadow folder instead of writing into site-packages.
-            libnccl=$(ls "$nccl_pkg"/lib/libnccl.so* 2>/dev/null | head -n1)
-            [[ -n $libnccl ]] || die "$nccl_pkg has nccl.h but no lib/libnccl.so*"
-            HOROVOD_NCCL_HOME=$BUILD/nccl-home
-            mkdir -p "$HOROVOD_NCCL_HOME/lib"
-            ln -sfn "$nccl_pkg/include" "$HOROVOD_NCCL_HOME/include"
-            ln -sfn "$libnccl" "$HOROVOD_NCCL_HOME/lib/libnccl.so"
-            ln -sfn "$libnccl" "$HOROVOD_NCCL_HOME/lib/libnccl.so.2"
-            say "NCCL from the nvidia-nccl package at $nccl_pkg"
-        elif [[ -f /usr/include/nccl.h ]]; then
-            say "NCCL from the system (/usr/include/nccl.h)"
-        else
-            die "torch has CUDA $TORCH_CUDA but no NCCL was found (no nvidia-nccl package, no /usr/include/nccl.h); set HOROVOD_NCCL_HOME or CLIMSEG_HOROVOD_NCCL=0"
-        fi
-    fi
-    cc_list=${HOROVOD_BUILD_CUDA_CC_LIST:-$("$PYTHON" -c '
-import torch
-caps = sorted({"%d%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-print(",".join(caps))' 2>/dev/null || true)}
-    build_env+=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_LINK=SHARED "HOROVOD_BUILD_CUDA_CC_LIST=${cc_list:-80,90}")
-    [[ -n ${HOROVOD_NCCL_HOME:-} ]] && build_env+=("HOROVOD_NCCL_HOME=$HOROVOD_NCCL_HOME")
-fi
 
 build_wheel() {  # $1: 1 to build with MPI
     local mpi_env=(HOROVOD_WITHOUT_MPI=1)
