@@ -33,9 +33,13 @@ def launcher_rank_size(environ: dict[str, str] | None = None) -> tuple[int, int,
     env = os.environ if environ is None else environ
     for rank_key, size_key, local_key, _ in _LAUNCHER_VARS:
         if rank_key in env and size_key in env:
+            # A launcher may give rank and size but no local rank (srun --mpi=pmi2 sets no
+            # MPI_LOCALRANKID): take it from whichever launcher variable has it.
+            local_keys = [local_key] + [v[2] for v in _LAUNCHER_VARS if v[2] != local_key]
+            local_raw = next((env[k] for k in local_keys if k in env), "0")
             try:
                 rank, size = int(env[rank_key]), int(env[size_key])
-                local = int(env.get(local_key, "0").split("(")[0])
+                local = int(local_raw.split("(")[0])
             except ValueError as err:
                 raise RuntimeError(f"launcher variable {rank_key}/{size_key} is not an integer: {err}")
             if not 0 <= rank < size:

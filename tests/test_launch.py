@@ -277,9 +277,9 @@ def test_launcher_rank_size(environ, expected):
     assert launcher_rank_size(environ) == expected
 
 
-@pytest.mark.xfail(reason="srun --mpi=pmi2 sets PMI_RANK/PMI_SIZE but no MPI_LOCALRANKID; "
-                          "launcher_rank_size then reports local rank 0 on every rank")
 def test_launcher_rank_size_under_srun_pmi2():
+    # srun --mpi=pmi2 sets PMI_RANK/PMI_SIZE but no MPI_LOCALRANKID: the local rank comes
+    # from SLURM_LOCALID.
     # the variables `srun --mpi=pmi2 -n 2` gives task 1 (read off a real srun)
     environ = {"PMI_FD": "13", "PMI_JOBID": "2.0", "PMI_RANK": "1", "PMI_SIZE": "2",
                "SLURM_LOCALID": "1", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
