@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -150,36 +151,30 @@ def evict_from_page_cache(files) -> None:
 
 
 def time_batches(make_epoch: Callable[[int], Iterator], warmup: int, steps: int,
-                 device: torch.device) -> tuple[float, list[float]]:
-    """Seconds for ``steps`` batches after ``warmup`` ones, and each measured batch's wait.
+                 device: torch.device) -> float:
+    """Seconds for ``steps`` batches after ``warmup`` ones (timed from the first measured ask).
 
     Epochs follow one another as in training; each batch is moved to ``device`` (a no-op for
     BatchLoader, which yields there) and, on CUDA, waited for, so both paths pay for the copy.
     """
-    seen, waits, start = 0, [], None
-    epoch = 0
+    seen, start, epoch = 0, None, 0
     while seen < warmup + steps:
         batches = make_epoch(epoch)
-        asked = time.perf_counter()
+        if start is None and warmup == 0:
+            start = time.perf_counter()
         for x, y in batches:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             synchronize(device)
-            now = time.perf_counter()
             seen += 1
             if seen == warmup:
-                start = now
-            elif seen > warmup:
-                if start is None:
-                    start = asked
-                waits.append(now - asked)
+                start = time.perf_counter()
             if seen >= warmup + steps:
                 break
-            asked = time.perf_counter()
         if hasattr(batches, "close"):
             batches.close()
         epoch += 1
-    return time.perf_counter() - start, waits
+    return time.perf_counter() - start
 
 
 def loader_mode(args) -> tuple[list[Result], dict[str, Any]]:
@@ -211,6 +206,9 @@ def loader_mode(args) -> tuple[list[Result], dict[str, Any]]:
                              prefetch=args.prefetch, device=device)
         return loader.epoch
 
+    # Trying more workers than cores is the point of the worker sweep; torch warns about it.
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
+
     def reference(workers: int, repeat: int):
         dataset = ReferenceDataset(files, shift, scale, channels, crop, full_shape)
         generator = torch.Generator().manual_seed(repeat)
@@ -224,24 +222,24 @@ def loader_mode(args) -> tuple[list[Result], dict[str, Any]]:
     if not args.no_reference:
         configs += [(f"reference DataLoader, {w} workers", reference, w)
                     for w in args.ref_workers]
-    runs: dict[str, list[tuple[float, list[float], float]]] = {name: [] for name, _, _ in configs}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in configs}
     for repeat in range(args.repeats):
         for name, make, count in configs:   # interleaved, so drifting load hits all alike
             if args.cold:
                 evict_from_page_cache(files)
             reset_peak_memory(device)
-            seconds, waits = time_batches(make(count, repeat), warmup, steps, device)
-            runs[name].append((steps * bs / seconds, waits, peak_memory_gib(device)))
+            seconds = time_batches(make(count, repeat), warmup, steps, device)
+            runs[name].append((steps * bs / seconds, peak_memory_gib(device)))
             log.info("  %-36s run %d: %8.1f samples/s", name, repeat + 1,
                      steps * bs / seconds)
 
     results = []
     for name, _, count in configs:
-        rates = [r for r, _, _ in runs[name]]
+        rates = [r for r, _ in runs[name]]
         rate = statistics.median(rates)
         results.append(Result(
             name=name, samples_per_s=rate, ms_per_step=1e3 * bs / rate, batch_size=bs,
-            steps=steps, mb_per_s=rate * sample_mb, peak_memory_gib=max(m for _, _, m in runs[name]),
+            steps=steps, mb_per_s=rate * sample_mb, peak_memory_gib=max(m for _, m in runs[name]),
             runs=rates, extra={"kind": "climseg" if name.startswith("climseg") else "reference",
                                "threads_or_workers": count}))
     summary = {"files": len(files), "sample_shape": list(full_shape), "crop": list(crop),

@@ -115,7 +115,8 @@ class BatchLoader:
     (``start_batch``) yields exactly the batches the uninterrupted one would have.
 
     The yielded tensors are the loader's own buffers on the CPU: they are reused only after the
-    consumer has dropped every reference to them, so holding on to a batch is safe.
+    consumer has dropped every reference to them, so holding on to a batch is safe. Iterate
+    one epoch of a loader at a time (its CUDA staging buffers are a ring shared by epochs).
     """
 
     def __init__(self, files: Sequence[str | os.PathLike], batch_size: int, *,
