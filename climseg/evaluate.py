@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from climseg import dist
+from climseg.atomic import atomic_path
 from climseg.checkpoint import CheckpointError
 from climseg.config import ConfigError
-from climseg.atomic import atomic_path
 from climseg.data.format import CLASS_NAMES, DataError, validate_file
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from climseg import dist
+from climseg.atomic import atomic_path
 from climseg.checkpoint import CheckpointError
 from climseg.config import ConfigError
-from climseg.atomic import atomic_path
 from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, DataError,
                                  read_sample)
 from climseg.engine import Precision
