@@ -45,8 +45,9 @@ TMQ = CHANNELS.index("TMQ")
 def read_input(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """(data (H, W, 16) float32, labels uint8 or None) of a file to predict on.
 
-    Labelled files go through ``read_sample`` (all its checks). New, unlabelled model output is
-    allowed too: then only ``climate/data`` is read.
+    Labelled files go through ``read_sample`` (all its checks). Files without
+    ``climate/labels_0`` (new CAM5 output nobody has labelled) are allowed too: then only
+    ``climate/data`` is read.
     """
     try:
         with h5py.File(path, "r") as f:
@@ -133,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         prec = Precision.build(device, args.precision, None)
         if prec.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        args.out.mkdir(parents=True, exist_ok=True)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(f"{args.out}: cannot create the output folder: {err.strerror}") from None
         mine = args.files[dist.rank()::dist.size()]
         for i, path in enumerate(mine, 1):
             start = time.perf_counter()
