@@ -47,8 +47,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
+        # torch's own text suggests weights_only=False, which would run arbitrary pickled
+        # code from the file: say what is wrong without that advice.
+        detail = ("it holds objects other than tensors and plain values"
+                  if "weights_only" in str(err) else str(err).splitlines()[0])
         raise CheckpointError(f"{path}: not a readable climseg checkpoint "
-                              f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+                              f"({type(err).__name__}: {detail})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a climseg checkpoint (no 'model' and 'config' entries)")
     return state

@@ -222,9 +222,6 @@ def validation_image(tb: TensorBoard, first, data: Data, cfg: Config, step: int)
     title = f"{CHANNELS[channels[column]]}, validation, step {step}"
     fig = plot_sample(field, prediction=pred.numpy(), truth=y.numpy(), title=title)
     tb.image("validation/map", figure_to_array(fig), step)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
 
 
 def train(cfg: Config) -> dict[str, Any]:

@@ -87,3 +87,13 @@ def test_best_survives_pruning_of_its_step_file(tmp_path):
     saver.save(_state(2.0, 2), 2, 0.1)
     assert [s for s, _ in ck.step_checkpoints(tmp_path)] == [2]
     assert ck.load_checkpoint(tmp_path / "best.pt")["step"] == 1
+
+
+def test_foreign_pickle_is_refused_without_weights_only_advice(tmp_path):
+    import argparse
+
+    path = tmp_path / "foreign.pt"
+    torch.save({"model": argparse.Namespace(lr=1), "config": {}}, path)
+    with pytest.raises(ck.CheckpointError, match="holds objects other than tensors") as err:
+        ck.load_checkpoint(path)
+    assert "weights_only=False" not in str(err.value)
