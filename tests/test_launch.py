@@ -384,6 +384,19 @@ def test_srun_starts_horovod_through_mpi(slurm):
     assert [p["local"] for p in probes] == [int(p["slurm_local"]) for p in probes]
 
 
+def test_launcher_rank_size_under_a_real_srun(slurm):
+    code = ("import json, os; from climseg.dist import launcher_rank_size; "
+            "print('PROBE ' + json.dumps(dict(zip(('rank', 'size', 'local'), launcher_rank_size()), "
+            "slurm_local=os.environ['SLURM_LOCALID'])))")
+    for mpi in ("pmi2", "none"):
+        result = _run(["srun", f"--mpi={mpi}", "-n", "2", sys.executable, "-c", code],
+                      env=dict(slurm, PYTHONPATH=str(REPO)), timeout=120, cwd="/tmp")
+        assert result.returncode == 0, result.stdout + result.stderr
+        probes = _probes(result.stdout)
+        assert [(p["rank"], p["size"]) for p in probes] == [(0, 2), (1, 2)], mpi
+        assert [p["local"] for p in probes] == [int(p["slurm_local"]) for p in probes], mpi
+
+
 @needs_horovod
 def test_sbatch_stages_and_trains(slurm, tiny_root, tmp_path):
     if not _horovod_features()["mpi"]:
