@@ -253,6 +253,11 @@ def loader_mode(args) -> tuple[list[Result], dict[str, Any]]:
         ref_best = max(refs, key=lambda r: r.samples_per_s)
         summary["reference_best"] = ref_best.name
         summary["speedup"] = ours_best.samples_per_s / ref_best.samples_per_s
+        # The same ratio within each repeat (best of each side in that repeat): its spread
+        # shows how much the machine's load moved between repeats.
+        summary["speedup_per_repeat"] = [
+            max(runs[r.name][i][0] for r in results if r.extra["kind"] == "climseg")
+            / max(runs[r.name][i][0] for r in refs) for i in range(args.repeats)]
     return results, summary
 
 
@@ -534,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     if args.mode == "loader" and "speedup" in summary:
         print(f"climseg best ({summary['climseg_best']}) / reference best "
-              f"({summary['reference_best']}): {summary['speedup']:.2f}x")
+              f"({summary['reference_best']}): {summary['speedup']:.2f}x (medians); per repeat: "
+              + ", ".join(f"{s:.2f}x" for s in summary["speedup_per_repeat"]))
     if args.json:
         record = {"mode": args.mode, "argv": sys.argv if argv is None else argv,
                   "environment": environment(), "summary": summary,
