@@ -149,6 +149,8 @@ def test_make_rejects_bad_settings(args, message):
     ({"CLIMSEG_HOROVOD_MPI": "yes"}, "CLIMSEG_HOROVOD_MPI=yes: expected auto, 1 or 0"),
     ({"CLIMSEG_HOROVOD_NCCL": "maybe"}, "CLIMSEG_HOROVOD_NCCL=maybe: expected auto, 1 or 0"),
     ({"PYTHON": "/nonexistent/python"}, "python interpreter '/nonexistent/python' not found (set PYTHON=...)"),
+    ({"MPICXX": "no-such-mpicxx"}, "MPICXX=no-such-mpicxx: not found on PATH"),
+    ({"MPICXX": "/nonexistent/mpicxx"}, "MPICXX=/nonexistent/mpicxx is not an executable"),
 ])
 def test_install_horovod_rejects_bad_settings(env, message):
     result = _run([str(REPO / "tools/install_horovod.sh")], env=_env(**env))

@@ -76,7 +76,14 @@ if [[ -z $MPICXX && $WANT_MPI != 0 ]]; then
     else MPICXX=$(command -v mpicxx || true)
     fi
 fi
-[[ -z $MPICXX ]] || MPICXX=$(cd "$(dirname "$MPICXX")" && pwd)/$(basename "$MPICXX")
+if [[ -n $MPICXX ]]; then   # absolute path; a bare name (MPICXX=CC on a Cray) from PATH
+    if [[ $MPICXX != */* ]]; then
+        found=$(command -v "$MPICXX") || die "MPICXX=$MPICXX: not found on PATH"
+        MPICXX=$found
+    fi
+    [[ -x $MPICXX ]] || die "MPICXX=$MPICXX is not an executable"
+    MPICXX=$(cd "$(dirname "$MPICXX")" && pwd)/$(basename "$MPICXX")
+fi
 if [[ $WANT_MPI == 1 && -z $MPICXX ]]; then
     die "CLIMSEG_HOROVOD_MPI=1 but no mpicxx found (pip install mpich, or apt-get install libopenmpi-dev)"
 fi
