@@ -447,8 +447,9 @@ def format_table(results: list[Result]) -> str:
     lines = [header, "-" * len(header)]
     for r in results:
         wait = None if r.data_wait_share is None else 100 * r.data_wait_share
+        percent = " " if wait is None else "%"
         lines.append(f"{r.name:44s} {r.samples_per_s:10.2f} {r.ms_per_step:9.1f} "
-                     f"{num(r.mb_per_s, '9.0f')} {num(wait, '8.1f')}{'%' if wait is not None else ' '} "
+                     f"{num(r.mb_per_s, '9.0f')} {num(wait, '8.1f')}{percent} "
                      f"{num(r.peak_memory_gib, '9.2f')} {num(r.tflops, '8.3g')}")
     return "\n".join(lines)
 
@@ -465,12 +466,16 @@ def environment() -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m climseg.bench", description=__doc__.split(
-        "\n\n")[0].split(": ", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m climseg.bench",
+        description="Throughput of the training step, the data loader and the trainer; one "
+                    "table on stdout, JSON with --json. docs/performance.md has the commands "
+                    "behind every published figure.")
     modes = parser.add_subparsers(dest="mode", required=True)
 
-    def common(p):
-        p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
+    def common(p, device=True):
+        if device:
+            p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
         p.add_argument("--steps", type=int, default=20, help="measured steps/batches per run")
         p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
 
@@ -507,8 +512,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="evict the files from the page cache before each run and time one "
                         "pass over them")
 
-    p = modes.add_parser("train", help="the real trainer for N steps on staged data")
-    common(p)
+    p = modes.add_parser("train", help="the real trainer for N steps on staged data (it picks "
+                         "the device: CUDA when present)")
+    common(p, device=False)
     p.add_argument("--config", required=True, help="YAML config, e.g. yaml/workstation.yaml")
     p.add_argument("--warmup", type=int, default=2, help="steps before timing")
     p.add_argument("--output-dir", help="keep the run here (default: a temporary folder)")
