@@ -394,21 +394,15 @@ def train_mode(args) -> tuple[list[Result], dict[str, Any]]:
             f"data.max_validation_samples={dist.size()}"]
         cfg = load_config(args.config, overrides)
         record: list[tuple[int, float, float]] = []
-        build_data = trainer.build_data
 
-        def timed_build_data(*a, **kw):
-            data = build_data(*a, **kw)
+        def timed(data):
             data.train = _TimedEpochs(data.train, record)
             return data
 
-        trainer.build_data = timed_build_data   # the trainer itself is run unchanged
-        try:
-            device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() \
-                else torch.device("cpu")
-            reset_peak_memory(device)
-            summary = trainer.train(cfg)
-        finally:
-            trainer.build_data = build_data
+        device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        reset_peak_memory(device)
+        summary = trainer.train(cfg, on_data=timed)
 
     # Step k's period runs from asking for batch k to asking for batch k+1 in the same epoch
     # (periods across epoch ends would include validation); its wait is the time in next().

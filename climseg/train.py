@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -224,8 +224,11 @@ def validation_image(tb: TensorBoard, first, data: Data, cfg: Config, step: int)
     tb.image("validation/map", figure_to_array(fig), step)
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Run the training ``cfg`` describes; returns the final summary (same on every rank)."""
+def train(cfg: Config, on_data: Callable[[Data], Data] | None = None) -> dict[str, Any]:
+    """Run the training ``cfg`` describes; returns the final summary (same on every rank).
+
+    ``on_data`` may wrap the built loaders (``climseg.bench`` times the waits for batches).
+    """
     rank, size = dist.rank(), dist.size()
     device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -254,6 +257,8 @@ def train(cfg: Config) -> dict[str, Any]:
              global_batch, yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
 
     data = build_data(cfg, rank, size, device)
+    if on_data is not None:
+        data = on_data(data)
     model, loss_fn, optimizer = build_training(cfg, device)
     prec = Precision.build(device, cfg.train.precision, cfg.train.channels_last)
     if cfg.train.sync_batchnorm and size > 1:
