@@ -9,7 +9,7 @@ TORCH_SPEC  ?= torch==2.13.0
 
 NP           ?= 2
 DEMO_DIR     ?= data/demo
-DEMO_SAMPLES ?= 64
+DEMO_SAMPLES ?= 160
 DEMO_SEED    ?= 1
 DEMO_HEIGHT  ?= 192
 DEMO_WIDTH   ?= 288
@@ -65,8 +65,9 @@ horovod: $(STAMPS)/requirements $(STAMPS)/torch
 	PYTHON=$(PY) tools/install_horovod.sh
 
 # --- test -------------------------------------------------------------------------------------
+# CLIMSEG_REQUIRE_HOROVOD turns the 2-rank tests' "horovod not installed" skip into a failure.
 test: install
-	python -m pytest -q tests $(PYTEST_ARGS)
+	CLIMSEG_REQUIRE_HOROVOD=1 python -m pytest -q tests $(PYTEST_ARGS)
 
 # --- demo -------------------------------------------------------------------------------------
 # Each data step leaves a stamp under $(DEMO_DIR)/.stamps (outside the data folders, which the

@@ -70,6 +70,13 @@ def init() -> None:
                 f"({err}); run tools/install_horovod.sh") from err
         return
     hvd.init()
+    launched = launcher_rank_size()[1]
+    if launched > 1 and hvd.size() != launched:
+        # e.g. srun starting a Horovod built without MPI: every task would train alone.
+        raise RuntimeError(
+            f"the launcher started {launched} ranks but Horovod sees {hvd.size()}: under srun or "
+            "mpirun Horovod needs its MPI controller (horovodrun --check-build must list MPI); "
+            "rebuild with tools/install_horovod.sh CLIMSEG_HOROVOD_MPI=1")
     _hvd = hvd
 
 

@@ -457,7 +457,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dist.init()
+    try:
+        dist.init()
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)

@@ -175,3 +175,16 @@ def test_mlperf_log_can_be_opened_twice_in_one_process(tmp_path):
     for name in ("a.log", "b.log"):
         lines = (tmp_path / name).read_text().splitlines()
         assert len(lines) == 1 and '"key": "seed"' in lines[0]
+
+
+def test_launcher_ranks_without_matching_horovod_exit_2(tiny_root, tmp_path):
+    # srun started 2 tasks, but this process's Horovod runs alone (no MPI rendezvous): each
+    # task would silently train as rank 0 of 1. The trainer must refuse instead.
+    env = dict(os.environ, SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "climseg.train", "--config", str(CI), f"data.root={tiny_root}",
+         f"output_dir={tmp_path}"], capture_output=True, text=True, cwd=REPO, env=env,
+        timeout=120)
+    assert proc.returncode == 2
+    assert "ranks" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "config.yaml").exists()
