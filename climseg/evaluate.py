@@ -32,8 +32,8 @@ from climseg.data.format import CLASS_NAMES, DataError, validate_file
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.engine import Precision, evaluate
-from climseg.inference import (OUTPUT_STRIDE, input_spec, model_from_checkpoint,
-                               read_checkpoint, select_device)
+from climseg.inference import (OUTPUT_STRIDE, add_model_arguments, input_spec,
+                               model_from_checkpoint, read_checkpoint, select_device)
 from climseg.losses import build_loss
 
 log = logging.getLogger("climseg.evaluate")
@@ -153,11 +153,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="samples per batch and rank (default: the run's train.local_batch_size)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="score the centred HxW crop (default: the whole field)")
-    p.add_argument("--stats", default=None,
-                   help="stats.h5 for normalization (default: the one named in the checkpoint)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    add_model_arguments(p)
     p.add_argument("--threads", type=int, default=2, help="reader threads per rank")
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     return p.parse_args(argv)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +42,16 @@ def select_device(name: str | None, local_rank: int = 0) -> torch.device:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     return device
+
+
+def add_model_arguments(parser) -> None:
+    """The options evaluate and predict share: normalization stats, device, precision."""
+    parser.add_argument("--stats", default=None,
+                        help="stats.h5 for normalization (default: the one named in the checkpoint)")
+    parser.add_argument("--device", default=None,
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
 
 
 def _listing(items: list[str]) -> str:

@@ -31,8 +31,8 @@ from climseg.config import ConfigError
 from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, DataError,
                                  read_sample)
 from climseg.engine import Precision
-from climseg.inference import (InputSpec, input_spec, load_model, predict_probabilities,
-                               prepare, select_device)
+from climseg.inference import (InputSpec, add_model_arguments, input_spec, load_model,
+                               predict_probabilities, prepare, select_device)
 from climseg.plot import plot_sample, save_map
 
 log = logging.getLogger("climseg.predict")
@@ -104,11 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="output folder (created)")
     p.add_argument("--probabilities", action="store_true",
                    help="also store per-class probabilities, float16 (lat, lon, class)")
-    p.add_argument("--stats", default=None,
-                   help="stats.h5 for normalization (default: the one named in the checkpoint)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    add_model_arguments(p)
     p.add_argument("files", nargs="+", type=Path, help="sample files (climate/data (H, W, 16))")
     return p.parse_args(argv)
 
