@@ -108,8 +108,12 @@ def _section(cfg_section) -> dict[str, Any]:
 
 
 def build_training(cfg: Config, device: torch.device):
-    """Model, loss, optimizer: each from its config section, nothing distributed yet."""
-    model = build_model(**_section(cfg.model)).to(device)
+    """Model, loss, optimizer: each from its config section. Batch norm becomes Horovod's
+    SyncBatchNorm here when asked, before the optimizer takes the parameters."""
+    model = build_model(**_section(cfg.model))
+    if cfg.train.sync_batchnorm and dist.size() > 1:
+        model = convert_sync_batchnorm(model)
+    model = model.to(device)
     loss_fn = build_loss(**_section(cfg.loss)).to(device)
     optimizer = build_optimizer(model.parameters(), **_section(cfg.optimizer))
     return model, loss_fn, optimizer
@@ -237,6 +241,9 @@ def train(cfg: Config, on_data: Callable[[Data], Data] | None = None) -> dict[st
         cores = len(os.sched_getaffinity(0))
         torch.set_num_threads(cfg.train.cpu_threads or max(1, cores // dist.local_size()))
     global_batch = cfg.global_batch(size)
+    if cfg.train.sync_batchnorm and size > 1 and device.type != "cuda":
+        raise ConfigError("train.sync_batchnorm: Horovod's SyncBatchNorm runs on GPUs only; "
+                          "set it to false for a CPU run")
     # The resolved config names the stats file absolutely: evaluate/predict read it from the
     # checkpoint, perhaps from another working directory.
     cfg.data.stats_file = str(cfg.data.stats_path.resolve())
@@ -261,8 +268,6 @@ def train(cfg: Config, on_data: Callable[[Data], Data] | None = None) -> dict[st
         data = on_data(data)
     model, loss_fn, optimizer = build_training(cfg, device)
     prec = Precision.build(device, cfg.train.precision, cfg.train.channels_last)
-    if cfg.train.sync_batchnorm and size > 1:
-        model = convert_sync_batchnorm(model).to(device)
     if prec.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = wrap_distributed(cfg, model, optimizer)

@@ -188,3 +188,27 @@ def test_launcher_ranks_without_matching_horovod_exit_2(tiny_root, tmp_path):
     assert proc.returncode == 2
     assert "ranks" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_two_ranks_fp16_horovod_recipe(tiny_root, tmp_path):
+    # fp16 runs the Horovod GradScaler recipe (synchronize, unscale, clip, step inside
+    # skip_synchronize); AdamW clips the global norm outside the optimizer.
+    report = _hvd_train(tmp_path / "r.json", f"data.root={tiny_root}", f"output_dir={tmp_path}",
+                        "train.max_steps=2", "train.precision=fp16", "optimizer.name=adamw",
+                        "train.validation_frequency=0")
+    assert report["summary"]["steps"] == 2
+    rank0, rank1 = report["checksums"]
+    assert rank0 == rank1
+    state = load_checkpoint(step_checkpoints(tmp_path)[-1][1])
+    assert state["scaler"] is not None and state["scaler"]["scale"] > 0
+
+
+def test_sync_batchnorm_on_cpu_is_refused(tiny_root, tmp_path):
+    _require_horovod()
+    cmd = [str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
+           "climseg.train", "--config", str(CI), f"data.root={tiny_root}",
+           f"output_dir={tmp_path}", "train.sync_batchnorm=true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode != 0
+    assert "train.sync_batchnorm: Horovod's SyncBatchNorm runs on GPUs only" in proc.stdout + proc.stderr
