@@ -44,7 +44,7 @@ class DataConfig:
     channels: list[int] | None = None    # channel indices to use; null = all 16
     normalization: str = "minmax"        # minmax | zscore
     crop: list[int] | None = None        # training crop [height, width] at a random offset; null = full field
-    validation_crop: list[int] | None = None  # centre crop for validation; null = full field
+    validation_crop: list[int] | None = None  # centre crop for validation; null = as data.crop
     loader_threads: int = 4
     prefetch: int = 2
     shuffle: bool = True

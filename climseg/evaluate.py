@@ -6,9 +6,10 @@ and loss/batch sums are reduced in one allreduce. Rank 0 prints the result and w
 JSON: per-class and mean IoU, the MLPerf ``eval_accuracy``, the confusion matrix (rows truth,
 columns prediction), per-class pixel frequencies of truth and prediction, and samples/s.
 
-The whole field is scored by default, whatever crop the model was trained on (the network is
-fully convolutional); ``--crop H W`` scores the centred crop instead, as the trainer's
-validation does.
+By default it scores at the size the run validated at: the centred ``data.validation_crop``,
+else the training crop ``data.crop``, else the whole field. A model trained on crops does
+worse on larger fields, because its image-pooling branch averages over the whole input;
+``--full-field`` scores whole fields anyway, ``--crop H W`` any centred crop.
 """
 
 from __future__ import annotations
@@ -54,14 +55,21 @@ def pixel_frequencies(confusion: list[list[int]]) -> dict[str, list[float]]:
 def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: str = "test",
           batch_size: int | None = None, crop: tuple[int, int] | None = None,
           stats_file: str | os.PathLike | None = None, device: str | None = None,
-          precision: str = "auto", threads: int = 2) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on ``data_root/split``; the same result dict on every rank."""
+          precision: str = "auto", threads: int = 2,
+          full_field: bool = False) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on ``data_root/split``; the same result dict on every rank.
+
+    ``crop`` None scores at the run's validation size, or the whole field with ``full_field``.
+    """
     device = select_device(device, dist.local_rank())
     ckpt = read_checkpoint(checkpoint, device)
     model = model_from_checkpoint(ckpt, str(checkpoint), device)
     config, step = ckpt["config"], ckpt.get("step")
     del ckpt  # the optimizer state is as large as the model twice over
     spec = input_spec(config, stats_file)
+    if crop is None and not full_field:
+        trained = config["data"].get("validation_crop") or config["data"].get("crop")
+        crop = tuple(trained) if trained else None
     num_classes = int(config["model"].get("num_classes", len(CLASS_NAMES)))
     batch_size = batch_size or int(config.get("train", {}).get("local_batch_size", 1))
     if batch_size < 1:
@@ -152,7 +160,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="samples per batch and rank (default: the run's train.local_batch_size)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="score the centred HxW crop (default: the whole field)")
+                   help="score the centred HxW crop (default: the size the run validated at)")
+    p.add_argument("--full-field", action="store_true",
+                   help="score whole fields even if the run trained and validated on crops")
     add_model_arguments(p)
     p.add_argument("--threads", type=int, default=2, help="reader threads per rank")
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
@@ -168,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = score(args.checkpoint, args.data, args.split, args.batch_size,
                        tuple(args.crop) if args.crop else None, args.stats, args.device,
-                       args.precision, args.threads)
+                       args.precision, args.threads, args.full_field)
     except (DataError, CheckpointError, ConfigError) as err:
         log.error("error: %s", err)
         return 2

@@ -98,7 +98,10 @@ def build_data(cfg: Config, rank: int, size: int, device: torch.device) -> Data:
     train = BatchLoader(my_train, t.local_batch_size, crop=d.crop, random_crop=d.crop is not None,
                         shuffle=d.shuffle, drop_last=True,
                         samples_per_epoch=len(train_files) // size, **common)
-    validation = BatchLoader(my_val, t.local_batch_size, crop=d.validation_crop,
+    # A model trained on crops is scored at that size by default: its image-pooling branch
+    # averages over the whole input, so a larger field shifts what it sees.
+    val_crop = d.validation_crop if d.validation_crop is not None else d.crop
+    validation = BatchLoader(my_val, t.local_batch_size, crop=val_crop,
                              random_crop=False, shuffle=False, drop_last=False, **common)
     return Data(train, validation, len(train_files), len(val_files), shift, scale)
 

@@ -46,9 +46,10 @@ def tiny_model(monkeypatch):
     monkeypatch.setitem(deeplab.MODELS, "tiny", TinyNet)
 
 
-def make_checkpoint(path, root, name="tiny", state=None, seed=0):
+def make_checkpoint(path, root, name="tiny", state=None, seed=0, overrides=()):
     """A checkpoint laid out as docs/design.md says, with a randomly initialised model."""
-    config = load_config(None, [f"data.root={root}", f"model.name={name}"]).to_dict()
+    config = load_config(None, [f"data.root={root}", f"model.name={name}",
+                                *overrides]).to_dict()
     torch.manual_seed(seed)
     model = build_model(**config["model"])
     with torch.no_grad():  # sharpen the random features so that the predicted class varies
@@ -238,3 +239,14 @@ def test_evaluate_under_horovodrun_matches_one_process(real_checkpoint, tiny_roo
     assert two["ranks"] == 2 and two["samples"] == one["samples"] == 2
     assert two["confusion"] == one["confusion"]
     assert two["eval_accuracy"] == pytest.approx(one["eval_accuracy"])
+
+
+def test_evaluate_defaults_to_the_runs_validation_size(tiny_root, tiny_model, tmp_path):
+    # A run trained on 32x48 crops is scored on 32x48 centre crops unless told otherwise.
+    ckpt = make_checkpoint(tmp_path / "crop.pt", tiny_root, overrides=["data.crop=[32, 48]"])
+    assert evaluate.score(ckpt, tiny_root, "test")["field"] == [32, 48]
+    assert evaluate.score(ckpt, tiny_root, "test", full_field=True)["field"] == [64, 96]
+    assert evaluate.score(ckpt, tiny_root, "test", crop=(48, 64))["field"] == [48, 64]
+    ckpt = make_checkpoint(tmp_path / "val.pt", tiny_root,
+                           overrides=["data.crop=[32, 48]", "data.validation_crop=[48, 96]"])
+    assert evaluate.score(ckpt, tiny_root, "test")["field"] == [48, 96]
