@@ -34,7 +34,7 @@ from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.engine import Precision, evaluate
 from climseg.inference import (OUTPUT_STRIDE, add_model_arguments, input_spec,
-                               model_from_checkpoint, read_checkpoint, select_device)
+                               model_from_checkpoint, read_checkpoint, run_field, select_device)
 from climseg.losses import build_loss
 
 log = logging.getLogger("climseg.evaluate")
@@ -68,8 +68,7 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
     del ckpt  # the optimizer state is as large as the model twice over
     spec = input_spec(config, stats_file)
     if crop is None and not full_field:
-        trained = config["data"].get("validation_crop") or config["data"].get("crop")
-        crop = tuple(trained) if trained else None
+        crop = run_field(config)
     num_classes = int(config["model"].get("num_classes", len(CLASS_NAMES)))
     batch_size = batch_size or int(config.get("train", {}).get("local_batch_size", 1))
     if batch_size < 1:
@@ -161,8 +160,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="samples per batch and rank (default: the run's train.local_batch_size)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="score the centred HxW crop (default: the size the run validated at)")
-    p.add_argument("--full-field", action="store_true",
-                   help="score whole fields even if the run trained and validated on crops")
     add_model_arguments(p)
     p.add_argument("--threads", type=int, default=2, help="reader threads per rank")
     p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")

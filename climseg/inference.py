@@ -52,6 +52,9 @@ def add_model_arguments(parser) -> None:
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--full-field", action="store_true",
+                        help="whole fields even if the run trained and validated on crops "
+                             "(expect lower scores: the image-pooling branch then sees more)")
 
 
 def _listing(items: list[str]) -> str:
@@ -165,16 +168,57 @@ def prepare(data: np.ndarray, spec: InputSpec) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0).permute(0, 3, 1, 2)
 
 
+def run_field(config: dict[str, Any]) -> tuple[int, int] | None:
+    """The input size a run validated at: its ``data.validation_crop``, else its training
+    ``data.crop``, else None (whole fields). evaluate and predict score at this size."""
+    data = config["data"]
+    size = data.get("validation_crop") or data.get("crop")
+    return tuple(int(s) for s in size) if size else None
+
+
+def _tile_starts(size: int, tile: int) -> list[int]:
+    """Offsets of tiles of ``tile`` covering ``size`` with half-tile overlap (each pixel away
+    from the border is scored in context, not only at a tile's edge); the last one ends at
+    the edge."""
+    step = max(tile // 2, 1)
+    starts = list(range(0, size - tile + 1, step))
+    if starts[-1] + tile < size:
+        starts.append(size - tile)
+    return starts
+
+
 @torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, prec: Precision) -> torch.Tensor:
+def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, prec: Precision,
+                          tile: tuple[int, int] | None = None, tiles_per_batch: int = 16
+                          ) -> torch.Tensor:
     """Class probabilities (N, K, H, W) float32 on the CPU for an input batch (N, C, H, W).
 
     The forward pass runs as the trainer's evaluation does (``prec``: device, autocast dtype,
-    memory layout), so predictions match ``climseg.evaluate``'s. Fields whose sides are not
-    multiples of the output stride are padded (periodically in longitude, by edge values in
-    latitude) and the result cropped back.
+    memory layout), so predictions match ``climseg.evaluate``'s. With ``tile`` (the training
+    crop) smaller than the field, the field is covered by half-overlapping tiles of that size,
+    scored in batches of ``tiles_per_batch``, and overlapping probabilities are averaged: a model trained
+    on crops sees inputs of the size it learned on (its image-pooling branch averages over the
+    whole input). Fields whose sides are not multiples of the output stride are padded
+    (periodically in longitude, by edge values in latitude) and the result cropped back.
     """
     h, w = x.shape[-2:]
+    if tile is not None and (tile[0] < h or tile[1] < w):
+        th, tw = min(tile[0], h), min(tile[1], w)
+        boxes = [(top, left) for top in _tile_starts(h, th) for left in _tile_starts(w, tw)]
+        total = torch.zeros(x.shape[0], 0, h, w)
+        count = torch.zeros(1, 1, h, w)
+        for n in range(x.shape[0]):
+            for i in range(0, len(boxes), tiles_per_batch):
+                chunk = boxes[i:i + tiles_per_batch]
+                batch = torch.stack([x[n, :, t:t + th, l:l + tw] for t, l in chunk])
+                probs = predict_probabilities(model, batch, prec)
+                if total.shape[1] == 0:
+                    total = torch.zeros(x.shape[0], probs.shape[1], h, w)
+                for (t, l), p in zip(chunk, probs):
+                    total[n, :, t:t + th, l:l + tw] += p
+                    if n == 0:
+                        count[0, 0, t:t + th, l:l + tw] += 1
+        return total / count
     pad_h, pad_w = -h % OUTPUT_STRIDE, -w % OUTPUT_STRIDE
     x = x.to(prec.device, non_blocking=True)
     if pad_w:

@@ -32,7 +32,8 @@ from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, Dat
                                  read_sample)
 from climseg.engine import Precision
 from climseg.inference import (InputSpec, add_model_arguments, input_spec, load_model,
-                               predict_probabilities, prepare, select_device)
+                               predict_probabilities, prepare, run_field,
+                               select_device)
 from climseg.plot import plot_sample, save_map
 
 log = logging.getLogger("climseg.predict")
@@ -84,10 +85,13 @@ def write_mask(path: Path, prediction: np.ndarray, probabilities: np.ndarray | N
 
 
 def predict_file(model, spec: InputSpec, path: Path, out_dir: Path, prec: Precision,
-                 probabilities: bool, checkpoint: str) -> dict[str, int]:
-    """Write ``<name>-mask.h5`` and ``<name>.png`` for one file; return predicted pixel counts."""
+                 probabilities: bool, checkpoint: str,
+                 tile: tuple[int, int] | None = None) -> dict[str, int]:
+    """Write ``<name>-mask.h5`` and ``<name>.png`` for one file; return predicted pixel counts.
+
+    ``tile``: score the field in tiles of this size (the run's validation size)."""
     data, labels = read_input(path)
-    probs = predict_probabilities(model, prepare(data, spec), prec)[0]   # (K, H, W)
+    probs = predict_probabilities(model, prepare(data, spec), prec, tile=tile)[0]  # (K, H, W)
     prediction = probs.argmax(0).to(torch.uint8).numpy()
     name = path.stem
     write_mask(out_dir / f"{name}-mask.h5", prediction,
@@ -127,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         device = select_device(args.device, dist.local_rank())
         model, config = load_model(args.checkpoint, device)
         spec = input_spec(config, args.stats)
+        tile = None if args.full_field else run_field(config)
         prec = Precision.build(device, args.precision, None)
         if prec.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, path in enumerate(mine, 1):
             start = time.perf_counter()
             counts = predict_file(model, spec, path, args.out, prec, args.probabilities,
-                                  str(args.checkpoint))
+                                  str(args.checkpoint), tile)
             log.info("[%d/%d] %s: %.1fs, predicted pixels %s -> %s", i, len(mine), path.name,
                      time.perf_counter() - start, counts, args.out / f"{path.stem}-mask.h5")
     except (DataError, CheckpointError, ConfigError) as err:

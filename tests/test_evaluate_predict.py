@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from climseg import dist, evaluate, inference, predict
+from climseg.engine import Precision
 from climseg.checkpoint import CheckpointError, save_checkpoint
 from climseg.config import load_config
 from climseg.data.format import DATA_KEY, LABEL_KEY
@@ -250,3 +251,23 @@ def test_evaluate_defaults_to_the_runs_validation_size(tiny_root, tiny_model, tm
     ckpt = make_checkpoint(tmp_path / "val.pt", tiny_root,
                            overrides=["data.crop=[32, 48]", "data.validation_crop=[48, 96]"])
     assert evaluate.score(ckpt, tiny_root, "test")["field"] == [48, 96]
+
+
+def test_tile_offsets_cover_the_field_with_half_overlap():
+    assert inference._tile_starts(192, 96) == [0, 48, 96]
+    assert inference._tile_starts(100, 96) == [0, 4]
+    assert inference._tile_starts(96, 96) == [0]
+    assert inference._tile_starts(288, 144) == [0, 72, 144]
+
+
+def test_tiled_prediction_of_a_per_pixel_model_equals_the_whole_field():
+    # A 1x1 convolution sees one pixel at a time, so tiling must not change its output;
+    # a 5x7 tile grid over 64x96 (with overlaps and an edge-aligned last tile) is averaged.
+    torch.manual_seed(3)
+    model = nn.Conv2d(16, 3, 1).eval()
+    prec = Precision.build(torch.device("cpu"), "fp32", False)
+    x = torch.randn(2, 16, 64, 96)
+    whole = inference.predict_probabilities(model, x, prec)
+    tiled = inference.predict_probabilities(model, x, prec, tile=(32, 32), tiles_per_batch=5)
+    assert tiled.shape == whole.shape == (2, 3, 64, 96)
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-6)
