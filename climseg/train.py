@@ -33,6 +33,7 @@ from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.data.stats import normalization, read_stats
 from climseg.engine import Precision, average_batchnorm_stats, evaluate, grad_norm, train_step
+from climseg.inference import select_device
 from climseg.losses import build_loss
 from climseg.metrics import iou_from_confusion
 from climseg.model import build_model
@@ -237,10 +238,8 @@ def train(cfg: Config, on_data: Callable[[Data], Data] | None = None) -> dict[st
     ``on_data`` may wrap the built loaders (``climseg.bench`` times the waits for batches).
     """
     rank, size = dist.rank(), dist.size()
-    device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:  # ranks sharing a node share its cores
+    device = select_device(None, dist.local_rank())  # this rank's GPU, else the CPU
+    if device.type == "cpu":  # ranks sharing a node share its cores
         cores = len(os.sched_getaffinity(0))
         torch.set_num_threads(cfg.train.cpu_threads or max(1, cores // dist.local_size()))
     global_batch = cfg.global_batch(size)
