@@ -18,12 +18,15 @@ from typing import Any
 import yaml
 
 from climseg.atomic import atomic_path
-from climseg.losses import DEEPCAM_CLASS_FREQUENCIES, DEEPCAM_WEIGHT_POW
+from climseg.data.format import DEEPCAM_CLASS_FREQUENCIES, DEEPCAM_WEIGHT_POW
+
+
+# Numeric precisions a run or an inference may ask for (auto: bf16 on CUDA, fp32 on CPU).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
-
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -176,7 +179,7 @@ class TrainConfig:
         _require(self.global_batch_size is None or self.global_batch_size >= 1,
                  "train.global_batch_size", "must be positive or null")
         _require(0.0 <= self.target_iou <= 1.0, "train.target_iou", "must be in [0, 1]")
-        _choice(self.precision, "train.precision", ("auto", "fp32", "bf16", "fp16"))
+        _choice(self.precision, "train.precision", PRECISIONS)
         _choice(self.gradient_compression, "train.gradient_compression", ("none", "fp16"))
 
 

@@ -9,11 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Pixel frequencies of background, tropical cyclone and atmospheric river in the CAM5 training
-# data, with the weight power, as hard-coded in the MLPerf HPC DeepCAM reference
-# (mlcommons/hpc, deepcam/src/deepCam/train.py: class_weights = freq ** loss_pow).
-DEEPCAM_CLASS_FREQUENCIES = (0.986267818390377, 0.0004578708870701058, 0.01327431072255291)
-DEEPCAM_WEIGHT_POW = -0.125
+from climseg.data.format import DEEPCAM_CLASS_FREQUENCIES, DEEPCAM_WEIGHT_POW
 
 
 class WeightedCrossEntropy(nn.Module):

@@ -30,6 +30,11 @@ HEIGHT = 768
 WIDTH = 1152
 NUM_CLASSES = 3  # 0 background, 1 tropical cyclone, 2 atmospheric river
 CLASS_NAMES = ("background", "tropical_cyclone", "atmospheric_river")
+# Pixel frequencies of the three classes in the CAM5 training data, with the weight power, as
+# hard-coded in the MLPerf HPC DeepCAM reference (mlcommons/hpc, deepcam/src/deepCam/train.py:
+# class_weights = freq ** loss_pow).
+DEEPCAM_CLASS_FREQUENCIES = (0.986267818390377, 0.0004578708870701058, 0.01327431072255291)
+DEEPCAM_WEIGHT_POW = -0.125
 DATA_KEY = "climate/data"
 LABEL_KEY = "climate/labels_0"
 FILE_GLOB = "data-*.h5"
