@@ -20,7 +20,15 @@ class WeightedCrossEntropy(nn.Module):
     weights that PyTorch's `reduction='mean'` would use. The reference's false-positive term
     is left out: its mask `eq(p, 1) & ne(p, 1)` is always false.
 
-    Logits (N, C, H, W) of any floating dtype are scored in float32; labels are int64 (N, H, W).
+    Logits (N, C, H, W) of any floating dtype are scored in float32; labels are integers
+    (N, H, W) in [0, C) (the data loader checks them; a label outside contributes nothing).
+
+    Computed with elementwise operations and plain reductions only, forward and backward:
+    `F.cross_entropy` with weights runs NLLLoss2d, which has no deterministic CUDA kernel and
+    raises under `torch.use_deterministic_algorithms(True)` (train.deterministic), and a
+    gather over the class dimension has a scatter-add backward that is not deterministic on
+    CUDA either. Selecting the true class's log-probability with a comparison mask costs a few
+    more elementwise passes over the logits, small next to the network.
     """
 
     weight: torch.Tensor
@@ -31,12 +39,18 @@ class WeightedCrossEntropy(nn.Module):
                              persistent=False)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if logits.shape[1] != self.weight.numel():
+        num_classes = logits.shape[1]
+        if num_classes != self.weight.numel():
             raise ValueError(f"loss.class_frequencies: {self.weight.numel()} classes configured "
-                             f"but the logits have {logits.shape[1]} channels")
-        weight = self.weight.to(logits.device)
-        losses = F.cross_entropy(logits.float(), target, weight=weight, reduction="sum")
-        return losses / target.numel()
+                             f"but the logits have {num_classes} channels")
+        log_probs = F.log_softmax(logits.float(), dim=1)
+        weight = self.weight.to(log_probs.device).view(1, num_classes, 1, 1)
+        classes = torch.arange(num_classes, device=log_probs.device).view(1, num_classes, 1, 1)
+        # One term per pixel survives the mask, so the sum over classes adds exact zeros: each
+        # pixel's value is w[t] * log p_t exactly as NLLLoss computes it. `where` rather than a
+        # multiplication by the mask, so that a -inf log-probability of another class stays out.
+        picked = torch.where(target.unsqueeze(1) == classes, log_probs * weight, 0.0).sum(dim=1)
+        return -picked.sum() / target.numel()
 
     def extra_repr(self) -> str:
         return "weight=" + ", ".join(f"{w:.6g}" for w in self.weight.tolist())

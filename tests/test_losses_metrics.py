@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from climseg.losses import DEEPCAM_CLASS_FREQUENCIES, build_loss
 from climseg.metrics import _pair_counts, confusion_matrix, iou_from_confusion, mlperf_iou
@@ -38,6 +39,74 @@ def test_loss_accepts_low_precision_logits_and_is_differentiable():
     assert loss.dtype == torch.float32
     loss.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad.float()).all()
+
+
+def nll_oracle(logits, labels, weight):
+    """The loss as it was first written: PyTorch's fused weighted cross-entropy."""
+    return F.cross_entropy(logits.float(), labels, weight=weight, reduction="sum") / labels.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_loss_and_gradient_equal_fused_cross_entropy(dtype):
+    torch.manual_seed(3)
+    loss_fn = build_loss()
+    logits = (8 * torch.randn(3, 3, 16, 24)).to(dtype)
+    labels = torch.randint(0, 3, (3, 16, 24))
+    ours_in = logits.clone().requires_grad_()
+    oracle_in = logits.clone().requires_grad_()
+    ours = loss_fn(ours_in, labels)
+    oracle = nll_oracle(oracle_in, labels, loss_fn.weight)
+    ours.backward()
+    oracle.backward()
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, oracle, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours_in.grad, oracle_in.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_loss_of_a_confident_wrong_class_is_finite():
+    # Logits far apart give a log-probability of -inf to no class in float32, but a huge one;
+    # the mask must not turn another class's value into NaN.
+    logits = torch.tensor([[1e30, -1e30, 0.0]]).view(1, 3, 1, 1)
+    loss = build_loss()(logits, torch.tensor([[[0]]]))
+    assert loss.item() == 0.0
+
+
+def _graph_ops(loss):
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+def test_loss_backward_uses_no_scatter_or_nll_kernel():
+    # NLLLoss2d and gather/scatter-add have no deterministic CUDA backward (train.deterministic
+    # raised in the loss on a GPU); the loss must stay elementwise + reductions.
+    logits = torch.randn(2, 3, 4, 6, requires_grad=True)
+    loss = build_loss()(logits, torch.randint(0, 3, (2, 4, 6)))
+    ops = _graph_ops(loss)
+    assert "LogSoftmaxBackward0" in ops
+    assert not [op for op in ops if "Nll" in op or "Gather" in op or "Scatter" in op
+                or "Index" in op], ops
+
+
+def test_loss_runs_under_deterministic_algorithms():
+    logits = torch.randn(2, 3, 4, 6, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 4, 6))
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = build_loss()(logits, labels)
+        first.backward()
+        grad = logits.grad.clone()
+        logits.grad = None
+        second = build_loss()(logits, labels)
+        second.backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(first, second) and torch.equal(grad, logits.grad)
 
 
 @pytest.mark.parametrize("kwargs, key", [
