@@ -4,7 +4,10 @@ Used by ``python -m climseg.predict`` (PNG next to each predicted mask) and by t
 TensorBoard image panel (:func:`figure_to_array` gives the HWC uint8 image ``add_image`` takes).
 
 The CAM5 grid is regular: row 0 is the southernmost latitude (−90°) and column 0 is the
-Greenwich meridian (0°E), longitudes increasing eastwards to 360°. Figures are built on the Agg
+Greenwich meridian (0°E), longitudes increasing eastwards to 360°. The full field of H x W cells
+spans the globe (768 x 1152 cells of 0.234375° latitude x 0.3125° longitude for the real data),
+so a crop whose first cell is row ``top``, column ``left`` of that field is drawn at its own
+latitude/longitude extent, not stretched over the globe (:class:`GridWindow`). Figures are built on the Agg
 canvas directly (no pyplot), so nothing needs a display and no figure is kept alive by a global
 registry.
 """
@@ -12,6 +15,7 @@ registry.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,15 +48,72 @@ def _as_array(a: Any, name: str) -> np.ndarray:
     return a
 
 
-def _grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Latitudes and longitudes of the grid points (degrees)."""
+# The real CAM5 field: 768 x 1152 cells, 0.234375° latitude x 0.3125° longitude.
+CAM5_SHAPE = (768, 1152)
+_LAT_SPAN, _LON_SPAN = 180.0, 360.0
+
+
+@dataclass(frozen=True)
+class GridWindow:
+    """Where a (possibly cropped) field sits on the globe.
+
+    ``top``/``left`` are the crop's first row and column in the full field of
+    ``full_shape`` cells (row 0 at −90°N, column 0 at 0°E); the full field covers the globe, so
+    one cell is 180/H degrees of latitude by 360/W degrees of longitude.
+    """
+
+    top: int = 0
+    left: int = 0
+    full_shape: tuple[int, int] | None = None  # None: the field drawn is the whole globe
+
+    def extent(self, shape: tuple[int, int]) -> tuple[float, float, float, float]:
+        """(west, east, south, north) in degrees of a field of ``shape`` cells at this window."""
+        h, w = shape
+        full_h, full_w = self.full_shape if self.full_shape is not None else (h, w)
+        if not (0 <= self.top and self.top + h <= full_h and 0 <= self.left
+                and self.left + w <= full_w):
+            raise ValueError(f"plot_sample: a {h}x{w} field at row {self.top}, column "
+                             f"{self.left} does not fit the full {full_h}x{full_w} grid")
+        dlat, dlon = _LAT_SPAN / full_h, _LON_SPAN / full_w
+        south = -90.0 + self.top * dlat
+        west = self.left * dlon
+        return west, west + w * dlon, south, south + h * dlat
+
+
+def centre_window(full_shape: tuple[int, int], crop: tuple[int, int] | None) -> GridWindow:
+    """The window of a centre crop, at the offset ``BatchLoader`` takes it
+    (``(H - h) // 2, (W - w) // 2``); ``crop`` None is the whole field."""
+    full_h, full_w = (int(v) for v in full_shape)
+    if crop is None:
+        return GridWindow(0, 0, (full_h, full_w))
+    h, w = (int(v) for v in crop)
+    return GridWindow((full_h - h) // 2, (full_w - w) // 2, (full_h, full_w))
+
+
+def _cell_centres(extent, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Latitudes and longitudes (degrees) of the cell centres of a field drawn at ``extent``."""
+    west, east, south, north = extent
     h, w = shape
-    return np.linspace(-90.0, 90.0, h), np.linspace(0.0, 360.0, w, endpoint=False)
+    lat = south + (np.arange(h) + 0.5) * (north - south) / h
+    lon = west + (np.arange(w) + 0.5) * (east - west) / w
+    return lat, lon
 
 
-def _draw_panel(ax, tmq, mask, lat, lon, norm_range, panel_title):
+def _ticks(lo: float, hi: float, steps: tuple[float, ...]) -> np.ndarray:
+    """Round-degree ticks inside [lo, hi]: the largest step giving at least 3 of them, so the
+    whole globe keeps its 60°/30° grid and a small crop still gets labelled degrees."""
+    for step in steps:
+        ticks = np.arange(np.ceil(lo / step) * step, hi + 1e-9, step)
+        if len(ticks) >= 3:
+            return ticks
+    return np.array([lo, hi])
+
+
+def _draw_panel(ax, tmq, mask, extent, norm_range, panel_title):
     vmin, vmax = norm_range
-    im = ax.imshow(tmq, origin="lower", extent=(0.0, 360.0, -90.0, 90.0), aspect="auto",
+    west, east, south, north = extent
+    lat, lon = _cell_centres(extent, tmq.shape)
+    im = ax.imshow(tmq, origin="lower", extent=extent, aspect="auto",
                    cmap=TMQ_CMAP, vmin=vmin, vmax=vmax, interpolation="nearest")
     if mask is not None:
         for cls, (_, colour) in CLASS_STYLE.items():
@@ -60,14 +121,15 @@ def _draw_panel(ax, tmq, mask, lat, lon, norm_range, panel_title):
             if not hit.any():
                 continue
             fill = np.ma.masked_where(~hit, np.ones(hit.shape, np.uint8))
-            ax.imshow(fill, origin="lower", extent=(0.0, 360.0, -90.0, 90.0), aspect="auto",
+            ax.imshow(fill, origin="lower", extent=extent, aspect="auto",
                       cmap=ListedColormap([colour]), alpha=FILL_ALPHA, interpolation="nearest")
-            ax.contour(lon, lat, hit.astype(np.float32), levels=[0.5], colors=[colour],
-                       linewidths=1.2)
-    ax.set_xlim(0.0, 360.0)
-    ax.set_ylim(-90.0, 90.0)
-    ax.set_xticks(np.arange(0, 361, 60))
-    ax.set_yticks(np.arange(-90, 91, 30))
+            if min(hit.shape) >= 2:  # contour needs a 2-D grid of at least 2 x 2 points
+                ax.contour(lon, lat, hit.astype(np.float32), levels=[0.5], colors=[colour],
+                           linewidths=1.2)
+    ax.set_xlim(west, east)
+    ax.set_ylim(south, north)
+    ax.set_xticks(_ticks(west, east, (60, 30, 20, 10, 5, 2, 1, 0.5, 0.25)))
+    ax.set_yticks(_ticks(south, north, (30, 20, 10, 5, 2, 1, 0.5, 0.25)))
     ax.set_xlabel("Longitude (°E)")
     ax.set_ylabel("Latitude (°N)")
     ax.grid(color="0.35", linewidth=0.4, alpha=0.5)
@@ -76,8 +138,12 @@ def _draw_panel(ax, tmq, mask, lat, lon, norm_range, panel_title):
     return im
 
 
-def plot_sample(tmq, prediction=None, truth=None, title: str | None = None) -> Figure:
+def plot_sample(tmq, prediction=None, truth=None, title: str | None = None,
+                window: GridWindow | None = None) -> Figure:
     """Map of one sample.
+
+    ``window`` says where the field sits in the full grid (a crop's offsets, see
+    :func:`centre_window`); without it the field is taken to be the whole globe.
 
     ``tmq`` is the raw TMQ field in kg m⁻², shape (lat, lon); from a normalized batch recover
     it as ``x / scale + shift`` for the TMQ channel. ``prediction`` and ``truth`` are class-id
@@ -106,11 +172,11 @@ def plot_sample(tmq, prediction=None, truth=None, title: str | None = None) -> F
                  layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
-    lat, lon = _grid(tmq.shape)
+    extent = (window or GridWindow()).extent(tmq.shape)
     finite = tmq[np.isfinite(tmq)]
     norm_range = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     for i, (ax, (panel_title, mask)) in enumerate(zip(axes, panels)):
-        im = _draw_panel(ax, tmq, mask, lat, lon, norm_range, panel_title)
+        im = _draw_panel(ax, tmq, mask, extent, norm_range, panel_title)
         if i > 0:
             ax.set_ylabel("")
     fig.colorbar(im, ax=list(axes), orientation="vertical", fraction=0.025, pad=0.01,

@@ -1,4 +1,5 @@
-"""The map: PNG of the expected pixel size, the TensorBoard array, and input checks."""
+"""The map: PNG of the expected pixel size, the TensorBoard array, a crop at its true
+latitude/longitude extent, and input checks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from climseg.plot import DPI, PANEL_SIZE, figure_to_array, plot_sample, save_map
+from climseg.plot import (CAM5_SHAPE, DPI, PANEL_SIZE, GridWindow, centre_window,
+                          figure_to_array, plot_sample, save_map)
 
 H, W = 48, 72
 
@@ -65,3 +67,50 @@ def test_mask_shape_mismatch_is_a_clear_error():
     tmq, pred, _ = fields()
     with pytest.raises(ValueError, match="prediction has shape"):
         plot_sample(tmq, prediction=pred[:, :10])
+
+
+def test_whole_field_spans_the_globe():
+    tmq, pred, truth = fields()
+    fig = plot_sample(tmq, pred, truth)
+    for ax in fig.axes[:2]:
+        assert ax.get_xlim() == (0.0, 360.0) and ax.get_ylim() == (-90.0, 90.0)
+        assert ax.images[0].get_extent() == [0.0, 360.0, -90.0, 90.0]
+    assert list(fig.axes[0].get_xticks()) == [0, 60, 120, 180, 240, 300, 360]
+
+
+def test_centre_crop_is_drawn_at_its_true_extent():
+    # The demo's 96x144 validation crop of a real 768x1152 field: rows 336..431 and columns
+    # 504..647, i.e. 11.25°S..11.25°N and 157.5°E..202.5°E at 0.234375° x 0.3125° per cell.
+    window = centre_window(CAM5_SHAPE, (96, 144))
+    assert (window.top, window.left) == (336, 504)
+    rng = np.random.default_rng(0)
+    tmq = rng.uniform(0, 60, (96, 144)).astype(np.float32)
+    truth = np.zeros((96, 144), np.uint8)
+    truth[40:50, 60:80] = 1
+    fig = plot_sample(tmq, truth, truth, window=window)
+    ax = fig.axes[0]
+    west, east = ax.get_xlim()
+    south, north = ax.get_ylim()
+    assert (west, east, south, north) == pytest.approx((157.5, 202.5, -11.25, 11.25))
+    assert ax.images[0].get_extent() == pytest.approx([157.5, 202.5, -11.25, 11.25])
+    ticks = ax.get_yticks()
+    assert len(ticks) >= 3 and ticks.min() >= south and ticks.max() <= north
+    # the cyclone's outline lies over its cells: rows 40..49 -> -1.875..0.469°N
+    contour_lats = np.concatenate([p.vertices[:, 1] for c in ax.collections
+                                   for p in c.get_paths() if len(p.vertices)])
+    assert contour_lats.min() >= -11.25 + 39 * 0.234375
+    assert contour_lats.max() <= -11.25 + 51 * 0.234375
+
+
+def test_window_offsets_scale_with_the_full_grid():
+    # A 48x72 crop at row 96, column 0 of a 192x288 synthetic field: cells are 0.9375° x 1.25°.
+    tmq, _, _ = fields()
+    ax = plot_sample(tmq, window=GridWindow(96, 0, (192, 288))).axes[0]
+    assert ax.get_xlim() == pytest.approx((0.0, 90.0))
+    assert ax.get_ylim() == pytest.approx((0.0, 45.0))
+
+
+def test_window_outside_the_grid_is_a_clear_error():
+    tmq, _, _ = fields()
+    with pytest.raises(ValueError, match="does not fit the full 64x72 grid"):
+        plot_sample(tmq, window=GridWindow(20, 0, (64, 72)))
