@@ -1,16 +1,22 @@
 """Rank 0's reporters: TensorBoard, the MLPerf log, and a JSON-lines metrics file.
 
 Each is built only on the primary rank; elsewhere the trainer holds ``None``. None of them
-runs a collective, so a rank-0 branch around them can never deadlock the other ranks.
+runs a collective, so a rank-0 branch around them can never deadlock the other ranks. What
+needs every rank (the launch topology from all hostnames) is gathered by the trainer first and
+passed in as plain values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import socket
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -32,53 +38,155 @@ class MetricsFile:
         self._f.close()
 
 
-class TensorBoard:
-    """Scalars, the validation map image and the hyperparameters, under ``log_dir``."""
-
-    def __init__(self, log_dir: Path):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-
-    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
-        for name, value in values.items():
-            if value is not None and math.isfinite(value):
-                self.writer.add_scalar(f"{prefix}/{name}", value, step)
-
-    def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
-        self.writer.add_image(tag, rgb, step, dataformats="HWC")
-
-    def hparams(self, config: dict[str, Any], metrics: dict[str, float]) -> None:
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                for k, v in _flatten(config).items()}
-        self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()},
-                                run_name=".")
-
-    def close(self) -> None:
-        self.writer.close()
+# ----------------------------------------------------------------------------------- launch
+RankInfo = tuple[str, int, str]  # (hostname, local rank, device type: "cuda" | "cpu" | ...)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def this_rank(device_type: str) -> RankInfo:
+    """This rank's entry for :func:`launch_topology`; gather it from every rank
+    (``dist.allgather_object(this_rank(device.type))``) before building the MLPerf log."""
+    from climseg import dist
+
+    return socket.gethostname(), dist.local_rank(), str(device_type)
 
 
-# MLPerf HPC names the schedules differently from our config.
+@dataclass(frozen=True)
+class Topology:
+    """How the run was launched, as MLPerf logs it."""
+
+    number_of_ranks: int
+    number_of_nodes: int
+    accelerators_per_node: int  # GPUs used per node; 0 for a CPU run
+    device_type: str            # "cuda", "cpu", or "mixed" if ranks disagree
+
+
+def launch_topology(ranks: Sequence[RankInfo]) -> Topology:
+    """Nodes and accelerators per node from every rank's (hostname, local rank, device type).
+
+    Nodes are the distinct hostnames. An accelerator is a (host, local rank) pair whose rank
+    runs on a GPU (one GPU per rank, as climseg's device choice does). If nodes use different
+    numbers of GPUs the largest is reported, with a warning: MLPerf has one value per system.
+    """
+    if not ranks:
+        raise ValueError("launch_topology: no ranks given")
+    per_node: dict[str, set[int]] = {}
+    devices = set()
+    for host, local_rank, device_type in ranks:
+        gpus = per_node.setdefault(str(host), set())
+        devices.add(device_type)
+        if device_type == "cuda":
+            gpus.add(int(local_rank))
+    counts = sorted({len(g) for g in per_node.values()})
+    if len(counts) > 1:
+        log.warning("nodes use different numbers of GPUs (%s); MLPerf's accelerators_per_node "
+                    "is logged as the largest", counts)
+    device_type = devices.pop() if len(devices) == 1 else "mixed"
+    return Topology(len(ranks), len(per_node), counts[-1], device_type)
+
+
+# ------------------------------------------------------------------------------ the division
+# The real DeepCAM data set and quality target (MLPerf HPC rules, hpc_3.0.0/closed_deepcam.yaml).
+CLOSED_TRAIN_SAMPLES = 121_266
+CLOSED_EVAL_SAMPLES = 15_158
+CLOSED_TARGET_IOU = 0.82
+CLOSED_EPS = 1e-6
+# The only schedules the closed rules know (closed_deepcam_<type>.yaml exists for these).
+_CLOSED_SCHEDULERS = ("multistep", "cosine")
+
+
+@dataclass(frozen=True)
+class Division:
+    name: str                                 # "closed" or "open"
+    reasons: tuple[str, ...] = field(default=())  # why not closed, each naming a config key
+
+
+def mlperf_division(cfg, train_samples: int, eval_samples: int) -> Division:
+    """``closed`` when the run keeps to the closed rules of MLPerf HPC DeepCAM, else ``open``.
+
+    Closed means: the hyperparameter constraints the checker enforces (Adam/AdamW/LAMB with
+    eps 1e-6, LAMB clipping at 1.0, a multistep or cosine schedule), the fixed parts of the
+    reference that are not on its list of modifiable hyperparameters (full 768x1152 fields of
+    all 16 channels with min-max normalization, DeepLabv3+, the reference's class weights, the
+    0.82 target) and the real data set's sample counts. Every synthetic or cropped run is open.
+    """
+    from climseg.data.format import DEEPCAM_CLASS_FREQUENCIES, DEEPCAM_WEIGHT_POW
+
+    d, m, o, s, t, loss = cfg.data, cfg.model, cfg.optimizer, cfg.scheduler, cfg.train, cfg.loss
+    reasons = []
+
+    def need(ok: bool, why: str) -> None:
+        if not ok:
+            reasons.append(why)
+
+    need(train_samples == CLOSED_TRAIN_SAMPLES,
+         f"data.root: {train_samples} training samples, the real set has {CLOSED_TRAIN_SAMPLES}")
+    need(eval_samples == CLOSED_EVAL_SAMPLES,
+         f"data.root/data.max_validation_samples: {eval_samples} validation samples, the real "
+         f"set has {CLOSED_EVAL_SAMPLES}")
+    need(d.crop is None, f"data.crop: {d.crop}; the closed division trains on whole fields")
+    need(d.validation_crop is None,
+         f"data.validation_crop: {d.validation_crop}; the closed division validates whole fields")
+    need(d.channels is None or list(d.channels) == list(range(16)),
+         f"data.channels: {d.channels}; the closed division uses all 16")
+    need(d.normalization == "minmax",
+         f"data.normalization: {d.normalization}; the reference uses minmax")
+    need(m.name == "deeplabv3plus" and m.num_classes == 3,
+         f"model: {m.name} with {m.num_classes} classes; the reference is deeplabv3plus, 3")
+    need([float(f) for f in loss.class_frequencies] == list(DEEPCAM_CLASS_FREQUENCIES)
+         and loss.weight_pow == DEEPCAM_WEIGHT_POW,
+         "loss: class weights differ from the reference's")
+    need(math.isclose(o.eps, CLOSED_EPS), f"optimizer.eps: {o.eps}; the rules fix 1e-6")
+    need(o.name != "lamb" or o.max_grad_norm == 1.0,
+         f"optimizer.max_grad_norm: {o.max_grad_norm}; LAMB's is fixed at 1.0")
+    need(s.type in _CLOSED_SCHEDULERS,
+         f"scheduler.type: {s.type}; the closed rules know multistep and cosine only")
+    need(t.target_iou == CLOSED_TARGET_IOU,
+         f"train.target_iou: {t.target_iou}; the benchmark's target is {CLOSED_TARGET_IOU}")
+    return Division("open" if reasons else "closed", tuple(reasons))
+
+
+def mlperf_log_path(output_dir: Path) -> Path:
+    """The file for this run segment: ``mlperf.log`` for a fresh run directory, then
+    ``mlperf-2.log``, ``mlperf-3.log``, ... for each resumed segment (never appended: the
+    checker reads one run per file)."""
+    output_dir = Path(output_dir)
+    path, n = output_dir / "mlperf.log", 1
+    while path.exists():
+        n += 1
+        path = output_dir / f"mlperf-{n}.log"
+    return path
+
+
+# MLPerf HPC names the schedules and optimizers differently from our config.
 _MLPERF_SCHEDULER = {"multistep": "multistep", "cosine": "cosine_annealing", "constant": "constant"}
 _MLPERF_OPTIMIZER = {"lamb": "LAMB", "adam": "Adam", "adamw": "AdamW"}
 
 
 class MLPerfLog:
-    """The MLPerf HPC DeepCAM log, written with the ``mlperf-logging`` package's ``mllog``."""
+    """The MLPerf HPC DeepCAM log of one run segment, written with ``mlperf-logging``'s mllog.
+
+    The trainer calls, on rank 0 only (``None`` elsewhere), in this order::
+
+        log = MLPerfLog(mlperf_log_path(output_dir))
+        log.init_start()
+        log.hyperparameters(cfg, topology, train_samples=..., eval_samples=...,
+                            batchnorm_group_size=..., checkpoint=resumed_from)
+        log.init_stop(); log.run_start()
+        per epoch:   log.epoch_start(epoch, step) ... log.epoch_stop(epoch, step)
+        log steps:   log.train_progress(epoch, step, loss=..., lr=..., accuracy=...)
+        validation:  log.eval_start(epoch, step); log.eval_result(epoch, step, accuracy, loss,
+                     target); log.eval_stop(epoch, step)
+        checkpoints: log.save_start(epoch, step); ...; log.save_stop(epoch, step)
+        log.run_stop("success" | "aborted", epoch, step); log.close()
+
+    ``epoch`` is 1-based as MLPerf counts (the reference logs ``epoch + 1``); ``step`` is the
+    optimizer step. Each method flushes its line, so a killed run leaves a readable prefix.
+    """
 
     def __init__(self, path: Path):
         from mlperf_logging import mllog
 
+        self.path = Path(path)
         self._constants = mllog.constants
         # mllog keeps one process-wide logger; a second run in the same process (tests, a
         # notebook) reuses it with this run's file as its only handler.
@@ -88,17 +196,20 @@ class MLPerfLog:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
             handler.close()
-        self._handler = logging.FileHandler(path)
+        # "x": a segment never appends to, or overwrites, another segment's log.
+        self._handler = logging.FileHandler(self.path, mode="x")
         logger.addHandler(self._handler)
         self.mllogger = mllog.get_mllogger()
         if self.mllogger.logger is not logger:
             mllog.config(logger=logger)
-        mllog.config(default_stack_offset=2, root_dir=str(Path(__file__).resolve().parent.parent))
+        mllog.config(default_stack_offset=3, root_dir=str(Path(__file__).resolve().parent.parent))
+        self.division: Division | None = None
 
     def close(self) -> None:
         self.mllogger.logger.removeHandler(self._handler)
         self._handler.close()
 
+    # -- raw lines --------------------------------------------------------------------------
     def event(self, key: str, value: Any = None, **metadata) -> None:
         self.mllogger.event(key=key, value=value, metadata=metadata or None)
 
@@ -108,23 +219,110 @@ class MLPerfLog:
     def end(self, key: str, **metadata) -> None:
         self.mllogger.end(key=key, value=None, metadata=metadata or None)
 
-    def hyperparameters(self, cfg, *, world_size: int, global_batch: int,
-                        train_samples: int, eval_samples: int) -> None:
-        """The submission's settings, with the key names of the MLPerf HPC DeepCAM rules."""
+    # -- the run's phases -------------------------------------------------------------------
+    def init_start(self, cache_cleared: bool = False) -> None:
+        """``init_start`` then ``cache_clear``. climseg does not drop the page cache itself;
+        pass True only when the launch did (e.g. ``sync; echo 3 > /proc/sys/vm/drop_caches``)."""
+        self.start(self._constants.INIT_START)
+        self.event(self._constants.CACHE_CLEAR, bool(cache_cleared))
+
+    def init_stop(self) -> None:
+        self.end(self._constants.INIT_STOP)
+
+    def run_start(self) -> None:
+        self.start(self._constants.RUN_START)
+
+    def epoch_start(self, epoch_num: int, step_num: int) -> None:
+        self.start(self._constants.EPOCH_START, epoch_num=epoch_num, step_num=step_num)
+
+    def epoch_stop(self, epoch_num: int, step_num: int) -> None:
+        self.end(self._constants.EPOCH_STOP, epoch_num=epoch_num, step_num=step_num)
+
+    def train_progress(self, epoch_num: int, step_num: int, *, loss: float, lr: float,
+                       accuracy: float | None = None) -> None:
+        """The reference's per-log-step lines: learning_rate, train_accuracy, train_loss."""
+        meta = dict(epoch_num=epoch_num, step_num=step_num)
+        self.event("learning_rate", float(lr), **meta)
+        if accuracy is not None:
+            self.event("train_accuracy", float(accuracy), **meta)
+        self.event("train_loss", float(loss), **meta)
+
+    def eval_start(self, epoch_num: int, step_num: int) -> None:
+        self.start(self._constants.EVAL_START, epoch_num=epoch_num, step_num=step_num)
+
+    def eval_result(self, epoch_num: int, step_num: int, accuracy: float, loss: float,
+                    target: float | None) -> bool:
+        """eval_accuracy and eval_loss; ``target_accuracy_reached`` (valued with the target, as
+        the reference logs it) when ``target`` is set and reached. Returns whether it was."""
+        meta = dict(epoch_num=epoch_num, step_num=step_num)
+        self.event(self._constants.EVAL_ACCURACY, float(accuracy), **meta)
+        self.event("eval_loss", float(loss), **meta)
+        reached = bool(target) and accuracy >= target
+        if reached:
+            self.event("target_accuracy_reached", float(target), **meta)
+        return reached
+
+    def eval_stop(self, epoch_num: int, step_num: int) -> None:
+        self.end(self._constants.EVAL_STOP, epoch_num=epoch_num, step_num=step_num)
+
+    def save_start(self, epoch_num: int, step_num: int) -> None:
+        self.start("save_start", epoch_num=epoch_num, step_num=step_num)
+
+    def save_stop(self, epoch_num: int, step_num: int) -> None:
+        self.end("save_stop", epoch_num=epoch_num, step_num=step_num)
+
+    def run_stop(self, status: str, epoch_num: int, step_num: int) -> None:
+        """``status`` is "success" when the target was reached, else "aborted"."""
+        if status not in ("success", "aborted"):
+            raise ValueError(f"run_stop: status must be success or aborted, got {status!r}")
+        self.end(self._constants.RUN_STOP, status=status, epoch_num=epoch_num, step_num=step_num)
+
+    # -- the settings -----------------------------------------------------------------------
+    def hyperparameters(self, cfg, topology: Topology, *, train_samples: int, eval_samples: int,
+                        batchnorm_group_size: int, checkpoint: str | None = None,
+                        division: str | None = None, org: str = "climseg",
+                        platform: str | None = None) -> Division:
+        """The submission's settings under the key names of the MLPerf HPC DeepCAM rules.
+
+        ``batchnorm_group_size`` is the resolved number of ranks whose batch statistics are
+        reduced together (1 = plain batch norm; "all ranks" is logged as the rank count).
+        ``checkpoint`` is the file this segment resumed from (None for a fresh start), as the
+        reference logs it. ``division`` forces "closed"/"open" (for checking what the closed
+        rules say of a run); by default :func:`mlperf_division` decides. Returns the division
+        with the reasons a run is not closed.
+        """
         c = self._constants
+        decided = mlperf_division(cfg, train_samples, eval_samples)
+        if division is None:
+            self.division = decided
+        elif division in ("closed", "open"):
+            self.division = Division(division, decided.reasons)
+        else:
+            raise ValueError(f"division must be closed, open or None, got {division!r}")
         opt, sched, train = cfg.optimizer, cfg.scheduler, cfg.train
+        ranks = topology.number_of_ranks
+        micro_global = ranks * train.local_batch_size
         self.event(c.SUBMISSION_BENCHMARK, "deepcam")
-        self.event(c.SUBMISSION_DIVISION, "closed")
+        self.event(c.SUBMISSION_DIVISION, self.division.name)
         self.event(c.SUBMISSION_STATUS, "onprem")
-        self.event(c.SUBMISSION_ORG, "climseg")
-        self.event(c.SUBMISSION_PLATFORM, "unknown")
+        self.event(c.SUBMISSION_ORG, org)
+        self.event(c.SUBMISSION_PLATFORM, platform or _platform(topology))
+        self.event("number_of_ranks", ranks)
+        self.event("number_of_nodes", topology.number_of_nodes)
+        self.event("accelerators_per_node", topology.accelerators_per_node)
         self.event(c.SEED, cfg.seed)
-        self.event(c.GLOBAL_BATCH_SIZE, global_batch)
+        # MLPerf's global batch is the samples per optimizer update. The reference logs
+        # local x ranks, which is the same only without accumulation: then its quantity is
+        # logged too, under a name of its own.
+        self.event(c.GLOBAL_BATCH_SIZE, micro_global * train.gradient_accumulation)
+        if train.gradient_accumulation > 1:
+            self.event("global_micro_batch_size", micro_global)
         self.event("local_batch_size", train.local_batch_size)
         self.event("gradient_accumulation_frequency", train.gradient_accumulation)
-        self.event("batchnorm_group_size", world_size if train.sync_batchnorm else 1)
-        self.event(c.TRAIN_SAMPLES, train_samples)
-        self.event(c.EVAL_SAMPLES, eval_samples)
+        self.event("batchnorm_group_size", int(batchnorm_group_size))
+        self.event("checkpoint", None if checkpoint is None else str(checkpoint))
+        self.event(c.TRAIN_SAMPLES, int(train_samples))
+        self.event(c.EVAL_SAMPLES, int(eval_samples))
         self.event("opt_name", _MLPERF_OPTIMIZER[opt.name])
         self.event("opt_lr", opt.lr)
         self.event("opt_betas", list(opt.betas))
@@ -143,3 +341,157 @@ class MLPerfLog:
         elif sched.type == "cosine":
             self.event("scheduler_t_max", sched.t_max)
             self.event("scheduler_eta_min", sched.eta_min)
+        return self.division
+
+
+# ------------------------------------------------------------------------------ TensorBoard
+# The scalar tags the HParams table shows as metric columns (logged by the trainer later).
+HPARAM_METRICS = ("eval/eval_accuracy", "eval/mean_iou", "eval/loss", "train/loss")
+
+
+def run_name(output_dir: str | Path) -> str:
+    """The name a run has in TensorBoard's runs list: its output directory's name."""
+    return Path(output_dir).resolve().name or "run"
+
+
+def hparams_of(cfg, topology: Topology, global_batch: int, batchnorm_group_size: int,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The flat hyperparameters shown in TensorBoard: every config key (dotted) plus the launch
+    (ranks, nodes, GPUs per node, global batch, batch-norm group)."""
+    flat = _flatten(cfg.to_dict())
+    flat.update({"launch.ranks": topology.number_of_ranks,
+                 "launch.nodes": topology.number_of_nodes,
+                 "launch.accelerators_per_node": topology.accelerators_per_node,
+                 "launch.device": topology.device_type,
+                 "launch.global_batch_size": int(global_batch),
+                 "launch.batchnorm_group_size": int(batchnorm_group_size)})
+    flat.update(extra or {})
+    return flat
+
+
+class TensorBoard:
+    """Scalars, the validation map and the hyperparameters of one run.
+
+    Events go to ``log_dir/<name>`` so that ``tensorboard --logdir log_dir`` lists the run
+    under ``name`` (a writer at ``log_dir`` itself is listed as "."). The hyperparameters are
+    written when the writer opens, so a killed run is in the HParams table too; its metric
+    columns are the scalars of :data:`HPARAM_METRICS`, which the HParams plugin reads from this
+    same run as they are logged. A resumed segment writes into the same run directory.
+    """
+
+    def __init__(self, log_dir: Path, name: str, hparams: dict[str, Any],
+                 metrics: Iterable[str] = HPARAM_METRICS):
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        self.run_dir = Path(log_dir) / name
+        self.writer = SummaryWriter(log_dir=str(self.run_dir))
+        values = {k: _hparam_value(v) for k, v in hparams.items()}
+        # The metric values passed here are not written anywhere (only their tags are): the
+        # plugin takes each metric's value from the run's scalars of that tag.
+        experiment, session_start, self._session_end = hparams_summaries(
+            values, {tag: 0.0 for tag in metrics})
+        file_writer = self.writer._get_file_writer()
+        file_writer.add_summary(experiment)
+        file_writer.add_summary(session_start)
+        self.writer.flush()
+
+    def scalars(self, prefix: str, values: dict[str, float | None], step: int) -> None:
+        for name, value in values.items():
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
+        self.writer.add_image(tag, rgb, step, dataformats="HWC")
+
+    def validation_map(self, field: np.ndarray, truth, prediction, step: int, title: str,
+                       window=None, tag: str = "validation/map") -> None:
+        """The map of one validation sample, drawn at its place on the globe (``window``:
+        :class:`climseg.plot.GridWindow`, e.g. ``centre_window(full_shape, crop)``)."""
+        from climseg.plot import figure_to_array, plot_sample
+
+        fig = plot_sample(field, prediction=prediction, truth=truth, title=title, window=window)
+        self.image(tag, figure_to_array(fig), step)
+
+    def timing(self, step: int, *, step_seconds: float, data_wait_seconds: float) -> None:
+        """``perf/data_wait_share``: the part of the steps' wall time spent waiting for batches
+        (0: the loader keeps up; near 1: the accelerator starves)."""
+        if step_seconds > 0:
+            self.scalars("perf", {"data_wait_share": data_wait_seconds / step_seconds}, step)
+
+    def validation_time(self, step: int, seconds: float) -> None:
+        self.scalars("eval", {"seconds": seconds}, step)
+
+    def epoch(self, step: int, epoch_num: int) -> None:
+        self.scalars("train", {"epoch": float(epoch_num)}, step)
+
+    def peak_memory(self, step: int, device) -> None:
+        """``perf/peak_gpu_memory_gib``: rank 0's peak allocated GPU memory since the last call
+        (the peak is reset after reading); nothing on a CPU device."""
+        import torch
+
+        if getattr(device, "type", str(device)) != "cuda":
+            return
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        self.scalars("perf", {"peak_gpu_memory_gib": peak}, step)
+
+    def close(self) -> None:
+        """Ends the HParams session (a killed run, which never gets here, has no end there)."""
+        self.writer._get_file_writer().add_summary(self._session_end)
+        self.writer.close()
+
+
+class DataWait:
+    """Wall time spent waiting for batches, on the rank that measures it.
+
+    ``with wait.waiting(): micro = [next(batches) ...]`` around each fetch; at a log step,
+    ``wait.take()`` returns (seconds waited, seconds elapsed) since the previous ``take`` and
+    starts a new window. Pass them to :meth:`TensorBoard.timing`.
+    """
+
+    def __init__(self, clock=time.perf_counter):
+        self._clock = clock
+        self._waited = 0.0
+        self._window_start = clock()
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._waited += self._clock() - start
+
+    def take(self) -> tuple[float, float]:
+        now = self._clock()
+        result = (self._waited, now - self._window_start)
+        self._waited, self._window_start = 0.0, now
+        return result
+
+
+def _platform(t: Topology) -> str:
+    """A platform description from the launch when the submitter gives none."""
+    nodes = f"{t.number_of_nodes} node{'s' if t.number_of_nodes != 1 else ''}"
+    if t.accelerators_per_node:
+        return f"{nodes} x {t.accelerators_per_node} GPU"
+    return f"{nodes}, CPU"
+
+
+def _hparam_value(value: Any) -> int | float | str | bool:
+    """TensorBoard's HParams take numbers, strings and booleans; lists and None become text."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if value is None:
+        return "null"
+    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
