@@ -35,11 +35,12 @@ HOROVODRUN := horovodrun -np $(NP) --gloo
 help:
 	@echo "make demo     install, make a synthetic data set, train $(DEMO_CONFIG) with $(NP) ranks"
 	@echo "make test     install, run the whole test suite (python -m pytest -q tests)"
-	@echo "make install  virtual environment $(VENV): requirements, torch, Horovod"
+	@echo "make install  virtual environment $(VENV): requirements, torch, Horovod, then climseg"
+	@echo "              itself (editable): the \`climseg\` command, \`python -m climseg.train\` anywhere"
 	@echo "make clean-demo  remove $(DEMO_DIR) and $(RUN_DIR)"
 
 # --- install ----------------------------------------------------------------------------------
-install: horovod
+install: horovod $(STAMPS)/climseg
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV_ARGS) $(VENV)
@@ -64,8 +65,14 @@ $(STAMPS)/torch: | $(PY)
 horovod: $(STAMPS)/requirements $(STAMPS)/torch
 	PYTHON=$(PY) tools/install_horovod.sh
 
+# climseg itself, editable (the checkout is what runs), last: --no-deps so that pip never
+# replaces the torch kept above, --no-build-isolation so that no package index is needed.
+$(STAMPS)/climseg: pyproject.toml | horovod
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@mkdir -p $(STAMPS) && touch $@
+
 # --- test -------------------------------------------------------------------------------------
-# CLIMSEG_REQUIRE_HOROVOD turns the 2-rank tests' "horovod not installed" skip into a failure.
+# CLIMSEG_REQUIRE_HOROVOD turns every test's "horovod not installed" skip into a failure.
 test: install
 	CLIMSEG_REQUIRE_HOROVOD=1 python -m pytest -q tests $(PYTEST_ARGS)
 

@@ -1,43 +1,20 @@
 #!/usr/bin/env python
-"""Check every data-*.h5 file under ROOT (and ROOT/stats.h5): header, shapes, NaN/inf, labels.
+"""Alias of `climseg check` (`climseg check --help` for its options); kept so that existing
+command lines, with their older flag spellings, keep working."""
 
-Prints one line per bad file and a summary. Exit status: 0 all good, 1 some file is bad,
-2 nothing to check (no such folder, no files).
-
-Example: python tools/check_data.py data/cam
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from climseg.data.check import check_tree  # noqa: E402
-from climseg.data.format import DataError  # noqa: E402
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", type=Path, help="a data-set root, split folder or file")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="parallel worker processes (default: CPU count)")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    args = parser.parse_args(argv)
-    try:
-        checked, problems = check_tree(args.root, args.workers, progress=not args.quiet)
-    except DataError as err:
-        print(f"check_data: error: {err}", file=sys.stderr)
-        return 2
-    for line in problems:
-        print(line)
-    print(f"checked {checked} files under {args.root}: "
-          f"{'all good' if not problems else f'{len(problems)} problem(s)'}")
-    return 1 if problems else 0
-
+try:
+    from climseg.data.tools import check_main
+except ModuleNotFoundError as err:
+    # A checkout whose venv predates `make install` installing climseg: use the package
+    # next to this script. Only a missing climseg falls back; any other missing module is
+    # a real error and is raised as it is.
+    if err.name != "climseg":
+        raise
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from climseg.data.tools import check_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(check_main())

@@ -74,7 +74,7 @@ def plan(source: str | os.PathLike, splits, rank: int, size: int) -> list[tuple[
     stats = source / STATS_NAME
     if not stats.exists():
         raise DataError(f"{stats}: stats file not found (create it with "
-                        "tools/summarize_data.py --data ROOT before staging)")
+                        f"climseg summarize --data {source} before staging)")
     pairs = [(stats, Path(STATS_NAME))]
     for split in splits:
         if (source / split / INDEX_NAME).exists():

@@ -1,0 +1,7 @@
+"""``python -m climseg COMMAND ...``: the same as the ``climseg`` command."""
+
+import sys
+
+from climseg.cli import main
+
+sys.exit(main())
