@@ -12,29 +12,81 @@ import torch
 def _pair_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                  groups: int = 1, use_bincount: bool | None = None) -> torch.Tensor:
     """int64 (groups, C, C) counts of (target, prediction) pairs; the leading dimension of
-    `pred`/`target` is split into `groups` equal parts. `use_bincount` defaults to CPU only."""
+    `pred`/`target` is split into `groups` equal parts. `use_bincount` defaults to CPU only.
+
+    The pair index `target * C + pred` is built in the narrowest integer type that holds it
+    (uint8 for up to 15 classes): at full size (8 x 768 x 1152 pixels) an int64 index alone is
+    57 MB, and comparing it against every bin at once made a 64 MB boolean temporary, which
+    the sum then copied to int64 (510 MB), per micro-batch.
+    """
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape "
                          f"{tuple(target.shape)}")
     bins = num_classes * num_classes
-    index = (target.reshape(groups, -1).long() * num_classes + pred.reshape(groups, -1).long())
     if use_bincount is None:
-        use_bincount = index.device.type == "cpu"
+        use_bincount = pred.device.type == "cpu"
     if use_bincount:
         # bincount synchronizes anyway, so a range check costs little here.
         for name, t in (("labels", target), ("predictions", pred)):
-            if t.numel() and (t.min() < 0 or t.max() >= num_classes):
-                raise ValueError(f"{name} outside [0, {num_classes}): "
-                                 f"min {t.min().item()}, max {t.max().item()}")
-        offsets = torch.arange(groups, device=index.device).unsqueeze(1) * bins
-        counts = torch.bincount((index + offsets).flatten(), minlength=groups * bins)
+            if t.numel():
+                low, high = torch.aminmax(t)
+                if low < 0 or high >= num_classes:
+                    raise ValueError(f"{name} outside [0, {num_classes}): "
+                                     f"min {low.item()}, max {high.item()}")
+        # One flat bincount over all groups: group g's pairs are offset by g * bins.
+        dtype = _index_dtype(groups * bins - 1)
+        index = _pair_index(pred, target, num_classes, groups, dtype)
+        if groups > 1:
+            index += torch.arange(groups, dtype=dtype, device=index.device).unsqueeze(1) * bins
+        counts = torch.bincount(index.flatten(), minlength=groups * bins)
     else:
-        # torch.bincount reads the maximum back to the host on accelerators; comparing with
-        # every bin is a plain reduction and keeps the step free of synchronization.
+        # torch.bincount reads the maximum back to the host on accelerators; comparisons and
+        # sums are plain elementwise kernels and reductions, free of host synchronization.
         # Values must lie in [0, num_classes) (the data loader validates labels).
-        bin_ids = torch.arange(bins, device=index.device)
-        counts = (index.unsqueeze(-1) == bin_ids).sum(dim=1)
+        # `bins` itself pads the index in _count_bins, so the dtype must hold it.
+        dtype = _index_dtype(bins)
+        counts = _count_bins(_pair_index(pred, target, num_classes, groups, dtype), bins)
     return counts.view(groups, num_classes, num_classes)
+
+
+def _index_dtype(largest: int) -> torch.dtype:
+    for dtype in (torch.uint8, torch.int32):
+        if largest <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
+# Pixels per partial sum in _count_bins: a count of at most 255 fits the one-byte partial sums.
+_BLOCK = 255
+
+
+def _count_bins(index: torch.Tensor, bins: int) -> torch.Tensor:
+    """int64 (groups, bins): how often each value in [0, bins) occurs in each row of `index`.
+
+    One bin at a time, so the temporary is one byte per pixel (a comparison against all bins
+    at once is bins bytes per pixel). Summing a boolean directly would first copy it to int64
+    (8 bytes per pixel; PyTorch's sum converts its input to the accumulation type), so the
+    comparison is summed as bytes over blocks of 255 pixels, whose counts fit a byte, and only
+    the 255 times smaller partial sums are widened.
+    """
+    groups = index.shape[0]
+    pad = -index.shape[1] % _BLOCK
+    if pad:
+        # `bins` itself is in no bin (and fits the index dtype: uint8 only for bins < 256).
+        index = torch.nn.functional.pad(index, (0, pad), value=bins)
+    counts = []
+    for b in range(bins):
+        hits = (index == b).view(torch.uint8).view(groups, -1, _BLOCK)
+        counts.append(hits.sum(dim=2, dtype=torch.uint8).sum(dim=1))
+    return torch.stack(counts, dim=1)
+
+
+def _pair_index(pred: torch.Tensor, target: torch.Tensor, num_classes: int, groups: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """(groups, pixels) `target * num_classes + pred` in `dtype` (values already in range)."""
+    index = target.reshape(groups, -1).to(dtype) * num_classes
+    index += pred.reshape(groups, -1).to(dtype)
+    return index
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -144,13 +144,33 @@ def test_confusion_matrix_rows_are_truth():
     assert torch.equal(cm, expected)
 
 
-def test_reduction_counting_agrees_with_bincount():
-    pred = torch.randint(0, 3, (2, 16, 24))
-    target = torch.randint(0, 3, (2, 16, 24))
-    for groups in (1, 2):
-        a = _pair_counts(pred, target, 3, groups=groups, use_bincount=True)
-        b = _pair_counts(pred, target, 3, groups=groups, use_bincount=False)
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("num_classes", [3, 15, 16])   # 16: 256 pairs no longer fit uint8
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.uint8])
+def test_reduction_counting_agrees_with_bincount_and_a_loop(num_classes, label_dtype):
+    torch.manual_seed(num_classes)
+    pred = torch.randint(0, num_classes, (4, 16, 24))
+    target = torch.randint(0, num_classes, (4, 16, 24)).to(label_dtype)
+    by_loop = torch.zeros(4, num_classes, num_classes, dtype=torch.int64)
+    for g in range(4):
+        for t, p in zip(target[g].flatten().tolist(), pred[g].flatten().tolist()):
+            by_loop[g, t, p] += 1
+    for groups in (1, 2, 4):
+        expected = by_loop.view(groups, -1, num_classes, num_classes).sum(1)
+        a = _pair_counts(pred, target, num_classes, groups=groups, use_bincount=True)
+        b = _pair_counts(pred, target, num_classes, groups=groups, use_bincount=False)
+        assert a.dtype == b.dtype == torch.int64
+        assert torch.equal(a, expected) and torch.equal(b, expected)
+
+
+@pytest.mark.parametrize("pixels", [255, 510, 7 * 11])
+def test_reduction_counting_of_full_blocks(pixels):
+    # Every pixel in one bin: each block of 255 byte-sized partial sums is full (255), and a
+    # size that is not a multiple of the block is padded with a value in no bin.
+    same = torch.ones(2, pixels, dtype=torch.int64)
+    counts = _pair_counts(same, same, 3, groups=2, use_bincount=False)
+    expected = torch.zeros(2, 3, 3, dtype=torch.int64)
+    expected[:, 1, 1] = pixels
+    assert torch.equal(counts, expected)
 
 
 def test_iou_from_confusion():
