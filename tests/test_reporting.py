@@ -159,6 +159,18 @@ def test_resumed_segment_writes_its_own_file_and_each_passes(tmp_path):
         MLPerfLog(first)   # an existing segment is never reopened
 
 
+def test_segments_appended_to_one_file_are_rejected(tmp_path):
+    # Why each segment gets its own file: the reference's --resume_logging appends, and the
+    # checker then sees a second init_start after run_start.
+    cfg = config("ci.yaml", "train.target_iou=0.82")
+    run_segment(tmp_path / "a.log", cfg, [0.5])
+    run_segment(tmp_path / "b.log", cfg, [0.9], first_epoch=2)
+    both = tmp_path / "both.log"
+    both.write_text((tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text())
+    rc, messages = check(both)
+    assert rc == 1 and any("CHECK for 'init_start' failed" in m for m in messages)
+
+
 def test_global_batch_is_samples_per_update_and_the_reference_quantity_is_logged_too(tmp_path):
     cfg = config("ci.yaml", "train.gradient_accumulation=4", "train.local_batch_size=2")
     path = tmp_path / "mlperf.log"
