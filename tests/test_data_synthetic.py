@@ -1,4 +1,5 @@
-"""The synthetic generator: determinism, plausible values, class fractions, file names."""
+"""The synthetic generator: determinism, plausible and mutually consistent values, real-atmosphere
+spectra, labels that follow from the fields by TECA-like rules, class fractions, file names."""
 
 from __future__ import annotations
 
@@ -6,18 +7,32 @@ import numpy as np
 import pytest
 
 from climseg.data.format import CHANNELS, NUM_CHANNELS, DataError, read_sample, validate_file
-from climseg.data.synthetic import TARGET_FRACTIONS, generate_dataset, generate_sample
+from climseg.data.synthetic import (IVT_THRESHOLD, TARGET_FRACTIONS, detect_labels,
+                                    generate_dataset, generate_sample, sample_name)
 
-# Plausible ranges per channel (units of the CAM5 output), loose enough for TC extremes.
-RANGES = {"TMQ": (0, 70), "U850": (-60, 60), "V850": (-60, 60), "UBOT": (-50, 50),
-          "VBOT": (-50, 50), "QREFHT": (0, 0.03), "PS": (85000, 104000),
-          "PSL": (90000, 106000), "T200": (195, 235), "T500": (220, 280),
-          "PRECT": (0, 1e-5), "TS": (220, 315), "TREFHT": (215, 315), "Z1000": (-100, 100),
-          "Z200": (10500, 13000), "ZBOT": (40, 80)}
+CH = {name: i for i, name in enumerate(CHANNELS)}
 
-# Stated tolerance: over 40 samples at 192x288 (and 300 at 64x96) the class fractions are
-# within 25 % (TC) and 15 % (AR) of the real data's 0.05 % and 1.3 %.
+# Plausible ranges per channel (units of the CAM5 output), loose enough for TC extremes and
+# orography (PS over 1.3 km of terrain).
+RANGES = {"TMQ": (0, 76), "U850": (-80, 80), "V850": (-80, 80), "UBOT": (-60, 60),
+          "VBOT": (-60, 60), "QREFHT": (0, 0.03), "PS": (70000, 108000),
+          "PSL": (90000, 108000), "T200": (200, 235), "T500": (215, 285),
+          "PRECT": (0, 1e-5), "TS": (220, 315), "TREFHT": (215, 315), "Z1000": (-900, 600),
+          "Z200": (10000, 13000), "ZBOT": (45, 75)}
+
+# Stated tolerance: over 40 samples at 192x288 the class fractions are within 25 % (TC) and
+# 15 % (AR) of the real data's 0.05 % and 1.3 %.
 TC_TOL, AR_TOL = 0.25, 0.15
+
+
+@pytest.fixture(scope="module")
+def full_size():
+    """Three full-size (768x1152) samples: what the statistical tests measure."""
+    return [generate_sample(np.random.default_rng([7, i])) for i in range(3)]
+
+
+def _lat(height):
+    return np.linspace(-90.0, 90.0, height)
 
 
 def test_sample_shapes_dtypes_and_determinism():
@@ -42,37 +57,128 @@ def test_values_are_plausible(h, w):
             assert lo <= data[..., c].min() and data[..., c].max() <= hi, name
 
 
-@pytest.mark.parametrize("h, w, n", [(64, 96, 300), (192, 288, 40)])
-def test_class_fractions_near_real_data(h, w, n):
+def test_class_fractions_near_real_data():
     counts = np.zeros(3)
-    for i in range(n):
-        counts += np.bincount(generate_sample(np.random.default_rng([11, i]), h, w)[1].ravel(),
-                              minlength=3)
+    for i in range(40):
+        counts += np.bincount(generate_sample(np.random.default_rng([11, i]), 192, 288)[1]
+                              .ravel(), minlength=3)
     frac = counts / counts.sum()
     assert abs(frac[1] - TARGET_FRACTIONS[1]) <= TC_TOL * TARGET_FRACTIONS[1], frac
     assert abs(frac[2] - TARGET_FRACTIONS[2]) <= AR_TOL * TARGET_FRACTIONS[2], frac
 
 
-def test_labels_follow_the_fields():
-    """TC pixels sit in deep PSL lows with high TMQ; AR pixels are moister than background."""
-    tmq, psl = CHANNELS.index("TMQ"), CHANNELS.index("PSL")
-    tc_psl, bg_psl, ar_tmq, bg_tmq = [], [], [], []
-    for i in range(10):
-        data, labels = generate_sample(np.random.default_rng([5, i]), 192, 288)
-        tc_psl.append(data[labels == 1, psl])
-        bg_psl.append(data[labels == 0, psl])
-        mid = np.abs(np.linspace(-90, 90, 192))[:, None].repeat(288, 1)
-        band = (mid > 15) & (mid < 60)   # ARs are mid-latitude: compare with the same band
-        ar_tmq.append(data[(labels == 2) & band, tmq])
-        bg_tmq.append(data[(labels == 0) & band, tmq])
-    assert np.concatenate(tc_psl).max() < np.percentile(np.concatenate(bg_psl), 1)
-    assert np.median(np.concatenate(ar_tmq)) > np.percentile(np.concatenate(bg_tmq), 90)
+def _zonal_spectrum(field, lat):
+    """Mean power per zonal wavenumber over the latitude circles at 20-60 degrees."""
+    band = (np.abs(lat) >= 20) & (np.abs(lat) <= 60)
+    rows = field[band].astype(np.float64)
+    rows -= rows.mean(axis=1, keepdims=True)
+    return (np.abs(np.fft.rfft(rows, axis=1)) ** 2).mean(axis=0)
+
+
+@pytest.mark.parametrize("name", ["TMQ", "U850", "V850", "PRECT"])
+def test_multiscale_spectrum_like_reanalysis(full_size, name):
+    """Zonal spectra over wavenumbers 4-100 fall off with slope in [-3.0, -1.8] (reanalysis
+    TMQ: about -2.3) and keep >= 1 % of the 4-10 power at 50-100 (reanalysis: about 5 %)."""
+    lat = _lat(full_size[0][0].shape[0])
+    power = np.mean([_zonal_spectrum(d[..., CH[name]], lat) for d, _ in full_size], axis=0)
+    k = np.arange(power.size)
+    fit = (k >= 4) & (k <= 100)
+    slope = np.polyfit(np.log(k[fit]), np.log(power[fit]), 1)[0]
+    ratio = power[50:101].sum() / power[4:11].sum()
+    assert -3.0 <= slope <= -1.8, (name, slope)
+    assert ratio >= 0.01, (name, ratio)
+
+
+def test_features_where_the_real_ones_are(full_size):
+    lat = _lat(full_size[0][0].shape[0])
+    ar_lat = np.concatenate([np.abs(lat[np.nonzero(lab == 2)[0]]) for _, lab in full_size])
+    tc_lat = np.concatenate([np.abs(lat[np.nonzero(lab == 1)[0]]) for _, lab in full_size])
+    assert ar_lat.size and tc_lat.size
+    assert ((ar_lat >= 20) & (ar_lat <= 70)).mean() >= 0.8
+    assert ((tc_lat >= 5) & (tc_lat <= 35)).mean() >= 0.9
+    # TC pixels lie in deep lows: well below the zonal mean sea-level pressure.
+    anomaly = np.concatenate([(d[..., CH["PSL"]] - d[..., CH["PSL"]].mean(1, keepdims=True))
+                              [lab == 1] for d, lab in full_size])
+    assert np.median(anomaly) < -2000 and np.percentile(anomaly, 95) < -1000
+
+
+def test_labels_follow_the_fields_not_moisture_alone(full_size):
+    """AR pixels carry high vapour transport; a 'moist and extratropical' rule (TMQ >= 26 and
+    |lat| >= 20, which a model trained on moist blobs would learn) matches them badly, and the
+    moist tropical band is not AR."""
+    lat = _lat(full_size[0][0].shape[0])
+    inter = union = 0
+    for data, labels in full_size:
+        ar = labels == 2
+        ivt = data[..., CH["TMQ"]] * np.hypot(data[..., CH["U850"]], data[..., CH["V850"]])
+        assert (ivt[ar] >= IVT_THRESHOLD).all()
+        naive = (data[..., CH["TMQ"]] >= 26) & (np.abs(lat) >= 20)[:, None]
+        inter += (ar & naive).sum()
+        union += (ar | naive).sum()
+        tropics = np.abs(lat) < 10
+        assert np.median(data[tropics][..., CH["TMQ"]]) > np.median(data[ar][:, CH["TMQ"]])
+        assert not ar[tropics].any()
+        np.testing.assert_array_equal(detect_labels(data), labels)
+    assert inter / union < 0.5
+
+
+def test_weak_wind_filament_or_shallow_low_is_not_labelled(full_size):
+    """The same fields with weak 850 hPa winds lose their ARs and TCs: the labels come
+    from transport and cyclonic winds, not from the shape of the vapour or pressure fields."""
+    data, labels = full_size[0]
+    calm = data.copy()
+    calm[..., CH["U850"]] *= 0.25
+    calm[..., CH["V850"]] *= 0.25
+    calmed = detect_labels(calm)
+    assert (labels == 2).sum() > 0 and (calmed == 2).sum() < 0.05 * (labels == 2).sum()
+    assert (labels == 1).sum() > 0 and (calmed == 1).sum() == 0
+
+
+def test_channels_consistent(full_size):
+    lat = _lat(full_size[0][0].shape[0])
+    phi = np.deg2rad(lat)[:, None]
+    for data, _ in full_size:
+        # Temperatures fall with height everywhere, and poleward in the zonal mean.
+        assert (data[..., CH["TS"]] > data[..., CH["T500"]]).all()
+        assert (data[..., CH["T500"]] > data[..., CH["T200"]]).all()
+        bins = np.digitize(np.abs(lat), np.arange(10, 91, 10))   # 10-degree bands from 10
+        for name in ("TS", "T500"):
+            zonal = data[..., CH[name]].mean(axis=1)
+            band_means = [zonal[bins == b].mean() for b in range(1, 9)]
+            assert (np.diff(band_means) < 0).all(), (name, band_means)
+        # Hydrostatic: Z200 - Z1000 = (R/g) ln(1000/200) x layer temperature (~47 m/K).
+        thick = data[..., CH["Z200"]] - data[..., CH["Z1000"]]
+        layer = (data[..., CH["TREFHT"]] + data[..., CH["T500"]] + data[..., CH["T200"]]) / 3
+        assert np.corrcoef(thick.ravel(), layer.ravel())[0, 1] > 0.95
+        assert 45 < np.median(thick / layer) < 50
+        # Winds roughly geostrophic at 30-60 degrees: u ~ -dp/dy / (rho f), v ~ dp/dx / (rho f).
+        psl = data[..., CH["PSL"]].astype(np.float64)
+        rho_f = 1.2 * 2 * 7.292e-5 * np.sin(phi)
+        dy = np.pi * 6.371e6 / (len(lat) - 1)
+        dx = 2 * np.pi * 6.371e6 / psl.shape[1] * np.cos(phi)
+        ug = -np.gradient(psl, axis=0) / dy / rho_f
+        vg = (np.roll(psl, -1, 1) - np.roll(psl, 1, 1)) / (2 * dx) / rho_f
+        band = (np.abs(lat) >= 30) & (np.abs(lat) <= 60)
+        assert np.corrcoef(ug[band].ravel(), data[band][..., CH["U850"]].ravel())[0, 1] > 0.5
+        assert np.corrcoef(vg[band].ravel(), data[band][..., CH["V850"]].ravel())[0, 1] > 0.5
+        # Vapour follows temperature (Clausius-Clapeyron) and QREFHT follows TMQ.
+        assert np.corrcoef(data[..., CH["TMQ"]].ravel(), data[..., CH["TS"]].ravel())[0, 1] > 0.8
+        assert np.corrcoef(data[..., CH["TMQ"]].ravel(),
+                           data[..., CH["QREFHT"]].ravel())[0, 1] > 0.9
+
+
+def test_sample_names_follow_deepcam():
+    """The fourth field is the 3-hourly step of the day, 0-7, as in the real file names."""
+    assert sample_name(0) == "data-2100-01-01-00-1.h5"
+    assert sample_name(7) == "data-2100-01-01-07-1.h5"
+    assert sample_name(8) == "data-2100-01-02-00-1.h5"
+    assert sample_name(8 * 31 + 3) == "data-2100-02-01-03-1.h5"
 
 
 def test_generate_dataset_names_and_files(tmp_path):
     paths = generate_dataset(tmp_path / "raw", 10, seed=2, height=32, width=48, progress=False)
     names = [p.name for p in paths]
-    assert names[0] == "data-2100-01-01-00-1.h5" and names[9] == "data-2100-01-02-03-1.h5"
+    assert names[0] == "data-2100-01-01-00-1.h5" and names[9] == "data-2100-01-02-01-1.h5"
     assert names == sorted(names) and len(set(names)) == 10
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == names   # no temp files
     assert validate_file(paths[0]) == (32, 48, NUM_CHANNELS)
@@ -88,3 +194,8 @@ def test_refuses_to_mix_with_existing_samples(tmp_path):
         generate_dataset(out, 2, seed=1, height=16, width=24, progress=False)
     generate_dataset(out, 2, seed=1, height=16, width=24, progress=False, force=True)
     assert len(list(out.iterdir())) == 2
+
+
+def test_too_small_grid_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="too small"):
+        generate_dataset(tmp_path / "raw", 1, seed=1, height=4, width=24, progress=False)
