@@ -100,11 +100,11 @@ def _cell_centres(extent, shape) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _ticks(lo: float, hi: float, steps: tuple[float, ...]) -> np.ndarray:
-    """Round-degree ticks inside [lo, hi]: the largest step giving at least 3 of them, so the
+    """Round-degree ticks inside [lo, hi]: the largest step giving at least 4 of them, so the
     whole globe keeps its 60°/30° grid and a small crop still gets labelled degrees."""
     for step in steps:
         ticks = np.arange(np.ceil(lo / step) * step, hi + 1e-9, step)
-        if len(ticks) >= 3:
+        if len(ticks) >= 4:
             return ticks
     return np.array([lo, hi])
 

@@ -478,9 +478,12 @@ def _platform(t: Topology) -> str:
     return f"{nodes}, CPU"
 
 
-def _hparam_value(value: Any) -> int | float | str | bool:
-    """TensorBoard's HParams take numbers, strings and booleans; lists and None become text."""
-    if isinstance(value, (bool, int, float, str)):
+def _hparam_value(value: Any) -> int | float | str:
+    """TensorBoard's HParams take numbers and strings; booleans (which torch would turn into
+    0/1), lists and None become text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
         return value
     if value is None:
         return "null"

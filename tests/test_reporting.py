@@ -256,6 +256,7 @@ def test_tensorboard_writes_hparams_at_start_under_the_run_name(tmp_path):
     assert hparams["launch.global_batch_size"].number_value == 4
     assert hparams["optimizer.lr"].number_value == pytest.approx(0.002)
     assert hparams["data.crop"].string_value == "[32, 48]"
+    assert hparams["train.deterministic"].string_value == "true"
     experiment = plugin_data_pb2.HParamsPluginData.FromString(meta["_hparams_/experiment"])
     assert {m.name.tag for m in experiment.experiment.metric_infos} == {
         "eval/eval_accuracy", "eval/mean_iou", "eval/loss", "train/loss"}
