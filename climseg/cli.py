@@ -68,7 +68,8 @@ class ArgumentParser(argparse.ArgumentParser):
             self._required.append((dest, name))
         return action
 
-    def add_quiet(self, what: str = "no progress; only warnings and errors on stderr") -> None:
+    def add_quiet(self, what: str = "no progress or log lines on stderr, only warnings and "
+                                    "errors (results on stdout stay)") -> None:
         self.add_argument("--quiet", action="store_true", help=what)
 
     def parse_args(self, args=None, namespace=None):

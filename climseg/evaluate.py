@@ -10,31 +10,34 @@ By default it scores at the size the run validated at: the centred ``data.valida
 else the training crop ``data.crop``, else the whole field. A model trained on crops does
 worse on larger fields, because its image-pooling branch averages over the whole input;
 ``--full-field`` scores whole fields anyway, ``--crop H W`` any centred crop.
+
+Logs and progress go to stderr; the result table to stdout, so that it can be redirected.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from climseg import dist
 from climseg.atomic import atomic_path
 from climseg.checkpoint import CheckpointError
+from climseg.cli import ArgumentParser, fail
 from climseg.config import ConfigError
-from climseg.data.format import CLASS_NAMES, DataError, validate_file
+from climseg.data.format import DataError, Progress, validate_file
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.engine import Precision, evaluate
-from climseg.inference import (OUTPUT_STRIDE, add_model_arguments, input_spec,
+from climseg.inference import (OUTPUT_STRIDE, add_model_arguments, class_names, input_spec,
                                model_from_checkpoint, read_checkpoint, run_field, select_device)
+from climseg.logs import setup_logging
 from climseg.losses import build_loss
 
 log = logging.getLogger("climseg.evaluate")
@@ -52,25 +55,32 @@ def pixel_frequencies(confusion: list[list[int]]) -> dict[str, list[float]]:
     return {"truth": (cm.sum(1) / total).tolist(), "prediction": (cm.sum(0) / total).tolist()}
 
 
+def _counted(batches: Iterable, bar: Progress) -> Iterator:
+    for batch in batches:
+        yield batch
+        bar.update()
+
+
 def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: str = "test",
           batch_size: int | None = None, crop: tuple[int, int] | None = None,
           stats_file: str | os.PathLike | None = None, device: str | None = None,
           precision: str = "auto", threads: int = 2,
-          full_field: bool = False) -> dict[str, Any]:
+          full_field: bool = False, progress: bool = False) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``data_root/split``; the same result dict on every rank.
 
     ``crop`` None scores at the run's validation size, or the whole field with ``full_field``.
+    ``progress``: a progress line on stderr (this rank's batches).
     """
     device = select_device(device, dist.local_rank())
-    ckpt = read_checkpoint(checkpoint, device)
-    model = model_from_checkpoint(ckpt, str(checkpoint), device)
-    config, step = ckpt["config"], ckpt.get("step")
+    ckpt, cfg = read_checkpoint(checkpoint, device)
+    model = model_from_checkpoint(ckpt, cfg, str(checkpoint), device)
+    step = ckpt.get("step")
     del ckpt  # the optimizer state is as large as the model twice over
-    spec = input_spec(config, stats_file)
+    spec = input_spec(cfg, stats_file)
     if crop is None and not full_field:
-        crop = run_field(config)
-    num_classes = int(config["model"].get("num_classes", len(CLASS_NAMES)))
-    batch_size = batch_size or int(config.get("train", {}).get("local_batch_size", 1))
+        crop = run_field(cfg)
+    num_classes = cfg.model.num_classes
+    batch_size = batch_size or cfg.train.local_batch_size
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be at least 1, got {batch_size}")
     if crop is not None and any(c <= 0 or c % OUTPUT_STRIDE for c in crop):
@@ -92,7 +102,7 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
                              shuffle=False, drop_last=False, num_threads=threads, prefetch=2,
                              device=device)
     except ValueError as err:
-        raise ConfigError(f"--crop/--threads: {err}") from None
+        raise ConfigError(f"--crop/--workers: {err}") from None
     field = crop or loader.full_shape[:2]
     if any(s % OUTPUT_STRIDE for s in field):
         raise DataError(f"{split_dir}: the {field[0]}x{field[1]} field is not a multiple of "
@@ -100,19 +110,19 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
     prec = Precision.build(device, precision, None)
     if prec.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(**config.get("loss", {})).to(device)
+    loss_fn = build_loss(class_frequencies=cfg.loss.class_frequencies,
+                         weight_pow=cfg.loss.weight_pow).to(device)
 
-    result = evaluate(model, loader.epoch(0), loss_fn, prec, num_classes)
+    bar = Progress(len(loader), "scoring", unit="batches", enabled=progress)
+    result = evaluate(model, _counted(loader.epoch(0), bar), loss_fn, prec, num_classes)
     result["per_class_iou"] = _finite_or_none(result["per_class_iou"])
     if not math.isfinite(result["mean_iou"]):
         result["mean_iou"] = None
-    names = list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else \
-        [f"class_{c}" for c in range(num_classes)]
     return {
         "checkpoint": str(checkpoint),
         "step": step,
         "data": str(split_dir),
-        "classes": names,
+        "classes": list(class_names(cfg)),
         **result,
         "pixel_frequency": pixel_frequencies(result["confusion"]),
         "ranks": dist.size(),
@@ -149,41 +159,50 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m climseg.evaluate",
-                                description="Score a checkpoint on a data split (IoU, MLPerf "
-                                            "eval_accuracy); runs alone or under horovodrun/srun.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by climseg.train")
-    p.add_argument("--data", required=True, help="data root holding <split>/data-*.h5")
+def parse_args(argv: list[str] | None):
+    p = ArgumentParser("evaluate", description=(
+        "Score a checkpoint on a data split (IoU, MLPerf eval_accuracy); runs alone or under "
+        "horovodrun/srun.\nThe table goes to stdout, logs and progress to stderr.\n\n"
+        "Example: climseg evaluate --checkpoint runs/demo/best.pt --data data/demo/cam "
+        "--output runs/demo/test.json"))
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by climseg train")
+    p.add_option("--data", required=True, help="data root holding <split>/data-*.h5")
     p.add_argument("--split", default="test", help="split folder under --data (default: test)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="samples per batch and rank (default: the run's train.local_batch_size)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="score the centred HxW crop (default: the size the run validated at)")
     add_model_arguments(p)
-    p.add_argument("--threads", type=int, default=2, help="reader threads per rank")
-    p.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    p.add_option("--workers", "--threads", type=int, default=2,
+                 help="reader threads per rank (default 2)")
+    p.add_option("--output", "--out", type=Path, default=None,
+                 help="write the result as JSON here")
+    p.add_quiet()
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dist.init()
-    tag = "" if dist.size() == 1 else f"[{dist.rank()}] "
-    logging.basicConfig(level=logging.INFO if dist.is_primary() else logging.WARNING,
-                        format=f"{tag}%(message)s")
+    try:
+        dist.init()
+    except RuntimeError as err:
+        return fail("evaluate", str(err))
+    setup_logging(dist.rank(), dist.size(), args.quiet)
     try:
         result = score(args.checkpoint, args.data, args.split, args.batch_size,
                        tuple(args.crop) if args.crop else None, args.stats, args.device,
-                       args.precision, args.threads, args.full_field)
+                       args.precision, args.workers, args.full_field,
+                       progress=dist.is_primary() and not args.quiet)
+        if dist.is_primary() and args.output is not None:
+            write_json(result, args.output)
     except (DataError, CheckpointError, ConfigError) as err:
-        log.error("error: %s", err)
-        return 2
+        return fail("evaluate", f"rank {dist.rank()}: {err}" if dist.size() > 1 else str(err))
+    except OSError as err:
+        return fail("evaluate", f"{args.output}: cannot write the result: {err.strerror or err}")
     if dist.is_primary():
-        log.info("%s", summary(result))
-        if args.out is not None:
-            write_json(result, args.out)
-            log.info("wrote %s", args.out)
+        print(summary(result), flush=True)
+        if args.output is not None:
+            log.info("wrote %s", args.output)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 A checkpoint (see docs/design.md, "Checkpoints") holds the unwrapped model's state dict and the
 resolved config, so it loads the same whether it came from 1 or 1024 ranks, and on CPU or GPU:
-tensors are mapped to the requested device and converted to the model's dtype on load.
+tensors are mapped to the requested device and converted to the model's dtype on load. The
+stored config is read back into the typed :class:`~climseg.config.Config` (validated, with the
+defaults of this version for keys an older run did not write), never used as a raw dict.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from climseg.checkpoint import CheckpointError, load_checkpoint
-from climseg.config import ConfigError
+from climseg.config import PRECISIONS, Config, ConfigError, config_from_dict
+from climseg.data.format import CLASS_NAMES, DataError
 from climseg.data.stats import channel_indices, normalization, read_stats
 from climseg.engine import Precision
-from climseg.data.format import DataError
 from climseg.model import build_model
 from climseg.model.deeplab import OUTPUT_STRIDE  # input sides must be multiples of this
 # Prefixes that wrappers add to parameter names: DistributedDataParallel and torch.compile.
@@ -50,7 +52,7 @@ def add_model_arguments(parser) -> None:
                         help="stats.h5 for normalization (default: the one named in the checkpoint)")
     parser.add_argument("--device", default=None,
                         help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--full-field", action="store_true",
                         help="whole fields even if the run trained and validated on crops "
@@ -70,16 +72,21 @@ def _strip_wrappers(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint dict at ``path`` with tensors on ``device``; CheckpointError if it is not one."""
+def read_checkpoint(path: str | os.PathLike,
+                    device: str | torch.device = "cpu") -> tuple[dict[str, Any], Config]:
+    """The checkpoint dict at ``path`` with tensors on ``device``, and its run's config.
+
+    CheckpointError if it is not a checkpoint or its config does not validate."""
     ckpt = load_checkpoint(path, map_location=device)
-    config = ckpt["config"]
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) \
-            or not isinstance(config.get("data"), dict):
-        raise CheckpointError(f"{path}: the checkpoint's config lacks the 'model' and 'data' sections")
+    if not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"{path}: the checkpoint's config is not a mapping")
+    try:
+        cfg = config_from_dict(ckpt["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: the checkpoint's config does not validate: {err}") from None
     if not isinstance(ckpt["model"], dict):
         raise CheckpointError(f"{path}: the checkpoint's 'model' entry is not a state dict")
-    return ckpt
+    return ckpt, cfg
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -101,34 +108,45 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
         raise CheckpointError(f"{source}: weights do not fit the model: " + "; ".join(problems))
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], source: str,
+def model_from_checkpoint(ckpt: dict[str, Any], cfg: Config, source: str,
                           device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The model a checkpoint dict (from :func:`read_checkpoint`) describes, in eval mode."""
-    config = ckpt["config"]
+    """The model that a checkpoint dict and its config (from :func:`read_checkpoint`)
+    describe, in eval mode."""
+    m = cfg.model
+    described = f"model {m.name}, {m.in_channels} -> {m.num_classes} channels"
     try:
-        model = build_model(**config["model"])
+        model = build_model(name=m.name, in_channels=m.in_channels, num_classes=m.num_classes)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(
-            f"{source}: cannot build the model from config.model {config['model']}: {err}"
-        ) from None
+        raise CheckpointError(f"{source}: cannot build the {described}: {err}") from None
     state = _strip_wrappers(dict(ckpt["model"]))
-    check_state_dict(model, state, f"{source} (model {config['model']})")
+    check_state_dict(model, state, f"{source} ({described})")
     model.load_state_dict(state)  # copy_ converts bf16/fp16 weights to the model's dtype
     return model.to(device).eval()
 
 
 def load_model(checkpoint_path: str | os.PathLike,
-               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The checkpoint's model in eval mode on ``device``, and its resolved config dict."""
-    ckpt = read_checkpoint(checkpoint_path, device)
-    return model_from_checkpoint(ckpt, str(checkpoint_path), device), ckpt["config"]
+               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config]:
+    """The checkpoint's model in eval mode on ``device``, and its run's config."""
+    ckpt, cfg = read_checkpoint(checkpoint_path, device)
+    return model_from_checkpoint(ckpt, cfg, str(checkpoint_path), device), cfg
+
+
+def class_names(cfg: Config) -> tuple[str, ...]:
+    """Names of the run's classes: ``model.class_names`` where the config has it, else the
+    DeepCAM names for three classes, else ``class_0``, ``class_1``, ..."""
+    names = getattr(cfg.model, "class_names", None)
+    if names:
+        return tuple(names)
+    if cfg.model.num_classes == len(CLASS_NAMES):
+        return CLASS_NAMES
+    return tuple(f"class_{c}" for c in range(cfg.model.num_classes))
 
 
 @dataclass(frozen=True)
 class InputSpec:
     """How a checkpoint's model wants its input: which channels, normalized how, what size."""
 
-    channels: list[int]        # indices into the file's 16 channels, in model order
+    channels: list[int]        # indices into the file's NUM_CHANNELS channels, in model order
     shift: np.ndarray          # float32 (C,): x_normalized = (x - shift) * scale
     scale: np.ndarray          # float32 (C,)
     crop: tuple[int, int] | None  # the training crop (height, width); None = full field
@@ -136,43 +154,38 @@ class InputSpec:
     stats_file: str
 
 
-def input_spec(config: dict[str, Any], stats_file: str | os.PathLike | None = None) -> InputSpec:
-    """Channels, normalization and crop from ``config["data"]`` (a checkpoint's config).
+def input_spec(cfg: Config, stats_file: str | os.PathLike | None = None) -> InputSpec:
+    """Channels, normalization and crop from ``cfg.data`` (a checkpoint's config).
 
     ``stats_file`` overrides the path stored in the checkpoint (for a checkpoint moved to
     another machine); the stored path, else ``<data.root>/stats.h5``, is the default.
     """
-    data = config["data"]
+    data = cfg.data
     from_checkpoint = stats_file is None
-    if from_checkpoint:
-        stats_file = data.get("stats_file") or os.path.join(data.get("root", ""), "stats.h5")
-    stats_file = os.fspath(stats_file)
+    stats_file = os.fspath(data.stats_path if from_checkpoint else stats_file)
     if from_checkpoint and not os.path.exists(stats_file):
         raise DataError(f"{stats_file}: the stats file the model was trained with is not here; "
                         "pass the training data's stats.h5 with --stats")
-    channels = channel_indices(data.get("channels"))
-    mode = data.get("normalization", "minmax")
-    shift, scale = normalization(read_stats(stats_file), mode, channels)
-    crop = data.get("crop")
+    channels = channel_indices(data.channels)
+    shift, scale = normalization(read_stats(stats_file), data.normalization, channels)
     return InputSpec(channels=channels,
                      shift=np.asarray(shift, dtype=np.float32).reshape(-1),
                      scale=np.asarray(scale, dtype=np.float32).reshape(-1),
-                     crop=tuple(crop) if crop else None, normalization=mode,
-                     stats_file=stats_file)
+                     crop=tuple(data.crop) if data.crop else None,
+                     normalization=data.normalization, stats_file=stats_file)
 
 
 def prepare(data: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """A file's (H, W, 16) sample as the model's input: (1, C, H, W), normalized, channels_last."""
+    """A file's (H, W, NUM_CHANNELS) sample as the model's input: (1, C, H, W), normalized, channels_last."""
     x = np.asarray(data, dtype=np.float32)[..., spec.channels]
     x = (x - spec.shift) * spec.scale
     return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0).permute(0, 3, 1, 2)
 
 
-def run_field(config: dict[str, Any]) -> tuple[int, int] | None:
+def run_field(cfg: Config) -> tuple[int, int] | None:
     """The input size a run validated at: its ``data.validation_crop``, else its training
     ``data.crop``, else None (whole fields). evaluate and predict score at this size."""
-    data = config["data"]
-    size = data.get("validation_crop") or data.get("crop")
+    size = cfg.data.validation_crop or cfg.data.crop
     return tuple(int(s) for s in size) if size else None
 
 

@@ -8,13 +8,12 @@ For each input ``<name>.h5`` writes, into ``--out``:
 - ``<name>.png``: the TMQ map with the predicted TCs and ARs, and the file's own labels side by
   side when it has them.
 
-Files are processed one at a time (a full 768x1152 sample needs a few GB on a CPU). Under
+Files are processed one at a time (a full-size sample needs a few GB on a CPU). Under
 ``horovodrun``/``srun`` rank ``r`` of ``n`` takes ``FILES[r::n]``. Outputs are written atomically.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -27,13 +26,15 @@ import torch
 from climseg import dist
 from climseg.atomic import atomic_path
 from climseg.checkpoint import CheckpointError
+from climseg.cli import ArgumentParser, fail
 from climseg.config import ConfigError
-from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, DataError,
-                                 read_sample)
+from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, NUM_CHANNELS,
+                                 DataError, read_sample)
 from climseg.engine import Precision
-from climseg.inference import (InputSpec, add_model_arguments, input_spec, load_model,
-                               predict_probabilities, prepare, run_field,
+from climseg.inference import (InputSpec, add_model_arguments, class_names, input_spec,
+                               load_model, predict_probabilities, prepare, run_field,
                                select_device)
+from climseg.logs import setup_logging
 from climseg.plot import plot_sample, save_map
 
 log = logging.getLogger("climseg.predict")
@@ -44,7 +45,7 @@ TMQ = CHANNELS.index("TMQ")
 
 
 def read_input(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(data (H, W, 16) float32, labels uint8 or None) of a file to predict on.
+    """(data (H, W, NUM_CHANNELS) float32, labels uint8 or None) of a file to predict on.
 
     Labelled files go through ``read_sample`` (all its checks). Files without
     ``climate/labels_0`` (new CAM5 output nobody has labelled) are allowed too: then only
@@ -64,30 +65,33 @@ def read_input(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
             data = f[DATA_KEY][...]
     except OSError as err:
         raise DataError(f"{path}: cannot read '{DATA_KEY}': {str(err).splitlines()[0]}") from None
-    if data.ndim != 3 or data.shape[2] != len(CHANNELS):
+    if data.ndim != 3 or data.shape[2] != NUM_CHANNELS:
         raise DataError(f"{path}: '{DATA_KEY}' has shape {data.shape}, expected "
-                        f"(height, width, {len(CHANNELS)})")
+                        f"(height, width, {NUM_CHANNELS})")
     return data.astype(np.float32, copy=False), None
 
 
 def write_mask(path: Path, prediction: np.ndarray, probabilities: np.ndarray | None,
-               attrs: dict[str, str]) -> None:
-    """Write the predicted mask file atomically (temp file, fsync, rename)."""
+               attrs: dict[str, str], names: tuple[str, ...] = CLASS_NAMES) -> None:
+    """Write the predicted mask file atomically (temp file, fsync, rename); ``names``: the
+    class names, recorded in the file."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset(PREDICTION_KEY, data=prediction.astype(np.uint8))
         if probabilities is not None:
             f.create_dataset(PROBABILITIES_KEY, data=probabilities.astype(np.float16),
                              compression="gzip", compression_opts=1)
             f[PROBABILITIES_KEY].attrs["layout"] = "lat, lon, class"
-        f["climate"].attrs["class_names"] = ",".join(CLASS_NAMES)
+        f["climate"].attrs["class_names"] = ",".join(names)
         for key, value in attrs.items():
             f["climate"].attrs[key] = value
 
 
 def predict_file(model, spec: InputSpec, path: Path, out_dir: Path, prec: Precision,
                  probabilities: bool, checkpoint: str,
-                 tile: tuple[int, int] | None = None) -> dict[str, int]:
-    """Write ``<name>-mask.h5`` and ``<name>.png`` for one file; return predicted pixel counts.
+                 tile: tuple[int, int] | None = None,
+                 names: tuple[str, ...] = CLASS_NAMES) -> dict[str, int]:
+    """Write ``<name>-mask.h5`` and ``<name>.png`` for one file; return predicted pixel counts
+    per class name.
 
     ``tile``: score the field in tiles of this size (the run's validation size)."""
     data, labels = read_input(path)
@@ -96,29 +100,35 @@ def predict_file(model, spec: InputSpec, path: Path, out_dir: Path, prec: Precis
     name = path.stem
     write_mask(out_dir / f"{name}-mask.h5", prediction,
                probs.permute(1, 2, 0).numpy() if probabilities else None,
-               {"source": str(path), "checkpoint": checkpoint})
+               {"source": str(path), "checkpoint": checkpoint}, names)
     fig = plot_sample(data[..., TMQ], prediction, labels, title=name)
     save_map(fig, out_dir / f"{name}.png")
-    return {CLASS_NAMES[c]: int((prediction == c).sum()) for c in range(len(CLASS_NAMES))}
+    return {names[c]: int((prediction == c).sum()) for c in range(len(names))}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m climseg.predict", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by climseg.train")
-    p.add_argument("--out", required=True, type=Path, help="output folder (created)")
+def parse_args(argv: list[str] | None):
+    p = ArgumentParser("predict", description=(
+        "Segment sample files with a trained checkpoint: NAME-mask.h5 and NAME.png per input "
+        "file.\n\nExample: climseg predict --checkpoint runs/demo/best.pt --output "
+        "runs/demo/predictions data/demo/cam/test/*.h5"))
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by climseg train")
+    p.add_option("--output", "--out", required=True, type=Path, help="output folder (created)")
     p.add_argument("--probabilities", action="store_true",
                    help="also store per-class probabilities, float16 (lat, lon, class)")
     add_model_arguments(p)
-    p.add_argument("files", nargs="+", type=Path, help="sample files (climate/data (H, W, 16))")
+    p.add_quiet()
+    p.add_argument("files", nargs="+", type=Path,
+                   help=f"sample files (climate/data (H, W, {NUM_CHANNELS}))")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dist.init()
-    # Every rank works on its own files, so every rank reports them.
-    prefix = f"[rank {dist.rank()}] " if dist.size() > 1 else ""
-    logging.basicConfig(level=logging.INFO, format=prefix + "%(message)s")
+    try:
+        dist.init()
+    except RuntimeError as err:
+        return fail("predict", str(err))
+    setup_logging(dist.rank(), dist.size(), args.quiet)
     try:
         names = [f.stem for f in args.files]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -129,26 +139,27 @@ def main(argv: list[str] | None = None) -> int:
             if not f.is_file():
                 raise DataError(f"{f}: file not found")
         device = select_device(args.device, dist.local_rank())
-        model, config = load_model(args.checkpoint, device)
-        spec = input_spec(config, args.stats)
-        tile = None if args.full_field else run_field(config)
+        model, cfg = load_model(args.checkpoint, device)
+        spec = input_spec(cfg, args.stats)
+        tile = None if args.full_field else run_field(cfg)
+        names = class_names(cfg)
         prec = Precision.build(device, args.precision, None)
         if prec.channels_last:
             model = model.to(memory_format=torch.channels_last)
         try:
-            args.out.mkdir(parents=True, exist_ok=True)
+            args.output.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise DataError(f"{args.out}: cannot create the output folder: {err.strerror}") from None
+            raise DataError(f"{args.output}: cannot create the output folder: "
+                            f"{err.strerror}") from None
         mine = args.files[dist.rank()::dist.size()]
         for i, path in enumerate(mine, 1):
             start = time.perf_counter()
-            counts = predict_file(model, spec, path, args.out, prec, args.probabilities,
-                                  str(args.checkpoint), tile)
+            counts = predict_file(model, spec, path, args.output, prec, args.probabilities,
+                                  str(args.checkpoint), tile, names)
             log.info("[%d/%d] %s: %.1fs, predicted pixels %s -> %s", i, len(mine), path.name,
-                     time.perf_counter() - start, counts, args.out / f"{path.stem}-mask.h5")
+                     time.perf_counter() - start, counts, args.output / f"{path.stem}-mask.h5")
     except (DataError, CheckpointError, ConfigError) as err:
-        log.error("error: %s", err)
-        return 2
+        return fail("predict", f"rank {dist.rank()}: {err}" if dist.size() > 1 else str(err))
     return 0
 
 

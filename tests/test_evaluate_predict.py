@@ -7,7 +7,6 @@ test loads a real DeepLabv3+ checkpoint stored in bf16.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -19,11 +18,12 @@ import pytest
 import torch
 from torch import nn
 
+from climseg import config as config_module
 from climseg import dist, evaluate, inference, predict
 from climseg.engine import Precision
 from climseg.checkpoint import CheckpointError, save_checkpoint
 from climseg.config import load_config
-from climseg.data.format import DATA_KEY, LABEL_KEY
+from climseg.data.format import CLASS_NAMES, DATA_KEY, LABEL_KEY
 from climseg.data.partition import list_files
 from climseg.model import build_model, deeplab
 from climseg.plot import DPI, PANEL_SIZE
@@ -45,6 +45,13 @@ class TinyNet(nn.Module):
 @pytest.fixture
 def tiny_model(monkeypatch):
     monkeypatch.setitem(deeplab.MODELS, "tiny", TinyNet)
+    # the config checks model.name against the names it knows (it cannot import the model)
+    monkeypatch.setattr(config_module, "MODEL_NAMES", (*config_module.MODEL_NAMES, "tiny"))
+
+
+def _model_kwargs(config: dict) -> dict:
+    """build_model's arguments from a config dict (class_names are for reports only)."""
+    return {k: config["model"][k] for k in ("name", "in_channels", "num_classes")}
 
 
 def make_checkpoint(path, root, name="tiny", state=None, seed=0, overrides=()):
@@ -52,7 +59,7 @@ def make_checkpoint(path, root, name="tiny", state=None, seed=0, overrides=()):
     config = load_config(None, [f"data.root={root}", f"model.name={name}",
                                 *overrides]).to_dict()
     torch.manual_seed(seed)
-    model = build_model(**config["model"])
+    model = build_model(**_model_kwargs(config))
     with torch.no_grad():  # sharpen the random features so that the predicted class varies
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -111,8 +118,12 @@ def test_evaluate_matches_iou_of_saved_masks(tiny_root, tiny_model, tmp_path):
     assert result["confusion"] == cm.tolist()
     tp = np.diag(cm).astype(float)
     union = cm.sum(0) + cm.sum(1) - tp
-    np.testing.assert_allclose(result["per_class_iou"], tp / union)
-    assert result["mean_iou"] == pytest.approx(np.mean(tp / union))
+    with np.errstate(invalid="ignore"):
+        iou = tp / union      # NaN for a class in neither truth nor prediction: JSON null
+    assert [v is None for v in result["per_class_iou"]] == list(np.isnan(iou))
+    np.testing.assert_allclose([np.nan if v is None else v for v in result["per_class_iou"]],
+                               iou)
+    assert result["mean_iou"] == pytest.approx(np.nanmean(iou))   # over the classes seen
     # MLPerf: per sample, an absent class counts 1; mean over classes, then over batches (of 1).
     per_sample = []
     for t, p in zip(truths, preds):
@@ -148,18 +159,17 @@ def test_two_ranks_give_the_single_rank_result(tiny_root, tiny_model, tmp_path, 
     assert rank0["samples"] == single["samples"] == 2
 
 
-def test_incompatible_checkpoint_names_the_keys(tiny_root, tiny_model, tmp_path, caplog):
+def test_incompatible_checkpoint_names_the_keys(tiny_root, tiny_model, tmp_path, capsys):
     state = TinyNet(in_channels=4).state_dict()          # first conv: 4 inputs, not 16
     state["head.weight"] = torch.zeros(1)                 # unexpected
     del state["body.3.bias"]                              # missing
     ckpt = make_checkpoint(tmp_path / "bad.pt", tiny_root, state=state)
     files = list_files(tiny_root / "test")
-    with caplog.at_level(logging.ERROR):
-        code = predict.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"),
-                             str(files[0])])
+    code = predict.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"),
+                         str(files[0])])
     assert code == 2
-    (message,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert "\n" not in message and str(ckpt) in message
+    (message,) = capsys.readouterr().err.strip().splitlines()
+    assert message.startswith("climseg predict: error: ") and str(ckpt) in message
     assert "1 missing keys (body.3.bias)" in message
     assert "1 unexpected keys (head.weight)" in message
     assert "body.0.weight (8, 4, 3, 3) vs model (8, 16, 3, 3)" in message
@@ -170,14 +180,77 @@ def test_incompatible_checkpoint_names_the_keys(tiny_root, tiny_model, tmp_path,
 
 
 @pytest.mark.parametrize("content", [None, b"not a checkpoint"])
-def test_missing_or_foreign_checkpoint_exits_2(tiny_root, tmp_path, caplog, content):
+def test_missing_or_foreign_checkpoint_exits_2(tiny_root, tmp_path, capsys, content):
     ckpt = tmp_path / "c.pt"
     if content is not None:
         ckpt.write_bytes(content)
-    with caplog.at_level(logging.ERROR):
-        code = evaluate.main(["--checkpoint", str(ckpt), "--data", str(tiny_root)])
+    code = evaluate.main(["--checkpoint", str(ckpt), "--data", str(tiny_root)])
     assert code == 2
-    assert str(ckpt) in caplog.text
+    (message,) = capsys.readouterr().err.strip().splitlines()
+    assert str(ckpt) in message
+
+
+def test_checkpoint_config_is_read_back_into_the_typed_config(tiny_root, tiny_model, tmp_path):
+    # A run from an older version wrote fewer keys: this version's defaults fill them in,
+    # and the values it did write are kept (not restated defaults).
+    ckpt = make_checkpoint(tmp_path / "old.pt", tiny_root, overrides=["data.crop=[32, 48]"])
+    stored = torch.load(ckpt, weights_only=True)
+    del stored["config"]["data"]["validation_crop"], stored["config"]["train"]
+    save_checkpoint(stored, ckpt)
+    _, cfg = inference.load_model(ckpt)
+    assert cfg.data.crop == [32, 48] and cfg.data.validation_crop is None
+    assert cfg.train.local_batch_size == 1 and inference.run_field(cfg) == (32, 48)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model", {"name": "tiny", "num_classes": 1}, "model.num_classes: must be at least 2"),
+    ("data", {"root": "x", "no_such_key": 1}, "data.no_such_key: unknown key"),
+])
+def test_invalid_checkpoint_config_is_one_line_naming_file_and_key(
+        tiny_root, tiny_model, tmp_path, capsys, key, value, message):
+    ckpt = make_checkpoint(tmp_path / "bad.pt", tiny_root)
+    stored = torch.load(ckpt, weights_only=True)
+    stored["config"][key] = value
+    save_checkpoint(stored, ckpt)
+    code = evaluate.main(["--checkpoint", str(ckpt), "--data", str(tiny_root)])
+    assert code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert str(ckpt) in line and message in line
+
+
+def test_four_class_run_is_scored_over_its_own_classes(tiny_root, tiny_model, tmp_path):
+    # The class count and names come from the run's config, not from a hard-coded triple.
+    names = ["calm", "cyclone", "river", "front"]
+    ckpt = make_checkpoint(tmp_path / "four.pt", tiny_root, overrides=[
+        "model.num_classes=4", f"model.class_names={names}",
+        "loss.class_frequencies=[0.7, 0.1, 0.1, 0.1]"])
+    result = evaluate.score(ckpt, tiny_root, batch_size=1)
+    assert len(result["confusion"]) == 4 and len(result["per_class_iou"]) == 4
+    assert result["classes"] == names
+    assert sum(map(sum, result["confusion"])) == 2 * 64 * 96
+    files = list_files(tiny_root / "test")[:1]
+    assert predict.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "p"),
+                         *map(str, files)]) == 0
+    with h5py.File(tmp_path / "p" / f"{files[0].stem}-mask.h5", "r") as h:
+        assert h["climate"].attrs["class_names"] == ",".join(names)
+        assert h[predict.PREDICTION_KEY][...].max() <= 3
+
+
+def test_evaluate_prints_the_table_on_stdout_and_logs_on_stderr(tiny_root, tiny_model,
+                                                                tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root)
+    # --output and its older spelling --out write the same JSON
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(tiny_root),
+                          "--output", str(tmp_path / "a.json")]) == 0
+    out, err = capsys.readouterr()
+    assert "mean IoU" in out and CLASS_NAMES[1] in out and "mean IoU" not in err
+    assert "wrote " in err and "wrote " not in out
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(tiny_root), "--quiet",
+                          "--out", str(tmp_path / "b.json")]) == 0
+    out, err = capsys.readouterr()
+    assert "mean IoU" in out and err == ""
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert a["confusion"] == b["confusion"] and a["samples"] == 2
 
 
 def test_unlabelled_file_gets_a_prediction_only_map(tiny_root, tiny_model, tmp_path):
@@ -202,7 +275,7 @@ def real_checkpoint(tiny_root, tmp_path_factory):
     config = load_config(None, [f"data.root={tiny_root}"]).to_dict()
     torch.manual_seed(0)
     state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
-             for k, v in build_model(**config["model"]).state_dict().items()}
+             for k, v in build_model(**_model_kwargs(config)).state_dict().items()}
     path = tmp_path_factory.mktemp("real") / "bf16.pt"
     save_checkpoint({"model": state, "config": config, "step": 1}, path)
     return path, state, config
@@ -211,7 +284,7 @@ def real_checkpoint(tiny_root, tmp_path_factory):
 def test_real_model_checkpoint_in_bf16_loads_on_cpu(real_checkpoint):
     path, state, config = real_checkpoint
     loaded, cfg = inference.load_model(path, "cpu")
-    assert not loaded.training and cfg["model"] == config["model"]
+    assert not loaded.training and cfg.to_dict()["model"] == config["model"]
     assert next(loaded.parameters()).dtype == torch.float32
     key = next(iter(state))
     torch.testing.assert_close(loaded.state_dict()[key], state[key].float())
@@ -219,15 +292,14 @@ def test_real_model_checkpoint_in_bf16_loads_on_cpu(real_checkpoint):
     assert spec.channels == list(range(16)) and spec.shift.shape == (16,) and spec.crop is None
 
 
-def test_evaluate_under_horovodrun_matches_one_process(real_checkpoint, tiny_root, tmp_path):
-    if not HOROVODRUN.exists():
-        pytest.skip("horovod is not installed (make test installs it)")
+def test_evaluate_under_horovodrun_matches_one_process(real_checkpoint, tiny_root, tmp_path,
+                                                      horovod):
     path, _, _ = real_checkpoint
     out = tmp_path / "hvd.json"
     cmd = [str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
            "climseg.evaluate", "--checkpoint", str(path), "--data", str(tiny_root),
            "--batch-size", "1", "--out", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = json.loads(out.read_text())

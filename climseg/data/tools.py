@@ -99,7 +99,7 @@ def summarize_main(argv: list[str] | None = None) -> int:
 
     p = ArgumentParser("summarize", description=(
         "Per-channel statistics of DATA/<split> into DATA/stats.h5 (float64, written "
-        "atomically).\nThe table goes to stdout.\n\nRuns alone or in parallel, with the same "
+        "atomically).\nThe table goes to stdout, progress to stderr.\n\nRuns alone or in parallel, with the same "
         "result whatever the number of ranks:\n  mpirun -n 4 / srun / horovodrun -np 4 --gloo "
         "climseg summarize --data ROOT"))
     p.add_option("--data", required=True, type=Path, help="data-set root")
@@ -122,8 +122,8 @@ def summarize_main(argv: list[str] | None = None) -> int:
         for i, name in enumerate(CHANNELS):
             print(f"{name:<7} {stats.minval[i]:14.6g} {stats.maxval[i]:14.6g} "
                   f"{stats.mean[i]:14.6g} {stats.std[i]:14.6g}")
-    log.info("statistics of %d samples of %s (%d rank(s)) written to %s", stats.count,
-             args.data / args.split, size, stats.path)
+        print(f"statistics of {stats.count} samples of {args.data / args.split} "
+              f"({size} rank(s)) written to {stats.path}")
     return 0
 
 
@@ -203,17 +203,18 @@ def stage_main(argv: list[str] | None = None) -> int:
         error, result = err, StageResult()
         fail("stage", f"rank {rank}: {err}")
     if error is None:
+        # Each rank copied its own files: its line is a result (stdout), on every rank.
         rate = result.bytes_copied / result.seconds / 1e9 if result.seconds > 0 else 0.0
-        # Off rank 0 this line is filtered out; the aggregate line below covers all ranks.
-        log.info("rank %d/%d: copied %d files (%.3f GB), skipped %d already staged, in %.2f s: "
-                 "%.3f GB/s", rank, size, result.copied, result.bytes_copied / 1e9,
-                 result.skipped, result.seconds, rate)
+        print(f"rank {rank}/{size}: copied {result.copied} files "
+              f"({result.bytes_copied / 1e9:.3f} GB), skipped {result.skipped} already staged, "
+              f"in {result.seconds:.2f} s: {rate:.3f} GB/s", flush=True)
     failed = error is not None
     if reduce is not None:   # every rank reaches these collectives, failed or not
         sums = reduce(np.array([float(failed), float(result.bytes_copied)]), "sum")
         slowest = float(reduce(np.array([result.seconds]), "max")[0])
         failed = sums[0] > 0
         if rank == 0 and not failed:
-            log.info("all %d ranks: copied %.3f GB in %.2f s: %.3f GB/s aggregate", size,
-                     sums[1] / 1e9, slowest, sums[1] / slowest / 1e9 if slowest > 0 else 0.0)
+            rate = sums[1] / slowest / 1e9 if slowest > 0 else 0.0
+            print(f"all {size} ranks: copied {sums[1] / 1e9:.3f} GB in {slowest:.2f} s: "
+                  f"{rate:.3f} GB/s aggregate", flush=True)
     return 2 if failed else 0
