@@ -117,6 +117,41 @@ def test_zero_std_of_a_large_constant_channel(tmp_path):
         normalization(st, "zscore")
 
 
+def _write_float32_stats(path, mean, sqmean):
+    """A stats.h5 as the reference writes it: float32 arrays."""
+    with h5py.File(path, "w") as f:
+        f["climate/count"] = np.int64(8)
+        f["climate/mean"] = np.asarray(mean, np.float32)
+        f["climate/sqmean"] = np.asarray(sqmean, np.float32)
+        f["climate/minval"] = np.asarray(mean, np.float32) - 10
+        f["climate/maxval"] = np.asarray(mean, np.float32) + 10
+
+
+def test_zscore_with_float32_reference_stats(tmp_path):
+    """float32 sums: T200 (mean ~220 K, std ~2.5 K, var 3e-4 of sqmean) still normalizes; a
+    variance lost to cancellation is reported as that, not as a constant channel."""
+    t200 = CHANNELS.index("T200")
+    mean = np.full(NUM_CHANNELS, 10.0)
+    sqmean = mean ** 2 + 4.0
+    mean[t200], sqmean[t200] = 220.0, 220.0 ** 2 + 2.5 ** 2
+    path = tmp_path / STATS_NAME
+    _write_float32_stats(path, mean, sqmean)
+    st = read_stats(path)
+    assert st.float32
+    shift, scale = normalization(st, "zscore")
+    assert abs(1 / scale[t200] - 2.5) < 0.05 and abs(shift[t200] - 220.0) < 1e-3
+    # Accumulated in float32 by the reference, sqmean came out slightly below mean^2.
+    sqmean[t200] = 220.0 ** 2 * (1 - 3e-7)
+    _write_float32_stats(path, mean, sqmean)
+    with pytest.raises(DataError, match=(f"{path}: channel T200: sqmean - mean\\^2 = .* float32 "
+                                         "rounding .* rewrite it with tools/summarize_data.py")):
+        normalization(read_stats(path), "zscore")
+    normalization(read_stats(path), "zscore", channels=[0, "PSL"])   # other channels are fine
+    normalization(read_stats(path), "minmax")
+    write_stats(path, read_stats(path))      # climseg writes float64: nothing is lost
+    assert not read_stats(path).float32
+
+
 def test_read_stats_errors(tmp_path):
     with pytest.raises(DataError, match="stats file not found.*summarize_data"):
         read_stats(tmp_path / STATS_NAME)

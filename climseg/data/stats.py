@@ -22,6 +22,10 @@ _KEYS = ("mean", "sqmean", "minval", "maxval")
 NORMALIZATION_MODES = ("minmax", "zscore")
 # A channel whose std is below this fraction of its RMS is constant up to float64 rounding.
 _ZERO_STD_RELATIVE = 1e-7
+# In a stats.h5 stored in float32 (the reference's summarize_data.py writes float32 sums),
+# sqmean and mean^2 each carry a relative rounding error of 2^-24 or more (more after float32
+# accumulation): a variance below this fraction of sqmean is lost to cancellation, not zero.
+_FLOAT32_CANCELLATION = 64 * 2.0 ** -24
 
 
 @dataclass(eq=False)   # numpy fields: compare them with np.testing, not ==
@@ -37,6 +41,7 @@ class Stats:
     minval: np.ndarray
     maxval: np.ndarray
     path: str | None = None
+    float32: bool = False    # the file stored mean/sqmean in float32 (a reference-written file)
 
     @property
     def std(self) -> np.ndarray:
@@ -108,10 +113,13 @@ def read_stats(path: str | os.PathLike) -> Stats:
         raise DataError(f"{path}: not a readable HDF5 file: {str(err).splitlines()[0]}") from None
     with f:
         values = {}
+        narrow = False
         for key in ("count",) + _KEYS:
             name = f"climate/{key}"
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise DataError(f"{path}: missing dataset '{name}'")
+            if key in ("mean", "sqmean") and f[name].dtype.itemsize < 8:
+                narrow = True
             values[key] = np.asarray(f[name][...], np.float64)
     count = values.pop("count")
     if count.size != 1 or not np.isfinite(count).all() or count.reshape(()) <= 0:
@@ -122,7 +130,7 @@ def read_stats(path: str | os.PathLike) -> Stats:
                             f"({NUM_CHANNELS},)")
         if not np.isfinite(value).all():
             raise DataError(f"{path}: 'climate/{key}' contains NaN or inf")
-    return Stats(count=int(count.reshape(())), path=str(path), **values)
+    return Stats(count=int(count.reshape(())), path=str(path), float32=narrow, **values)
 
 
 def channel_indices(channels) -> list[int]:
@@ -162,8 +170,22 @@ def normalization(stats: Stats, mode: str = "minmax",
         what = "zero range (maxval == minval)"
     elif mode == "zscore":
         shift, spread = stats.mean[idx], stats.std[idx]
-        rms = np.sqrt(np.abs(stats.sqmean[idx]))
-        bad = ~(spread > _ZERO_STD_RELATIVE * rms)
+        sqmean = np.abs(stats.sqmean[idx])
+        if stats.float32:
+            # The file cannot resolve a variance this small: say so instead of calling the
+            # channel constant (T200 in a reference-written file: var ~ 1e-4 of sqmean).
+            variance = stats.sqmean[idx] - stats.mean[idx] ** 2
+            lost = ~(variance > _FLOAT32_CANCELLATION * sqmean)
+            if lost.any():
+                i = int(np.argmax(lost))
+                raise DataError(
+                    f"{where}: channel {CHANNELS[idx[i]]}: sqmean - mean^2 = {variance[i]:.4g} "
+                    f"is within the float32 rounding of sqmean = {stats.sqmean[idx[i]]:.7g}: "
+                    "this stats file stores float32 sums (as the reference's summarize_data.py "
+                    "writes), so the standard deviation cannot be recovered from it; rewrite "
+                    "it with tools/summarize_data.py --data ROOT (float64) or use "
+                    "data.normalization=minmax")
+        bad = ~(spread > _ZERO_STD_RELATIVE * np.sqrt(sqmean))
         what = "zero standard deviation"
     else:
         raise DataError(f"unknown normalization mode '{mode}'; expected one of "
