@@ -11,8 +11,12 @@
 #   STAGE_DIR   local copy the ranks read from          ${TMPDIR:-/tmp}/climseg-staged
 #   STAGE       1: stage DATA to STAGE_DIR first; 0: train straight from DATA         1
 #   OUTPUT      run folder (checkpoints, TensorBoard)                runs/workstation
-#   HOROVODRUN_ARGS  extra horovodrun options, e.g. --gloo on a CPU-only machine  (none)
+#   HOROVOD_CONTROLLER  gloo or mpi: how horovodrun starts the ranks                 gloo
+#   HOROVODRUN_ARGS  extra horovodrun options                                    (none)
 # Each rank uses the GPU of its Horovod local rank (the trainer binds cuda:<local_rank>).
+# The Gloo controller is built by every `make install` (horovodrun's MPI mode does not
+# recognise the PyPI MPICH it installs); it only starts the ranks and coordinates them:
+# on GPUs the gradient allreduce still goes through NCCL.
 set -euo pipefail
 
 : "${DATA:?set DATA to the prepared data set folder (the split_data.py output)}"
@@ -27,12 +31,16 @@ CONFIG=${CONFIG:-yaml/workstation.yaml}
 STAGE_DIR=${STAGE_DIR:-${TMPDIR:-/tmp}/climseg-staged}
 STAGE=${STAGE:-1}
 OUTPUT=${OUTPUT:-runs/workstation}
+HOROVOD_CONTROLLER=${HOROVOD_CONTROLLER:-gloo}
+[[ $HOROVOD_CONTROLLER == gloo || $HOROVOD_CONTROLLER == mpi ]] || {
+    echo "workstation.sh: HOROVOD_CONTROLLER=$HOROVOD_CONTROLLER: expected gloo or mpi" >&2; exit 2; }
 # shellcheck disable=SC2206
-HOROVODRUN=(horovodrun -np "$NGPUS" -H "localhost:$NGPUS" ${HOROVODRUN_ARGS:-})
+HOROVODRUN=(horovodrun -np "$NGPUS" -H "localhost:$NGPUS" "--$HOROVOD_CONTROLLER"
+            ${HOROVODRUN_ARGS:-})
 
 root=$DATA
 if [[ $STAGE == 1 ]]; then
-    "${HOROVODRUN[@]}" python tools/stage_data.py --source "$DATA" --dest "$STAGE_DIR" \
+    "${HOROVODRUN[@]}" python -m climseg stage --data "$DATA" --output "$STAGE_DIR" \
         --splits train validation
     root=$STAGE_DIR
 fi

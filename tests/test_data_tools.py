@@ -1,4 +1,6 @@
-"""The five data tools as a user runs them: --help, the documented pipeline, clean errors."""
+"""The five data tools through their tools/*.py aliases and older flag spellings (as the
+Makefile's demo still runs them): --help, the documented pipeline, clean errors. The same
+tools as `climseg` subcommands with the common flags: tests/test_cli.py."""
 
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def test_pipeline(tmp_path):
 
     out = tool("summarize_data", "--data", root)
     assert out.returncode == 0, out.stderr
+    assert "written to" in out.stdout and "mean" in out.stdout.splitlines()[0]
     stats = read_stats(root / "stats.h5")
     data = np.stack([read_sample(f)[0] for f in list_files(root / "train")]).astype(np.float64)
     np.testing.assert_allclose(stats.mean, data.mean(axis=(0, 1, 2)), rtol=1e-6)
@@ -51,7 +54,7 @@ def test_pipeline(tmp_path):
     assert tool("check_data", root, "--quiet").returncode == 0
     out = tool("stage_data", "--source", root, "--dest", dest, "--splits", "train", "test")
     assert out.returncode == 0, out.stderr
-    assert "rank 0/1: copied 10 files" in out.stderr        # 8 + 1 + stats.h5
+    assert "rank 0/1: copied 10 files" in out.stdout        # 8 + 1 + stats.h5
     assert sorted(p.name for p in (dest / "train").glob("data-*")) == \
         [p.name for p in list_files(root / "train")]
 

@@ -1,0 +1,169 @@
+"""The `climseg` command as a user runs it: installed, from any folder, every subcommand."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from climseg import cli
+
+REPO = Path(__file__).resolve().parents[1]
+CLIMSEG = Path(sys.executable).parent / "climseg"   # the console script `make install` makes
+
+
+def climseg(*args, cwd="/tmp", timeout=120):
+    if not CLIMSEG.exists():
+        pytest.fail(f"{CLIMSEG} not found: climseg is not installed (make install)")
+    return subprocess.run([str(CLIMSEG), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def test_help_from_another_folder_lists_every_subcommand():
+    out = climseg("--help")
+    assert out.returncode == 0, out.stderr
+    listed = [line.split()[0] for line in out.stdout.splitlines() if line.startswith("  ")]
+    assert listed == list(cli.COMMANDS)
+    for name in ("train", "evaluate", "predict", "bench", "make-synthetic", "split",
+                 "summarize", "check", "stage", "convert-climatenet"):
+        assert name in listed
+
+
+def test_help_needs_no_torch():
+    # `climseg --help` imports no subcommand module: fast, and works on a broken torch.
+    code = ("import sys; from climseg.cli import main; main(['--help']); "
+            "print(sorted(m for m in ('torch', 'h5py', 'climseg.train') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd="/tmp", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("name", [n for n in cli.COMMANDS if n != "convert-climatenet"])
+def test_each_subcommand_help_exits_0(name):
+    out = climseg(name, "--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage:")
+
+
+def test_convert_climatenet_help_or_one_line():
+    # Its module may not be in this checkout yet: then one line and status 2, no traceback.
+    out = climseg("convert-climatenet", "--help")
+    if out.returncode == 0:
+        assert out.stdout.startswith("usage:")
+    else:
+        assert out.returncode == 2
+        assert out.stderr.strip().splitlines() == [
+            "climseg convert-climatenet: error: not available: this checkout of climseg has "
+            "no climseg.data.climatenet"]
+
+
+def test_python_dash_m_works_from_another_folder():
+    for module in ("climseg", "climseg.train"):
+        out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                             text=True, cwd="/tmp", timeout=120)
+        assert out.returncode == 0, out.stderr
+    assert "stage" in out.stdout or "--config" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope"], "climseg: error: unknown command 'nope'"),
+    (["split", "--output", "{tmp}/o"], "climseg split: error: the following arguments are "
+                                       "required: --data"),
+    (["split", "--data", "{tmp}/none", "--output", "{tmp}/o"], "none: folder not found"),
+    (["make-synthetic", "--output", "{tmp}/x", "--samples", "0"], "must be positive"),
+    (["summarize", "--data", "{tmp}"], "train: folder not found"),
+    (["check", "--data", "{tmp}/none"], "no such file or folder"),
+    (["check"], "the following arguments are required: --data"),
+    (["check", "--data", "{tmp}/a", "{tmp}/b"], "two data roots given"),
+    (["stage", "--data", "{tmp}", "--output", "{tmp}/d"], "stats.h5: stats file not found"),
+    (["evaluate", "--checkpoint", "{tmp}/none.pt", "--data", "{tmp}"], "none.pt"),
+    (["predict", "--checkpoint", "{tmp}/none.pt", "--output", "{tmp}/p", "{tmp}/x.h5"],
+     "x.h5: file not found"),
+    (["train", "--config", "{tmp}/none.yaml"], "none.yaml"),
+])
+def test_bad_input_is_one_line_and_status_2(tmp_path, args, message):
+    out = climseg(*[a.format(tmp=tmp_path) for a in args])
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_no_command_prints_usage_and_status_2():
+    out = climseg()
+    assert out.returncode == 2 and "usage: climseg COMMAND" in out.stderr
+
+
+def test_data_pipeline_through_climseg_with_the_common_flags(tmp_path):
+    raw, root, local = tmp_path / "raw", tmp_path / "cam", tmp_path / "local"
+    steps = [
+        ["make-synthetic", "--output", raw, "--samples", 10, "--seed", 4, "--height", 32,
+         "--width", 48, "--quiet"],
+        ["split", "--data", raw, "--output", root, "--quiet"],
+        ["summarize", "--data", root, "--quiet"],
+        ["check", "--data", root, "--quiet"],
+        ["stage", "--data", root, "--output", local, "--splits", "train", "--quiet"],
+    ]
+    outputs = []
+    for step in steps:
+        out = climseg(*step)
+        assert out.returncode == 0, (step, out.stderr)
+        assert out.stderr == "", (step, out.stderr)   # --quiet: nothing but problems on stderr
+        outputs.append(out.stdout)
+    # results on stdout: the statistics table, the check verdict, what staging copied
+    table = outputs[2].splitlines()
+    assert table[0].split() == ["channel", "min", "max", "mean", "std"] and len(table) == 18
+    assert outputs[3].strip() == f"checked 10 files under {root}: all good"
+    assert outputs[4].startswith("rank 0/1: copied 9 files")         # 8 + stats.h5
+    assert len(list((local / "train").glob("data-*.h5"))) == 8
+
+
+def test_old_flag_spellings_still_work(tmp_path):
+    raw, root, local = tmp_path / "raw", tmp_path / "cam", tmp_path / "local"
+    tools = REPO / "tools"
+    run = [
+        [tools / "make_synthetic.py", "--out", raw, "--samples", 10, "--height", 32,
+         "--width", 48],
+        [tools / "split_data.py", "--input", raw, "--output", root],
+        [tools / "summarize_data.py", "--data", root],
+        [tools / "check_data.py", root],
+        [tools / "stage_data.py", "--source", root, "--dest", local, "--splits", "test"],
+    ]
+    for args in run:
+        out = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                             cwd="/tmp", timeout=120)
+        assert out.returncode == 0, (args, out.stderr)
+    assert (root / "stats.h5").is_file() and (local / "test" / "index.txt").is_file()
+    # the new spelling and the old one give the same split
+    again = tmp_path / "again"
+    assert climseg("split", "--data", raw, "--output", again).returncode == 0
+    for split in ("train", "validation", "test"):
+        assert sorted(p.name for p in (again / split).iterdir()) == \
+            sorted(p.name for p in (root / split).iterdir())
+
+
+def test_help_shows_new_names_and_hides_old_spellings():
+    for name, new, old in [("split", "--data", "--input"), ("stage", "--output", "--dest"),
+                           ("make-synthetic", "--output", "--out"),
+                           ("evaluate", "--workers", "--threads")]:
+        text = climseg(name, "--help").stdout
+        assert new in text and old not in text.replace(new, ""), name
+
+
+def test_tool_alias_works_without_the_installed_package(tiny_root):
+    # tools/*.py fall back to the checkout when climseg is not installed (a venv made before
+    # `make install` installed it). `python -S` skips site-packages' .pth files, and with
+    # them the editable install; PYTHONPATH still gives numpy and h5py.
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    env = {"PYTHONPATH": site, "PATH": "/usr/bin:/bin"}
+    probe = subprocess.run([sys.executable, "-S", "-c", "import climseg"], env=env, cwd="/tmp",
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode != 0, "climseg importable without its install: the test is void"
+    out = subprocess.run([sys.executable, "-S", str(REPO / "tools/check_data.py"),
+                          str(tiny_root / "test"), "--quiet"], env=env, cwd="/tmp",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"checked 2 files under {tiny_root / 'test'}: all good"
