@@ -75,7 +75,7 @@ def test_predict_writes_masks_probabilities_and_maps(tiny_root, tiny_model, tmp_
     ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root)
     files = list_files(tiny_root / "test")
     out = tmp_path / "pred"
-    assert predict.main(["--checkpoint", str(ckpt), "--out", str(out), "--probabilities",
+    assert predict.main(["--checkpoint", str(ckpt), "--output", str(out), "--probabilities",
                          *map(str, files)]) == 0
     for f in files:
         with h5py.File(out / f"{f.stem}-mask.h5", "r") as h:
@@ -102,10 +102,10 @@ def test_evaluate_matches_iou_of_saved_masks(tiny_root, tiny_model, tmp_path):
     ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root)
     files = list_files(tiny_root / "test")
     out = tmp_path / "pred"
-    assert predict.main(["--checkpoint", str(ckpt), "--out", str(out), *map(str, files)]) == 0
+    assert predict.main(["--checkpoint", str(ckpt), "--output", str(out), *map(str, files)]) == 0
     result_path = tmp_path / "eval.json"
     assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(tiny_root),
-                          "--batch-size", "1", "--out", str(result_path)]) == 0
+                          "--batch-size", "1", "--output", str(result_path)]) == 0
     result = json.loads(result_path.read_text())
 
     truths, preds = [], []
@@ -165,7 +165,7 @@ def test_incompatible_checkpoint_names_the_keys(tiny_root, tiny_model, tmp_path,
     del state["body.3.bias"]                              # missing
     ckpt = make_checkpoint(tmp_path / "bad.pt", tiny_root, state=state)
     files = list_files(tiny_root / "test")
-    code = predict.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o"),
+    code = predict.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "o"),
                          str(files[0])])
     assert code == 2
     (message,) = capsys.readouterr().err.strip().splitlines()
@@ -261,7 +261,7 @@ def test_unlabelled_file_gets_a_prediction_only_map(tiny_root, tiny_model, tmp_p
     with h5py.File(src, "w") as h:
         h.create_dataset(DATA_KEY, data=data)
     out = tmp_path / "pred"
-    assert predict.main(["--checkpoint", str(ckpt), "--out", str(out), str(src)]) == 0
+    assert predict.main(["--checkpoint", str(ckpt), "--output", str(out), str(src)]) == 0
     with h5py.File(out / "new-sample-mask.h5", "r") as h:
         assert h[predict.PREDICTION_KEY].shape == (64, 96)
         assert predict.PROBABILITIES_KEY not in h
@@ -298,7 +298,7 @@ def test_evaluate_under_horovodrun_matches_one_process(real_checkpoint, tiny_roo
     out = tmp_path / "hvd.json"
     cmd = [str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
            "climseg.evaluate", "--checkpoint", str(path), "--data", str(tiny_root),
-           "--batch-size", "1", "--out", str(out)]
+           "--batch-size", "1", "--output", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
