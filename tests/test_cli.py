@@ -167,3 +167,31 @@ def test_tool_alias_works_without_the_installed_package(tiny_root):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"checked 2 files under {tiny_root / 'test'}: all good"
+
+
+def test_setup_logging_levels_and_rank_tag(capsys):
+    import logging
+
+    from climseg.logs import setup_logging
+
+    log = logging.getLogger("climseg.test")
+    try:
+        setup_logging(rank=0, size=1)
+        log.info("alone")
+        setup_logging(rank=0, size=4)          # a second call replaces the handler
+        log.info("first")
+        setup_logging(rank=3, size=4)
+        log.info("hidden off rank 0")
+        log.warning("shown")
+        setup_logging(rank=0, size=1, quiet=True)
+        log.info("quiet")
+        log.error("still shown")
+    finally:   # leave no handler on this test's captured stderr
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if h.get_name() == "climseg"]:
+            root.removeHandler(handler)
+        root.setLevel(logging.WARNING)
+    out, err = capsys.readouterr()
+    lines = [line.split(" ", 1)[1] for line in err.splitlines()]   # drop the time stamp
+    assert out == ""
+    assert lines == ["alone", "[0] first", "[3] shown", "still shown"]

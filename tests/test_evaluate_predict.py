@@ -343,3 +343,18 @@ def test_tiled_prediction_of_a_per_pixel_model_equals_the_whole_field():
     tiled = inference.predict_probabilities(model, x, prec, tile=(32, 32), tiles_per_batch=5)
     assert tiled.shape == whole.shape == (2, 3, 64, 96)
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("command", [evaluate, predict])
+def test_a_failed_distributed_start_is_one_line(command, tiny_root, tmp_path, monkeypatch,
+                                                capsys):
+    def broken_init():
+        raise RuntimeError("the launcher started 2 ranks but Horovod sees 1: rebuild")
+
+    monkeypatch.setattr(dist, "init", broken_init)
+    args = {evaluate: ["--checkpoint", "x.pt", "--data", str(tiny_root)],
+            predict: ["--checkpoint", "x.pt", "--output", str(tmp_path), "f.h5"]}[command]
+    assert command.main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"climseg {command.__name__.split('.')[-1]}: error: the launcher started "
+                    "2 ranks but Horovod sees 1: rebuild")
