@@ -337,7 +337,8 @@ def generate_fields(rng: np.random.Generator, height: int = HEIGHT,
     lat = lat1.astype(np.float32)
     col = lambda a: np.asarray(a, np.float32)[:, None]   # noqa: E731  (a 1-D profile as a column)
     sinlat = col(np.sin(np.deg2rad(lat1)))
-    sign = np.sign(sinlat)
+    # Hemisphere sign, smoothed over +-10 degrees so nothing jumps at the equator.
+    sign = col(np.tanh(lat1 / 10.0))
     midlat = col(np.exp(-((np.abs(lat1) - 45.0) / 25.0) ** 2))
     tropics = col(np.exp(-(lat1 / 25.0) ** 2))
 
