@@ -61,32 +61,33 @@ class LAMB(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        grads = [p.grad for group in self.param_groups for p in group["params"]
-                 if p.grad is not None]
-        if not grads:
+        buckets = [(group, bucket) for group in self.param_groups
+                   for bucket in _buckets([p for p in group["params"] if p.grad is not None])]
+        if not buckets:
             return loss
-        if any(g.is_sparse for g in grads):
+        if any(p.grad.is_sparse for _, params in buckets for p in params):
             raise RuntimeError("LAMB does not support sparse gradients")
         clip = None
         max_norm = self.param_groups[0]["max_grad_norm"]
         if max_norm > 0:
-            norms = torch._foreach_norm([g.float() for g in grads])
-            total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+            # One multi-tensor norm per (device, dtype); only the per-tensor norms meet on one
+            # device. .float() is the gradient itself when it is float32 already.
+            norms = [n for _, params in buckets
+                     for n in torch._foreach_norm([p.grad.float() for p in params])]
+            device = norms[0].device
+            total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
             # Scale only when the norm exceeds the threshold; a tensor, to avoid a host sync.
             clip = (max_norm / total).clamp(max=1.0)
 
-        for group in self.param_groups:
-            self._update_group(group, clip)
+        for group, params in buckets:
+            self._update(group, params, clip)
         return loss
 
-    def _update_group(self, group: dict, clip: torch.Tensor | None) -> None:
-        # Multi-tensor (_foreach) ops: a few kernel launches per group instead of a dozen per
-        # parameter, which matters on GPUs with ~300 parameter tensors.
+    def _update(self, group: dict, params: list[torch.Tensor], clip: torch.Tensor | None) -> None:
+        """One parameter group's parameters of one device and dtype: a dozen multi-tensor
+        (_foreach) kernels in all, each one pass over the tensors, whatever their number."""
         beta1, beta2 = group["betas"]
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        moments, squares, bc1, bc2 = [], [], [], []
+        steps = []
         for p in params:
             state = self.state[p]
             if not state:
@@ -96,38 +97,63 @@ class LAMB(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
                                                        memory_format=torch.preserve_format)
             state["step"] += 1
-            moments.append(state["exp_avg"])
-            squares.append(state["exp_avg_sq"])
-            correct = group["bias_correction"]
-            bc1.append(1 - beta1 ** state["step"] if correct else 1.0)
-            bc2.append(1 - beta2 ** state["step"] if correct else 1.0)
+            steps.append(state["step"])
+        moments = [self.state[p]["exp_avg"] for p in params]
+        squares = [self.state[p]["exp_avg_sq"] for p in params]
+
+        # m_hat / (sqrt(v_hat) + eps) = (sqrt(bc2) / bc1) * m / (sqrt(v) + eps * sqrt(bc2)):
+        # the bias corrections become two scalars per tensor instead of two passes over it.
+        # Usually every tensor has taken the same number of steps: then they are plain numbers.
+        def corrections(step: int) -> tuple[float, float]:
+            if not group["bias_correction"]:
+                return 1.0, group["eps"]
+            root_bc2 = math.sqrt(1 - beta2 ** step)
+            return root_bc2 / (1 - beta1 ** step), group["eps"] * root_bc2
+
+        if len(set(steps)) == 1:
+            step_size, eps = corrections(steps[0])
+        else:
+            pairs = [corrections(s) for s in steps]
+            step_size, eps = [a for a, _ in pairs], [b for _, b in pairs]
 
         grads = [p.grad.float() for p in params]
-        # Out of place: p.grad must not change (and .float() of a float32 grad is the grad).
-        grads = torch._foreach_mul(grads, clip) if clip is not None else grads
-        torch._foreach_mul_(moments, beta1)
-        torch._foreach_add_(moments, grads, alpha=1 - beta1)
+        # Out of place: p.grad must not change.
+        if clip is not None:
+            grads = torch._foreach_mul(grads, clip.to(grads[0].device))
+        torch._foreach_lerp_(moments, grads, 1 - beta1)       # b1 m + (1 - b1) g
         torch._foreach_mul_(squares, beta2)
         torch._foreach_addcmul_(squares, grads, grads, value=1 - beta2)
+        del grads
+        denom = torch._foreach_sqrt(squares)
+        torch._foreach_add_(denom, eps)
 
-        denom = torch._foreach_div(squares, bc2)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, group["eps"])
-        updates = torch._foreach_div(moments, bc1)
-        torch._foreach_div_(updates, denom)
-        weights = [p.float() for p in params]
+        weights = params if params[0].dtype == torch.float32 else [p.float() for p in params]
         if group["weight_decay"] != 0:
-            torch._foreach_add_(updates, weights, alpha=group["weight_decay"])
+            updates = torch._foreach_mul(weights, group["weight_decay"])
+            torch._foreach_addcdiv_(updates, moments, denom, step_size)
+        else:
+            updates = torch._foreach_div(moments, denom)
+            torch._foreach_mul_(updates, step_size)
+        del denom
 
         w_norm = torch.stack(torch._foreach_norm(weights))
         u_norm = torch.stack(torch._foreach_norm(updates))
         ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
         torch._foreach_mul_(updates, list((ratio * -group["lr"]).unbind(0)))
-        if all(p.dtype == torch.float32 for p in params):
+        if weights is params:
             torch._foreach_add_(params, updates)
         else:
-            for p, w, u in zip(params, weights, updates):
-                p.copy_(w + u)
+            # Low-precision parameters: the update is computed in float32, rounded once.
+            torch._foreach_add_(weights, updates)
+            torch._foreach_copy_(params, weights)
+
+
+def _buckets(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`params` split by (device, dtype, gradient dtype): multi-tensor kernels take one of each."""
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        buckets.setdefault((p.device, p.dtype, p.grad.dtype), []).append(p)
+    return list(buckets.values())
 
 
 def _lamb(params, lr, betas, eps, weight_decay, max_grad_norm, fused):

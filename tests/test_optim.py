@@ -114,6 +114,101 @@ def test_lamb_settings_survive_reconstruction_from_param_groups():
     assert again.param_groups[0]["max_grad_norm"] == 0.25
 
 
+def lamb_per_tensor(params, state, lr, betas, eps, wd, max_norm, bias_correction=True):
+    """The step as first written, one tensor at a time in float64: the oracle for the
+    multi-tensor step. `params` (tensors with .grad) change in place; `state` is a dict."""
+    grads = [p.grad.double() for p in params if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    clip = min(1.0, max_norm / total.item()) if max_norm > 0 else 1.0
+    for p in params:
+        if p.grad is None:
+            continue
+        s = state.setdefault(id(p), {"step": 0, "m": torch.zeros_like(p, dtype=torch.float64),
+                                     "v": torch.zeros_like(p, dtype=torch.float64)})
+        s["step"] += 1
+        g = p.grad.double() * clip
+        s["m"] = betas[0] * s["m"] + (1 - betas[0]) * g
+        s["v"] = betas[1] * s["v"] + (1 - betas[1]) * g * g
+        bc1 = 1 - betas[0] ** s["step"] if bias_correction else 1.0
+        bc2 = 1 - betas[1] ** s["step"] if bias_correction else 1.0
+        w = p.detach().double()
+        u = (s["m"] / bc1) / ((s["v"] / bc2).sqrt() + eps) + wd * w
+        w_norm, u_norm = w.norm(), u.norm()
+        trust = (w_norm / u_norm).item() if w_norm > 0 and u_norm > 0 else 1.0
+        with torch.no_grad():
+            p.copy_(w - lr * trust * u)
+
+
+SHAPES = [(8, 4, 3, 3), (8,), (16, 8, 1, 1), (5, 7), (3,)]
+
+
+def test_multi_tensor_step_equals_the_per_tensor_update():
+    # Two parameter groups (one without weight decay, one without bias correction), tensors
+    # of several shapes, one parameter without a gradient in the first step (so its step
+    # count lags behind the others'), clipping active in some steps and not in others.
+    # LAMB keeps its moments in float32 whatever the parameters' dtype (as apex does), so
+    # float32 parameters against the float64 oracle, compared to float32 accuracy.
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    oracle = [torch.nn.Parameter(p.detach().double()) for p in ours]
+    settings = [dict(lr=0.05, weight_decay=0.01, bias_correction=True),
+                dict(lr=0.02, weight_decay=0.0, bias_correction=False)]
+    opt = LAMB([dict(params=ours[:3], **settings[0]), dict(params=ours[3:], **settings[1])],
+               betas=(0.9, 0.99), eps=1e-6, max_grad_norm=1.0)
+    state = {}
+    for step in range(4):
+        scale = 3.0 if step % 2 == 0 else 0.01            # clipped, then not
+        for i, (a, b) in enumerate(zip(ours, oracle)):
+            g = None if step == 0 and i == 1 else scale * torch.randn_like(a)
+            a.grad, b.grad = g, None if g is None else g.double()
+        opt.step()
+        # The per-tensor oracle clips with the norm over both groups, as LAMB does.
+        total_norm = torch.linalg.vector_norm(torch.stack(
+            [p.grad.norm() for p in oracle if p.grad is not None]))
+        clip = min(1.0, 1.0 / total_norm.item())
+        for group, ps in ((settings[0], oracle[:3]), (settings[1], oracle[3:])):
+            for p in ps:
+                if p.grad is not None:
+                    p.grad = p.grad * clip
+            lamb_per_tensor(ps, state, group["lr"], (0.9, 0.99), 1e-6, group["weight_decay"],
+                            0.0, group["bias_correction"])
+    assert [opt.state[p]["step"] for p in ours] == [4, 3, 4, 4, 4]
+    for a, b in zip(ours, oracle):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_float32_step_matches_float64_oracle():
+    torch.manual_seed(1)
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    oracle = [torch.nn.Parameter(p.detach().double().clone()) for p in ours]
+    opt = LAMB(ours, lr=0.01, eps=1e-6, weight_decay=0.01, max_grad_norm=1.0)
+    state = {}
+    for _ in range(3):
+        for a, b in zip(ours, oracle):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.double()
+        opt.step()
+        lamb_per_tensor(oracle, state, 0.01, (0.9, 0.999), 1e-6, 0.01, 1.0)
+    for a, b in zip(ours, oracle):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_dtypes_are_stepped_in_float32_and_rounded_once():
+    torch.manual_seed(2)
+    half = torch.nn.Parameter(torch.randn(4, 6).to(torch.bfloat16))
+    full = torch.nn.Parameter(torch.randn(5))
+    oracle = [torch.nn.Parameter(half.detach().double()), torch.nn.Parameter(full.detach().double())]
+    opt = LAMB([half, full], lr=0.01, max_grad_norm=1.0)
+    half.grad = torch.randn(4, 6).to(torch.bfloat16)
+    full.grad = torch.randn(5)
+    oracle[0].grad, oracle[1].grad = half.grad.double(), full.grad.double()
+    opt.step()
+    lamb_per_tensor(oracle, {}, 0.01, (0.9, 0.999), 1e-6, 0.01, 1.0)
+    assert half.dtype == torch.bfloat16 and opt.state[half]["exp_avg"].dtype == torch.float32
+    assert torch.equal(half.detach(), oracle[0].detach().to(torch.bfloat16))
+    torch.testing.assert_close(full.double(), oracle[1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name, cls", [("lamb", LAMB), ("adam", torch.optim.Adam),
                                        ("adamw", torch.optim.AdamW)])
 def test_build_optimizer(name, cls):
