@@ -46,6 +46,46 @@ def test_channels_last_input_gives_same_logits(model):
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+def _conv_output_layouts(model, x):
+    """Names of the convolutions whose output is / is not channels_last, in one forward."""
+    layouts, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            handles.append(module.register_forward_hook(
+                lambda m, i, out, name=name: layouts.__setitem__(
+                    name, out.is_contiguous(memory_format=torch.channels_last))))
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return layouts, out
+
+
+def test_channels_last_input_stays_channels_last_to_the_logits():
+    # Weights stay contiguous (Horovod broadcasts and allreduces only contiguous tensors);
+    # a channels_last input alone must carry the layout through every convolution, the ASPP
+    # concatenation and the decoder (cuDNN's fast NHWC kernels on a GPU).
+    torch.manual_seed(0)
+    model = build_model(in_channels=4, num_classes=3).train()
+    x = torch.randn(2, 4, 64, 96).contiguous(memory_format=torch.channels_last)
+    layouts, out = _conv_output_layouts(model, x)
+    assert len(layouts) == 146
+    assert [name for name, cl in layouts.items() if not cl] == []
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    out.float().square().mean().backward()
+    assert all(p.is_contiguous() and p.grad.is_contiguous() for p in model.parameters())
+
+
+def test_contiguous_input_stays_contiguous():
+    model = build_model(in_channels=4, num_classes=3).eval()
+    with torch.no_grad():
+        layouts, out = _conv_output_layouts(model, torch.randn(1, 4, 64, 96))
+    # The pooling convolution's 1x1 output is both layouts; every other one must be NCHW.
+    assert [name for name, cl in layouts.items() if cl] == ["aspp.pooling.conv"]
+    assert out.is_contiguous()
+
+
 def test_every_parameter_gets_a_finite_gradient():
     # Other channel counts than the reference's, to check that nothing hard-codes 16 or 3.
     torch.manual_seed(0)

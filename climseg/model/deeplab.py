@@ -153,7 +153,19 @@ class ImagePooling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.mean(dim=(2, 3), keepdim=True)
         y = torch.relu(self.affine(self.conv(pooled)))
-        return y.expand(-1, -1, x.shape[2], x.shape[3])
+        # Materialized in the layout of `x`, which the other ASPP branches' outputs follow:
+        # torch.cat keeps channels_last only when all its inputs have it, and a broadcast view
+        # counts as contiguous, so the concatenation (and everything after it: projection and
+        # decoder) fell back to NCHW.
+        return y.expand(-1, -1, x.shape[2], x.shape[3]).contiguous(
+            memory_format=_memory_format(x))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when `x` is stored so (and not also plain contiguous, as 1x1 maps are)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class ASPP(nn.Module):
