@@ -474,9 +474,17 @@ def detect_labels(data: np.ndarray) -> np.ndarray:
     dlat_km = 180.0 / (height - 1) * _KM_PER_DEG
     dlon_km = 360.0 / width * _KM_PER_DEG
 
+    # Local sea-level-pressure depression: below the mean of a ~12-degree box around.
+    psl = data[..., _CH["PSL"]]
+    size_r = max(3, int(round(0.07 * height)))
+    size_c = max(3, int(round(size_r * width / (2.0 * height))))
+    depression = ndi.uniform_filter(psl, size=(size_r, size_c), mode=("nearest", "wrap")) - psl
     # Atmospheric rivers.
     ivt = data[..., _CH["TMQ"]] * np.sqrt(u * u + v * v)
-    cand = (ivt >= IVT_THRESHOLD) & (alat >= AR_MIN_ABS_LAT)[:, None]
+    # The ring of strong wind around a deep (sub)tropical low is a cyclone's, not a river's.
+    cyclonic = ((depression >= 0.5 * TC_MIN_DEPRESSION)
+                & (alat <= TC_LAT_RANGE[1] + 5.0)[:, None])
+    cand = (ivt >= IVT_THRESHOLD) & (alat >= AR_MIN_ABS_LAT)[:, None] & ~cyclonic
     comp, n = _components(cand)
     if n:
         rows, cols = np.nonzero(comp)
@@ -505,10 +513,6 @@ def detect_labels(data: np.ndarray) -> np.ndarray:
         labels[keep[comp]] = 2
 
     # Tropical cyclones.
-    psl = data[..., _CH["PSL"]]
-    size_r = max(3, int(round(0.07 * height)))
-    size_c = max(3, int(round(size_r * width / (2.0 * height))))
-    depression = ndi.uniform_filter(psl, size=(size_r, size_c), mode=("nearest", "wrap")) - psl
     band = (alat >= TC_LAT_RANGE[0]) & (alat <= TC_LAT_RANGE[1])
     comp, n = _components((depression >= TC_MIN_DEPRESSION) & band[:, None])
     if n:
