@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 import torch
 
+from climseg.config import PRECISIONS
 from climseg.data.format import DATA_KEY, HEIGHT, LABEL_KEY, WIDTH, DataError
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files
@@ -71,12 +72,10 @@ def tflop_per_sample(height: int, width: int) -> float:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {name}: CUDA is not available on this machine")
-    return device
+    """--device: auto (this rank's GPU if there is one, else the CPU), cpu, cuda, cuda:N; the
+    trainer's, evaluate's and predict's rule (climseg.inference.select_device)."""
+    from climseg.inference import select_device
+    return select_device(None if name == "auto" else name)
 
 
 def synchronize(device: torch.device) -> None:
@@ -151,11 +150,14 @@ def evict_from_page_cache(files) -> None:
 
 
 def time_batches(make_epoch: Callable[[int], Iterator], warmup: int, steps: int,
-                 device: torch.device) -> float:
+                 device: torch.device,
+                 prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> float:
     """Seconds for ``steps`` batches after ``warmup`` ones (timed from the first measured ask).
 
     Epochs follow one another as in training; each batch is moved to ``device`` (a no-op for
-    BatchLoader, which yields there) and, on CUDA, waited for, so both paths pay for the copy.
+    BatchLoader, which yields there), put in the layout the trainer gives the model
+    (``prepare``: :meth:`climseg.engine.Precision.prepare`) and, on CUDA, waited for, so both
+    paths pay for the copy and for any change of layout the trainer would make.
     """
     seen, start, epoch = 0, None, 0
     while seen < warmup + steps:
@@ -163,7 +165,7 @@ def time_batches(make_epoch: Callable[[int], Iterator], warmup: int, steps: int,
         if start is None and warmup == 0:
             start = time.perf_counter()
         for x, y in batches:
-            x = x.to(device, non_blocking=True)
+            x = prepare(x.to(device, non_blocking=True))
             y = y.to(device, non_blocking=True)
             synchronize(device)
             seen += 1
@@ -178,7 +180,12 @@ def time_batches(make_epoch: Callable[[int], Iterator], warmup: int, steps: int,
 
 
 def loader_mode(args) -> tuple[list[Result], dict[str, Any]]:
+    from climseg.engine import Precision
+
     device = pick_device(args.device)
+    # The layout the trainer hands the model (train.precision and train.channels_last), so
+    # that a loader's lead is not counted when the trainer would spend it re-laying out.
+    prec = Precision.build(device, args.precision, _CHANNELS_LAST[args.channels_last])
     files = list_files(args.data)
     channels = None if args.channels is None else channel_indices(args.channels)
     shift, scale, norm_note = bench_normalization(args, channels)
@@ -196,9 +203,11 @@ def loader_mode(args) -> tuple[list[Result], dict[str, Any]]:
         steps = args.steps
     sample_mb = crop[0] * crop[1] * full_shape[2] * 4 / _MB
     log.info("loader: %d files of %s, batch %d, crop %s, channels %s, %s; %d warm-up + %d "
-             "measured batches per run, %d repeats%s", len(files), "x".join(map(str, full_shape)),
-             bs, "x".join(map(str, crop)), "all" if channels is None else channels, norm_note,
-             warmup, steps, args.repeats, ", cold page cache" if args.cold else "")
+             "measured batches per run, %d repeats%s; model input %s on %s",
+             len(files), "x".join(map(str, full_shape)), bs, "x".join(map(str, crop)),
+             "all" if channels is None else channels, norm_note, warmup, steps, args.repeats,
+             ", cold page cache" if args.cold else "",
+             "channels_last" if prec.channels_last else "NCHW", device)
 
     def ours(threads: int, repeat: int):
         loader = BatchLoader(files, bs, shift=shift, scale=scale, channels=channels, crop=crop,
@@ -228,7 +237,7 @@ def loader_mode(args) -> tuple[list[Result], dict[str, Any]]:
             if args.cold:
                 evict_from_page_cache(files)
             reset_peak_memory(device)
-            seconds = time_batches(make(count, repeat), warmup, steps, device)
+            seconds = time_batches(make(count, repeat), warmup, steps, device, prec.prepare)
             runs[name].append((steps * bs / seconds, peak_memory_gib(device)))
             log.info("  %-36s run %d: %8.1f samples/s", name, repeat + 1,
                      steps * bs / seconds)
@@ -244,7 +253,8 @@ def loader_mode(args) -> tuple[list[Result], dict[str, Any]]:
                                "threads_or_workers": count}))
     summary = {"files": len(files), "sample_shape": list(full_shape), "crop": list(crop),
                "channels": channels, "normalization": norm_note, "cold_cache": args.cold,
-               "sample_mb": sample_mb}
+               "sample_mb": sample_mb, "device": str(device),
+               "model_input": "channels_last" if prec.channels_last else "NCHW"}
     ours_best = max((r for r in results if r.extra["kind"] == "climseg"),
                     key=lambda r: r.samples_per_s)
     summary["climseg_best"] = ours_best.name
@@ -281,14 +291,13 @@ def step_mode(args) -> tuple[list[Result], dict[str, Any]]:
     from climseg.model import build_model
     from climseg.optim import build_optimizer
 
-    device = pick_device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = pick_device(args.device)   # sets the current CUDA device too
     torch.manual_seed(0)
-    channels_last = {"auto": None, "on": True, "off": False}[args.channels_last]
-    prec = Precision.build(device, args.precision, channels_last)
+    prec = Precision.build(device, args.precision, _CHANNELS_LAST[args.channels_last])
     model = build_model(in_channels=args.in_channels, num_classes=3).to(device)
-    if prec.channels_last:
+    # As the trainer: weights contiguous (Horovod needs them so), the input in prec's layout.
+    # --channels-last-weights measures the other choice on one device.
+    if args.channels_last_weights:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss().to(device)
     optimizer = build_optimizer(model.parameters(), name=args.optimizer, lr=1e-4)
@@ -327,6 +336,7 @@ def step_mode(args) -> tuple[list[Result], dict[str, Any]]:
     seconds_per_step = total / args.steps
     rate = bs / seconds_per_step
     name = f"step {prec.name}{' channels_last' if prec.channels_last else ''}" \
+           f"{' CL weights' if args.channels_last_weights else ''}" \
            f"{' compiled' if args.compile else ''}, batch {bs}"
     result = Result(name=name, samples_per_s=rate, ms_per_step=1e3 * seconds_per_step,
                     batch_size=bs, steps=args.steps, data_wait_share=0.0,
@@ -337,6 +347,7 @@ def step_mode(args) -> tuple[list[Result], dict[str, Any]]:
                            if args.compile else None})
     summary = {"size": [height, width], "in_channels": args.in_channels,
                "precision": prec.name, "channels_last": prec.channels_last,
+               "channels_last_weights": args.channels_last_weights,
                "compile": args.compile, "optimizer": args.optimizer,
                "first_step_s": first_step}
     return [result], summary
@@ -399,8 +410,8 @@ def train_mode(args) -> tuple[list[Result], dict[str, Any]]:
             data.train = _TimedEpochs(data.train, record)
             return data
 
-        device = torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        from climseg.inference import select_device
+        device = select_device(None, dist.local_rank())   # the one the trainer will pick
         reset_peak_memory(device)
         summary = trainer.train(cfg, on_data=timed)
 
@@ -459,6 +470,9 @@ def environment() -> dict[str, Any]:
     return env
 
 
+_CHANNELS_LAST = {"auto": None, "on": True, "off": False}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m climseg.bench",
@@ -473,14 +487,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--steps", type=int, default=20, help="measured steps/batches per run")
         p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
 
+    def precision_options(p):
+        p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="as train.precision (auto: bf16 on CUDA, fp32 on the CPU)")
+        p.add_argument("--channels-last", default="auto", choices=tuple(_CHANNELS_LAST),
+                       help="model input layout, as train.channels_last (auto: on CUDA only)")
+
     p = modes.add_parser("step", help="training step on a synthetic batch on the device")
     common(p)
     p.add_argument("--warmup", type=int, default=3, help="steps before timing (>= 1)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--size", type=int, nargs=2, default=[HEIGHT, WIDTH], metavar=("H", "W"))
     p.add_argument("--in-channels", type=int, default=16)
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"))
+    precision_options(p)
+    p.add_argument("--channels-last-weights", action="store_true",
+                   help="also convert the weights to channels_last (the trainer does not: "
+                        "Horovod refuses non-contiguous tensors); to compare layouts")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--optimizer", default="adamw", choices=("adam", "adamw", "lamb"))
     p.add_argument("--sync-each-step", action="store_true",
@@ -498,6 +520,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, nargs="+", default=[2, 4],
                    help="BatchLoader thread counts to try")
     p.add_argument("--prefetch", type=int, default=2)
+    precision_options(p)
     p.add_argument("--ref-workers", type=int, nargs="+", default=[1, 2, 4],
                    help="reference DataLoader worker counts to try (0: main process)")
     p.add_argument("--no-reference", action="store_true")

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from climseg import bench
 
@@ -52,7 +53,6 @@ def test_loader_mode_cold_with_channels(tiny_root, tmp_path):
 
 
 def test_step_mode(tmp_path):
-    pytest.importorskip("climseg.optim")
     record = run(tmp_path, ["step", "--size", "32", "48", "--batch-size", "1", "--steps", "1",
                             "--warmup", "1", "--device", "cpu"])
     row = record["results"][0]
@@ -62,7 +62,6 @@ def test_step_mode(tmp_path):
 
 
 def test_train_mode(tiny_root, tmp_path):
-    pytest.importorskip("climseg.optim")
     record = run(tmp_path, ["train", "--config", str(REPO / "yaml" / "ci.yaml"), "--steps",
                             "1", "--warmup", "0", "--output-dir", str(tmp_path / "run"),
                             f"data.root={tiny_root}", "train.local_batch_size=2",
@@ -74,3 +73,48 @@ def test_train_mode(tiny_root, tmp_path):
 
 def test_bad_data_folder_exits_2(tmp_path):
     assert bench.main(["loader", "--data", str(tmp_path / "missing")]) == 2
+
+
+def test_loader_times_the_layout_the_trainer_gives_the_model(tiny_root, tmp_path, monkeypatch):
+    # Every timed batch goes through Precision.prepare, as in the trainer: with channels_last
+    # off on the CPU that is the NCHW copy the trainer makes, which the loader must pay for.
+    from climseg.engine import Precision
+
+    seen = []
+    original = Precision.prepare
+
+    def spy(self, x):
+        out = original(self, x)
+        seen.append((self.channels_last, out.is_contiguous(),
+                     out.is_contiguous(memory_format=torch.channels_last)))
+        return out
+
+    monkeypatch.setattr(Precision, "prepare", spy)
+    common = ["loader", "--data", str(tiny_root / "train"), "--batch-size", "2", "--steps", "2",
+              "--warmup", "1", "--threads", "1", "--no-reference", "--repeats", "1",
+              "--device", "cpu"]
+    record = run(tmp_path, common)
+    assert record["summary"]["model_input"] == "NCHW"
+    assert seen == [(False, True, False)] * 3
+    seen.clear()
+    record = run(tmp_path, common + ["--channels-last", "on"])
+    assert record["summary"]["model_input"] == "channels_last"
+    assert seen == [(True, False, True)] * 3
+
+
+def test_step_mode_layout_options(tmp_path):
+    record = run(tmp_path, ["step", "--size", "32", "48", "--batch-size", "1", "--steps", "1",
+                            "--warmup", "1", "--device", "cpu", "--channels-last", "on",
+                            "--channels-last-weights", "--precision", "bf16",
+                            "--optimizer", "lamb"])
+    summary = record["summary"]
+    assert summary["channels_last"] is True and summary["channels_last_weights"] is True
+    assert summary["precision"] == "bf16" and summary["optimizer"] == "lamb"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_missing_gpu_is_one_line_and_exit_2(caplog):
+    assert bench.main(["step", "--device", "cuda", "--size", "32", "48"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "--device" in errors[0] and "GPU" in errors[0]
+    assert "\n" not in errors[0]
