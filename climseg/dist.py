@@ -1,16 +1,23 @@
-"""The one place that knows about Horovod.
+"""The one place that knows about Horovod (and MPI).
 
 Everything here works unchanged in a plain single process: ``rank()`` is 0, ``size()`` is 1 and
 the collectives return their input. Under ``horovodrun`` or ``srun`` (with a Horovod built with
 MPI) :func:`init` starts Horovod and the same calls become collectives over all ranks.
+
+The rest of the package never imports Horovod or mpi4py: wrapping the optimizer, converting
+batch norm, broadcasting the training state and the synchronise/skip-synchronise recipe of
+Horovod's ``DistributedOptimizer`` are all here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
+from torch import nn
 
 _hvd = None  # the horovod.torch module once init() has started it
 
@@ -69,7 +76,9 @@ def init() -> None:
                 "launched as several ranks but horovod.torch cannot be imported "
                 f"({err}); run tools/install_horovod.sh") from err
         return
-    hvd.init()
+    # Dynamic process sets: batch-norm groups (climseg.batchnorm) are added once the config
+    # is known, after init.
+    hvd.init(process_sets="dynamic")
     launched = launcher_rank_size()[1]
     if launched > 1 and hvd.size() != launched:
         # e.g. srun starting a Horovod built without MPI: every task would train alone.
@@ -133,13 +142,157 @@ def broadcast_object(obj: Any, root: int = 0, name: str = "object") -> Any:
     return _hvd.broadcast_object(obj, root_rank=root, name=name)
 
 
-def barrier() -> None:
-    if size() > 1:
-        _hvd.allreduce(torch.zeros(1), name="barrier")
-
-
 def allgather_object(obj: Any, name: str = "gather") -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank."""
     if size() == 1:
         return [obj]
     return _hvd.allgather_object(obj, name=name)
+
+
+# -- training: the model and optimizer meet Horovod only here --------------------------------
+
+def wrap_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, *,
+                   compression: str = "none",
+                   backward_passes_per_step: int = 1) -> torch.optim.Optimizer:
+    """Horovod's ``DistributedOptimizer`` around ``optimizer`` (allreduce of the gradients
+    inside ``step()``); the optimizer itself in a single process."""
+    if _hvd is None:
+        return optimizer
+    codecs = {"none": _hvd.Compression.none, "fp16": _hvd.Compression.fp16}
+    return _hvd.DistributedOptimizer(
+        optimizer, named_parameters=model.named_parameters(), compression=codecs[compression],
+        backward_passes_per_step=backward_passes_per_step)
+
+
+_GROUPS: dict[tuple[int, ...], Any] = {}  # Horovod refuses to add the same process set twice
+
+
+def rank_group(group_size: int) -> Any:
+    """A handle for collectives over this rank's group of ``group_size`` consecutive ranks
+    (ranks 0..N-1, N..2N-1, ...), for :func:`group_allreduce_sum`; None in a single process.
+
+    A collective itself: every rank must call it with the same size, since Horovod adds every
+    group on every rank.
+    """
+    if _hvd is None:
+        return None
+    world = size()
+    if world % group_size:
+        raise ValueError(f"{group_size} ranks per group do not divide {world} ranks")
+    if group_size == world:
+        return _hvd.global_process_set
+    mine = None
+    for first in range(0, world, group_size):
+        ranks = tuple(range(first, first + group_size))
+        if ranks not in _GROUPS:
+            _GROUPS[ranks] = _hvd.add_process_set(list(ranks))
+        if rank() in ranks:
+            mine = _GROUPS[ranks]
+    return mine
+
+
+def group_allreduce_sum(tensor: torch.Tensor, group: Any, name: str) -> torch.Tensor:
+    """Sum of ``tensor`` over the ranks of ``group`` (from :func:`rank_group`), differentiable:
+    the gradient of the sum is the sum of the gradients over the group. Identity for None."""
+    if group is None:
+        return tensor
+    return _hvd.allreduce(tensor, op=_hvd.Sum, process_set=group, name=name)
+
+
+def broadcast_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                             root: int = 0) -> None:
+    """Rank ``root``'s parameters, buffers and (when given) optimizer state on every rank."""
+    if size() == 1:
+        return
+    if optimizer is not None:
+        # Order matters: broadcast_optimizer_state may take a zero-gradient step on ranks whose
+        # optimizer is still empty, so the parameters are broadcast after it.
+        _hvd.broadcast_optimizer_state(optimizer, root_rank=root)
+    _hvd.broadcast_parameters(model.state_dict(), root_rank=root)
+
+
+def _reduces_in_step(optimizer) -> bool:
+    # Horovod's DistributedOptimizer is a dynamically made subclass of the wrapped optimizer;
+    # these two methods are what tell it apart.
+    return hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")
+
+
+def synchronize(optimizer: torch.optim.Optimizer) -> None:
+    """Finish the gradient allreduce now, so gradients can be unscaled or clipped before
+    ``step()``; a no-op for a plain optimizer."""
+    if _reduces_in_step(optimizer):
+        optimizer.synchronize()
+
+
+def skip_synchronize(optimizer: torch.optim.Optimizer):
+    """Context for the ``step()`` that follows :func:`synchronize`: no second allreduce."""
+    if _reduces_in_step(optimizer):
+        return optimizer.skip_synchronize()
+    return contextlib.nullcontext()
+
+
+# -- numpy reductions for the data tools (mpi4py or Horovod) -----------------------------------
+
+# Reduces an array over all ranks elementwise with op 'sum', 'min' or 'max'.
+ArrayReducer = Callable[[np.ndarray, str], np.ndarray]
+
+
+def _no_reduce(values: np.ndarray, op: str) -> np.ndarray:
+    return values
+
+
+def _mpi_reducer() -> tuple[int, int, ArrayReducer]:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    ops = {"sum": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}
+
+    def reduce(values: np.ndarray, op: str) -> np.ndarray:
+        out = np.empty_like(values)
+        comm.Allreduce(values, out, op=ops[op])
+        return out
+
+    return comm.Get_rank(), comm.Get_size(), reduce
+
+
+def _horovod_reducer() -> tuple[int, int, ArrayReducer]:
+    init()
+
+    def reduce(values: np.ndarray, op: str) -> np.ndarray:
+        if op == "sum":
+            t = torch.from_numpy(np.ascontiguousarray(values, np.float64))
+            return allreduce_sum(t, name="array_sum").numpy()
+        # min/max through an allgather of the small per-rank vectors.
+        gathered = np.stack(allgather_object(values, name=f"array_{op}"))
+        return gathered.min(axis=0) if op == "min" else gathered.max(axis=0)
+
+    return rank(), size(), reduce
+
+
+def array_reducer(expected_size: int,
+                  environ: dict[str, str] | None = None) -> tuple[int, int, ArrayReducer]:
+    """(rank, size, reduce) for a launch of ``expected_size`` ranks, for tools that need a
+    reduction but not a training run (``summarize``).
+
+    One rank: no communication. Several: Horovod first under horovodrun (it sets
+    HOROVOD_RANK), mpi4py first otherwise (mpirun, srun with PMI); the first communicator that
+    spans all the ranks is used. RuntimeError with one line when none does.
+    """
+    if expected_size == 1:
+        return 0, 1, _no_reduce
+    env = os.environ if environ is None else environ
+    order = ((_horovod_reducer, _mpi_reducer) if "HOROVOD_RANK" in env
+             else (_mpi_reducer, _horovod_reducer))
+    tried = []
+    for make in order:
+        name = make.__name__.strip("_").replace("_reducer", "")
+        try:
+            r, world, reduce = make()
+        except (ImportError, RuntimeError) as err:
+            tried.append(f"{name}: {err}")
+            continue
+        if world == expected_size:
+            return r, world, reduce
+        tried.append(f"{name}: sees {world} rank(s)")
+    raise RuntimeError(f"launched as {expected_size} ranks but no communicator spans them "
+                       f"({'; '.join(tried)})")

@@ -1,8 +1,8 @@
 """The training step and the evaluation loop, shared by ``train``, ``evaluate`` and ``bench``.
 
-Nothing here imports Horovod. A Horovod ``DistributedOptimizer`` is recognised by its
-``synchronize``/``skip_synchronize`` methods; a plain optimizer works the same way in a
-single process. Collectives go through :mod:`climseg.dist`.
+Nothing here imports Horovod: the synchronise/skip-synchronise recipe of a
+``DistributedOptimizer`` and every collective go through :mod:`climseg.dist`, and do nothing
+to a plain optimizer in a single process.
 """
 
 from __future__ import annotations
@@ -16,12 +16,23 @@ import torch
 from torch import nn
 
 from climseg import dist
+from climseg.config import PRECISIONS
 from climseg.metrics import confusion_matrix, iou_from_confusion, mlperf_iou
+
+
+_AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+assert set(_AMP_DTYPES) == set(PRECISIONS) - {"auto"}
 
 
 @dataclass
 class Precision:
-    """How the step runs: autocast dtype (None for fp32), GradScaler (fp16 only), layout."""
+    """How the step runs: autocast dtype (None for fp32), GradScaler (fp16 only), and the
+    memory layout of the model's input.
+
+    ``channels_last`` lays out the *input* only. The weights stay contiguous: Horovod refuses
+    non-contiguous tensors in its broadcasts and allreduces, and a channels_last input keeps
+    the convolutions' activations channels_last anyway (cuDNN picks the layout from the input).
+    """
 
     device: torch.device
     amp_dtype: torch.dtype | None = None
@@ -32,7 +43,7 @@ class Precision:
     def build(cls, device: torch.device, precision: str, channels_last: bool | None) -> "Precision":
         if precision == "auto":
             precision = "bf16" if device.type == "cuda" else "fp32"
-        amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        amp_dtype = _AMP_DTYPES[precision]
         scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         if channels_last is None:
             channels_last = device.type == "cuda"
@@ -40,7 +51,7 @@ class Precision:
 
     @property
     def name(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        return next(k for k, v in _AMP_DTYPES.items() if v == self.amp_dtype)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -48,24 +59,27 @@ class Precision:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """The model input in the layout the model was put in."""
+        """The model input in the chosen layout (a no-op when it is already in it)."""
         if self.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()
 
 
-def _synchronizing(optimizer):
-    """Horovod's DistributedOptimizer allreduces inside step(); these expose that step."""
-    return hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")
+@dataclass
+class StepResult:
+    """What one optimizer step leaves behind, on the device, not synchronised to the host
+    (read it only at log steps)."""
+
+    loss_sum: torch.Tensor            # summed over the step's micro-batches
+    confusion: torch.Tensor           # (num_classes, num_classes) int64
+    grad_norm: torch.Tensor | None    # before clipping, when this step clipped; else None
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], prec: Precision,
-               clip_norm: float = 0.0, num_classes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+               clip_norm: float = 0.0, num_classes: int = 3) -> StepResult:
     """One optimizer step over ``micro_batches`` (gradient accumulation).
 
-    Returns the summed loss over the micro-batches and the step's confusion matrix, both on
-    the device and not synchronised to the host (read them only at log steps).
     ``clip_norm`` > 0 clips the global gradient norm here (LAMB clips inside its own step).
     """
     micro_batches = list(micro_batches)
@@ -84,23 +98,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.M
 
     if prec.scaler is None and clip_norm <= 0:
         optimizer.step()
-        return loss_sum, cm
+        return StepResult(loss_sum, cm, None)
     # Gradients must be reduced before they are unscaled or clipped: the Horovod recipe is
     # synchronize(), unscale/clip, then step without a second allreduce.
-    if _synchronizing(optimizer):
-        optimizer.synchronize()
+    dist.synchronize(optimizer)
     if prec.scaler is not None:
         prec.scaler.unscale_(optimizer)
-    if clip_norm > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-    step_ctx = optimizer.skip_synchronize() if _synchronizing(optimizer) else contextlib.nullcontext()
-    with step_ctx:
+    norm = nn.utils.clip_grad_norm_(model.parameters(), clip_norm) if clip_norm > 0 else None
+    with dist.skip_synchronize(optimizer):
         if prec.scaler is not None:
             prec.scaler.step(optimizer)
             prec.scaler.update()
         else:
             optimizer.step()
-    return loss_sum, cm
+    return StepResult(loss_sum, cm, norm)
 
 
 def grad_norm(model: nn.Module) -> torch.Tensor:

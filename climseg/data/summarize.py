@@ -1,24 +1,23 @@
 """Per-channel statistics of a split, in one process or spread over ranks.
 
 Each rank accumulates float64 sums over its rank-strided partition of the files; the sums are
-then added over ranks (mpi4py, or Horovod under ``horovodrun --gloo``) so the result is the
-same, up to float64 rounding, for any number of ranks. Rank 0 writes ``stats.h5`` atomically.
+then added over ranks (:func:`climseg.dist.array_reducer`: mpi4py, or Horovod under
+``horovodrun --gloo``) so the result is the same, up to float64 rounding, for any number of
+ranks. Rank 0 writes ``stats.h5`` atomically.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 
+from climseg import dist
 from climseg.data.format import DATA_KEY, DataError, Progress, read_sample
 from climseg.data.partition import list_files, rank_partition
 from climseg.data.stats import STATS_NAME, Stats, StatsAccumulator, write_stats
 
-# Sums an array over all ranks (elementwise op 'sum', 'min' or 'max'); identity in one process.
-Reducer = Callable[[np.ndarray, str], np.ndarray]
+Reducer = dist.ArrayReducer
 
 
 def _single(values: np.ndarray, op: str) -> np.ndarray:
@@ -80,61 +79,9 @@ def summarize_split(root: str | os.PathLike, split: str = "train", rank: int = 0
     return stats
 
 
-def mpi_reducer():
-    """(rank, size, reducer) over mpi4py's COMM_WORLD."""
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    ops = {"sum": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}
-
-    def reduce(values: np.ndarray, op: str) -> np.ndarray:
-        out = np.empty_like(values)
-        comm.Allreduce(values, out, op=ops[op])
-        return out
-
-    return comm.Get_rank(), comm.Get_size(), reduce
-
-
-def horovod_reducer():
-    """(rank, size, reducer) over Horovod (for ``horovodrun --gloo`` without MPI)."""
-    import torch
-
-    from climseg import dist
-
-    dist.init()
-
-    def reduce(values: np.ndarray, op: str) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(values, np.float64))
-        if op == "sum":
-            return dist.allreduce_sum(t, name="stats_sum").numpy()
-        # min/max through an allgather of the small per-rank vectors.
-        gathered = np.stack(dist.allgather_object(values, name=f"stats_{op}"))
-        return gathered.min(axis=0) if op == "min" else gathered.max(axis=0)
-
-    return dist.rank(), dist.size(), reduce
-
-
 def launcher_reducer(size: int, environ: dict[str, str] | None = None):
-    """(rank, size, reducer) for a launch of ``size`` ranks (from the launcher's variables).
-
-    One rank: no communication. Several: Horovod first under horovodrun (it sets
-    HOROVOD_RANK), mpi4py first otherwise (mpirun, srun with PMI); the first communicator that
-    spans all ``size`` ranks is used.
-    """
-    if size == 1:
-        return 0, 1, _single
-    env = os.environ if environ is None else environ
-    order = (horovod_reducer, mpi_reducer) if "HOROVOD_RANK" in env else \
-        (mpi_reducer, horovod_reducer)
-    tried = []
-    for make in order:
-        try:
-            rank, world, reduce = make()
-        except (ImportError, RuntimeError) as err:
-            tried.append(f"{make.__name__}: {err}")
-            continue
-        if world == size:
-            return rank, world, reduce
-        tried.append(f"{make.__name__}: sees {world} rank(s)")
-    raise DataError(f"launched as {size} ranks but no communicator spans them "
-                    f"({'; '.join(tried)})")
+    """(rank, size, reducer) for a launch of ``size`` ranks: see :func:`climseg.dist.array_reducer`."""
+    try:
+        return dist.array_reducer(size, environ)
+    except RuntimeError as err:
+        raise DataError(str(err)) from None
