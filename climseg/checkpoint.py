@@ -1,7 +1,9 @@
-"""Checkpoints: atomic writes, loadable with ``torch.load(weights_only=True)``.
+"""Checkpoints: what one holds, how a run is restored from it, and where files go.
 
-A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (see
-docs/design.md). Files are written to a temporary name, fsynced and renamed, so a crash
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, loadable with
+``torch.load(weights_only=True)`` (see docs/design.md). :func:`training_state` builds it from a
+run's objects and :func:`restore_training_state` puts it back into them; the trainer never
+spells out the keys. Files are written to a temporary name, fsynced and renamed, so a crash
 mid-write leaves the previous checkpoint intact and never a half-written one under a real name.
 """
 
@@ -12,6 +14,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,60 @@ from climseg.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 _STEP_FILE = re.compile(r"^ckpt-step(\d+)\.pt$")
+# What atomic_path leaves behind when its writer is killed mid-write (see climseg.atomic).
+_TEMP_FILE = re.compile(r"^\.(ckpt-step\d+\.pt|best\.pt)\.tmp\d+-\d+$")
 BEST_NAME = "best.pt"
+
+
+def checkpoint_name(step: int) -> str:
+    """The file name of the checkpoint taken after optimizer step ``step``."""
+    return f"ckpt-step{step:08d}.pt"
+
+
+@dataclass
+class Progress:
+    """Where a run is; saved in checkpoints so that a resumed run continues exactly."""
+
+    step: int = 0             # optimizer steps taken
+    epoch: int = 0            # epochs started before this one (0-based)
+    batch_in_epoch: int = 0   # micro-batches of this epoch already consumed
+    best_iou: float = float("-inf")
+    validations: int = 0
+
+
+def training_state(*, model, optimizer, scheduler, scaler, progress: Progress,
+                   rng: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    """Everything a resumed run needs, as a weights-only-loadable dict.
+
+    ``model`` is the unwrapped model (no compile/DDP prefixes in its keys); ``rng`` holds one
+    :func:`rng_state` per rank; ``config`` is the resolved config as a plain dict.
+    """
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        **asdict(progress),
+        "rng": rng,
+        "config": config,
+    }
+
+
+def restore_training_state(state: dict[str, Any], *, model, optimizer, scheduler,
+                           scaler) -> Progress:
+    """Load ``state`` (from :func:`training_state`) into the run's objects; returns its
+    :class:`Progress`. Tensors may be on the CPU: each object moves them where it keeps its own."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    return progress_of(state)
+
+
+def progress_of(state: dict[str, Any]) -> Progress:
+    return Progress(state["step"], state["epoch"], state["batch_in_epoch"], state["best_iou"],
+                    state["validations"])
 
 
 class CheckpointError(ValueError):
@@ -76,24 +132,52 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resolve_resume(resume: str, directory: str | Path) -> Path | None:
+    """The checkpoint a run with ``resume`` (none | auto | a path) starts from, or None."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(directory)
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"resume: checkpoint {path} not found")
+    return path
+
+
 class CheckpointSaver:
-    """Rank 0's checkpoint writer: ``ckpt-stepN.pt``, the newest ``keep`` of them kept, and
-    ``best.pt`` for the best evaluation IoU seen. Other ranks hold ``None`` instead."""
+    """The checkpoint writer: ``ckpt-stepN.pt``, the newest ``keep`` of them kept, and
+    ``best.pt`` naming the best-scoring one. Built on every rank, it writes only where
+    ``enabled`` (rank 0), so the caller needs no rank branch."""
 
-    def __init__(self, directory: str | Path, keep: int, best_iou: float = float("-inf")):
+    def __init__(self, directory: str | Path, keep: int, enabled: bool = True):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.keep = keep
-        self.best_iou = best_iou
+        self.enabled = enabled
+        if enabled:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temporaries()
 
-    def save(self, state: dict[str, Any], step: int, eval_iou: float | None = None) -> Path:
-        path = save_checkpoint(state, self.directory / f"ckpt-step{step:08d}.pt")
-        if eval_iou is not None and eval_iou > self.best_iou:
-            self.best_iou = eval_iou
+    def path(self, step: int) -> Path:
+        return self.directory / checkpoint_name(step)
+
+    def save(self, state: dict[str, Any], step: int, is_best: bool = False) -> Path | None:
+        """Write ``state`` as the checkpoint of ``step``; ``is_best`` also points best.pt at it."""
+        if not self.enabled:
+            return None
+        path = save_checkpoint(state, self.path(step))
+        if is_best:
             _link_atomically(path, self.directory / BEST_NAME)
         for _, old in step_checkpoints(self.directory)[:-self.keep]:
             old.unlink(missing_ok=True)
         return path
+
+    def _remove_stale_temporaries(self) -> None:
+        # A writer killed mid-save leaves its temporary (hundreds of MB) behind; a later run in
+        # the same folder is the first to know it is stale.
+        for p in self.directory.iterdir():
+            if _TEMP_FILE.match(p.name):
+                log.warning("removing %s, left by a checkpoint write that did not finish", p)
+                p.unlink(missing_ok=True)
 
 
 def _link_atomically(source: Path, dest: Path) -> None:
@@ -123,8 +207,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s generators (its tensors may be on any device)."""
     torch.set_rng_state(state["torch"].cpu())
-    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    keys = state["numpy_keys"].cpu().numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
     random.setstate((state["python_version"], tuple(int(v) for v in state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():

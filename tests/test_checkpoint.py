@@ -62,12 +62,64 @@ def test_load_errors_name_the_file(tmp_path):
 
 def test_saver_keeps_last_k_and_best(tmp_path):
     saver = ck.CheckpointSaver(tmp_path, keep=2)
-    for step, iou in [(10, 0.3), (20, 0.6), (30, 0.4), (40, None)]:
-        saver.save(_state(float(step), step), step, iou)
+    for step, best in [(10, True), (20, True), (30, False), (40, False)]:
+        saver.save(_state(float(step), step), step, is_best=best)
     assert [s for s, _ in ck.step_checkpoints(tmp_path)] == [30, 40]
     assert ck.latest_checkpoint(tmp_path).name == "ckpt-step00000040.pt"
     assert ck.load_checkpoint(tmp_path / "best.pt")["step"] == 20
-    assert saver.best_iou == 0.6
+
+
+def test_saver_off_rank_0_writes_nothing(tmp_path):
+    saver = ck.CheckpointSaver(tmp_path / "out", keep=2, enabled=False)
+    assert saver.save(_state(1.0, 1), 1, is_best=True) is None
+    assert not (tmp_path / "out").exists()
+
+
+def test_saver_removes_temporaries_of_a_killed_writer(tmp_path):
+    stale = [tmp_path / ".ckpt-step00000002.pt.tmp4242-139", tmp_path / ".best.pt.tmp17-3"]
+    kept = [tmp_path / "ckpt-step00000001.pt", tmp_path / "notes.tmp1-1"]
+    for p in stale + kept:
+        p.write_bytes(b"x")
+    ck.CheckpointSaver(tmp_path, keep=2)
+    assert [p.exists() for p in stale] == [False, False]
+    assert [p.exists() for p in kept] == [True, True]
+
+
+def test_training_state_round_trip_restores_objects(tmp_path):
+    def objects(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        sched.step()
+        return model, opt, sched
+
+    model, opt, sched = objects(1)
+    progress = ck.Progress(step=7, epoch=2, batch_in_epoch=3, best_iou=0.25, validations=4)
+    state = ck.training_state(model=model, optimizer=opt, scheduler=sched, scaler=None,
+                              progress=progress, rng=[ck.rng_state()], config={"seed": 1})
+    ck.save_checkpoint(state, tmp_path / "c.pt")
+    loaded = torch.load(tmp_path / "c.pt", weights_only=True)
+    other, other_opt, other_sched = objects(2)
+    restored = ck.restore_training_state(loaded, model=other, optimizer=other_opt,
+                                         scheduler=other_sched, scaler=None)
+    assert restored == progress
+    assert torch.equal(other.weight, model.weight)
+    assert other_sched.get_last_lr() == sched.get_last_lr()
+    assert torch.equal(other_opt.state_dict()["state"][0]["exp_avg"],
+                       opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_resolve_resume(tmp_path):
+    assert ck.resolve_resume("none", tmp_path) is None
+    assert ck.resolve_resume("auto", tmp_path) is None
+    for step in (3, 12):
+        (tmp_path / ck.checkpoint_name(step)).write_bytes(b"")
+    assert ck.resolve_resume("auto", tmp_path).name == "ckpt-step00000012.pt"
+    with pytest.raises(ck.CheckpointError, match="missing.pt not found"):
+        ck.resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
 
 
 def test_rng_state_restores_every_generator():
@@ -83,8 +135,8 @@ def test_rng_state_restores_every_generator():
 
 def test_best_survives_pruning_of_its_step_file(tmp_path):
     saver = ck.CheckpointSaver(tmp_path, keep=1)
-    saver.save(_state(1.0, 1), 1, 0.9)
-    saver.save(_state(2.0, 2), 2, 0.1)
+    saver.save(_state(1.0, 1), 1, is_best=True)
+    saver.save(_state(2.0, 2), 2, is_best=False)
     assert [s for s, _ in ck.step_checkpoints(tmp_path)] == [2]
     assert ck.load_checkpoint(tmp_path / "best.pt")["step"] == 1
 
