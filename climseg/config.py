@@ -9,6 +9,7 @@ and ``null`` work), checks every key and type, and validates each section in its
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +19,13 @@ from typing import Any
 import yaml
 
 from climseg.atomic import atomic_path
-from climseg.data.format import DEEPCAM_CLASS_FREQUENCIES, DEEPCAM_WEIGHT_POW
+from climseg.data.format import (CLASS_NAMES, DEEPCAM_CLASS_FREQUENCIES, DEEPCAM_WEIGHT_POW,
+                                 NUM_CHANNELS)
 
+
+# Input sides must be multiples of the model's output stride (climseg.model.deeplab.OUTPUT_STRIDE,
+# kept equal by a test: the model module needs torch, a config must not).
+OUTPUT_STRIDE = 16
 
 # Numeric precisions a run or an inference may ask for (auto: bf16 on CUDA, fp32 on CPU).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -57,16 +63,17 @@ class DataConfig:
         _choice(self.normalization, "data.normalization", ("minmax", "zscore"))
         if self.channels is not None:
             _require(len(self.channels) > 0, "data.channels", "must list at least one channel")
-            _require(all(0 <= c < 16 for c in self.channels), "data.channels",
-                     f"indices must be in 0..15, got {self.channels}")
+            _require(all(0 <= c < NUM_CHANNELS for c in self.channels), "data.channels",
+                     f"indices must be in 0..{NUM_CHANNELS - 1}, got {self.channels}")
             _require(len(set(self.channels)) == len(self.channels), "data.channels",
                      f"has repeated indices: {self.channels}")
         for key in ("crop", "validation_crop"):
             crop = getattr(self, key)
             if crop is not None:
                 _require(len(crop) == 2, f"data.{key}", f"must be [height, width], got {crop}")
-                _require(all(c > 0 and c % 16 == 0 for c in crop), f"data.{key}",
-                         f"both sides must be positive multiples of 16 (the output stride), "
+                _require(all(c > 0 and c % OUTPUT_STRIDE == 0 for c in crop), f"data.{key}",
+                         f"both sides must be positive multiples of {OUTPUT_STRIDE} (the "
+                         f"model's output stride), "
                          f"got {crop}")
         _require(self.loader_threads >= 1, "data.loader_threads", "must be at least 1")
         _require(self.prefetch >= 1, "data.prefetch", "must be at least 1")
@@ -78,16 +85,35 @@ class DataConfig:
         return Path(self.stats_file) if self.stats_file else Path(self.root) / "stats.h5"
 
 
+MODEL_NAMES = ("deeplabv3plus",)  # the names climseg.model.build_model knows
+
+
 @dataclass
 class ModelConfig:
     name: str = "deeplabv3plus"
     in_channels: int | None = None       # null: the number of channels data.channels selects
     num_classes: int = 3
+    class_names: list[str] | None = None  # for reports; null: DeepCAM's three classes
 
     def __post_init__(self):
+        _choice(self.name, "model.name", MODEL_NAMES)
         _require(self.in_channels is None or self.in_channels > 0, "model.in_channels",
                  "must be positive or null")
         _require(self.num_classes >= 2, "model.num_classes", "must be at least 2")
+        if self.class_names is None:
+            _require(self.num_classes == len(CLASS_NAMES), "model.class_names",
+                     f"must name the {self.num_classes} classes when model.num_classes is not "
+                     f"{len(CLASS_NAMES)} (the default names are {', '.join(CLASS_NAMES)})")
+            self.class_names = list(CLASS_NAMES)
+        _require(len(self.class_names) == self.num_classes, "model.class_names",
+                 f"has {len(self.class_names)} names for model.num_classes={self.num_classes}")
+        _require(len(set(self.class_names)) == len(self.class_names) and all(self.class_names),
+                 "model.class_names", f"must be distinct non-empty names, got {self.class_names}")
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``climseg.model.build_model`` (the names are for reports)."""
+        return {"name": self.name, "in_channels": self.in_channels,
+                "num_classes": self.num_classes}
 
 
 @dataclass
@@ -96,8 +122,9 @@ class LossConfig:
     weight_pow: float = DEEPCAM_WEIGHT_POW
 
     def __post_init__(self):
-        _require(all(f > 0 for f in self.class_frequencies), "loss.class_frequencies",
-                 "every frequency must be positive")
+        _require(all(0 < f <= 1 for f in self.class_frequencies), "loss.class_frequencies",
+                 f"every frequency must be in (0, 1] (a share of the pixels), "
+                 f"got {self.class_frequencies}")
 
 
 @dataclass
@@ -134,8 +161,10 @@ class SchedulerConfig:
         _require(self.warmup_steps >= 0, "scheduler.warmup_steps", "must be non-negative")
         _require(self.warmup_factor >= 1.0, "scheduler.warmup_factor",
                  f"must be at least 1 (the MLPerf warmup multiplier), got {self.warmup_factor}")
-        _require(list(self.milestones) == sorted(set(self.milestones)), "scheduler.milestones",
-                 f"must be strictly increasing, got {self.milestones}")
+        _require(list(self.milestones) == sorted(set(self.milestones))
+                 and all(m >= 1 for m in self.milestones), "scheduler.milestones",
+                 f"must be strictly increasing step numbers >= 1, got {self.milestones}")
+        _require(self.eta_min >= 0, "scheduler.eta_min", f"must be non-negative, got {self.eta_min}")
         _require(0 < self.decay_rate <= 1, "scheduler.decay_rate", "must be in (0, 1]")
         if self.type == "cosine":
             _require(self.t_max is not None and self.t_max > 0, "scheduler.t_max",
@@ -160,7 +189,7 @@ class TrainConfig:
     precision: str = "auto"              # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)
     channels_last: bool | None = None    # null: on for CUDA, off on CPU
     compile: bool = False                # torch.compile the model
-    sync_batchnorm: bool = False         # hvd.SyncBatchNorm across all ranks
+    batchnorm_group_size: int | None = 1  # ranks sharing batch-norm statistics: 1 = none, N = groups of N, 0/null = all
     gradient_compression: str = "none"   # none | fp16 (Horovod allreduce compression)
     deterministic: bool = False          # deterministic kernels (for exact resume tests)
     image_frequency: int = 1             # validations between TensorBoard map images; 0 = never
@@ -172,6 +201,8 @@ class TrainConfig:
             _require(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
         for key in ("validation_frequency", "save_frequency", "image_frequency"):
             _require(getattr(self, key) >= 0, f"train.{key}", "must be 0 or positive")
+        _require(self.batchnorm_group_size is None or self.batchnorm_group_size >= 0,
+                 "train.batchnorm_group_size", "must be 0, null or positive")
         _require(self.cpu_threads is None or self.cpu_threads >= 1, "train.cpu_threads",
                  "must be positive or null")
         _require(self.max_steps is None or self.max_steps >= 1, "train.max_steps",
@@ -199,7 +230,7 @@ class Config:
         _require(bool(self.data.root), "data.root", "is required (e.g. data.root=/dev/shm/cam)")
         _require(bool(self.output_dir), "output_dir", "is required")
         _require(self.seed > 0, "seed", "must be positive (MLPerf requires it)")
-        n_channels = len(self.data.channels) if self.data.channels is not None else 16
+        n_channels = len(self.data.channels) if self.data.channels is not None else NUM_CHANNELS
         if self.model.in_channels is None:
             self.model.in_channels = n_channels
         _require(self.model.in_channels == n_channels, "model.in_channels",
@@ -247,6 +278,7 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
     if hint is float:
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), key,
                  f"must be a number, got {value!r}")
+        _require(math.isfinite(value), key, f"must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         _require(isinstance(value, (str, int, float)) and not isinstance(value, bool), key,

@@ -31,6 +31,14 @@ def test_in_channels_follows_channel_subset():
 
 
 @pytest.mark.parametrize("override, message", [
+    # Values the builders used to reject only later, with a traceback.
+    ("loss.class_frequencies=[2,1,1]", "loss.class_frequencies: every frequency must be in (0, 1]"),
+    ("loss.weight_pow=.nan", "loss.weight_pow: must be a finite number"),
+    ("optimizer.lr=.inf", "optimizer.lr: must be a finite number"),
+    ("scheduler.eta_min=-1", "scheduler.eta_min: must be non-negative"),
+    ("scheduler.milestones=[-5]", "scheduler.milestones: must be strictly increasing step numbers"),
+    ("model.num_classes=4", "model.class_names: must name the 4 classes"),
+    ("model.name=unet", "model.name: 'unet' is not one of"),
     ("optimizer.lrr=1", "optimizer.lrr: unknown key"),
     ("bogus=1", "bogus: unknown key"),
     ("optimizer.lr=fast", "optimizer.lr: must be a number"),
@@ -126,3 +134,31 @@ def test_readme_documents_every_config_key():
     assert len(keys) > 40
     missing = [k for k in keys if f"| `{k}` |" not in readme]
     assert not missing, f"README.md does not document: {missing}"
+
+
+def test_class_names_follow_num_classes():
+    assert load_config(None, ROOT).model.class_names == [
+        "background", "tropical_cyclone", "atmospheric_river"]
+    cfg = load_config(None, ROOT + ["model.num_classes=4", "model.class_names=[a, b, c, d]",
+                                    "loss.class_frequencies=[0.7, 0.1, 0.1, 0.1]"])
+    assert cfg.model.class_names == ["a", "b", "c", "d"]
+    with pytest.raises(ConfigError, match="model.class_names: has 2 names"):
+        load_config(None, ROOT + ["model.class_names=[a, b]"])
+
+
+def test_config_output_stride_matches_the_model():
+    from climseg.config import OUTPUT_STRIDE
+    from climseg.model.deeplab import OUTPUT_STRIDE as MODEL_STRIDE
+
+    assert OUTPUT_STRIDE == MODEL_STRIDE
+
+
+def test_loading_a_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from climseg.config import load_config; "
+            "load_config('yaml/demo.yaml', ['data.root=/x']); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         check=True)
+    assert out.stdout.strip() == "False"
