@@ -123,8 +123,6 @@ demo-data: $(DEMO_STAMPS)/staged
 
 demo: install demo-data
 	$(HOROVODRUN) python -m climseg.train --config $(DEMO_CONFIG) data.root=$(DEMO_DIR)/staged output_dir=$(RUN_DIR) $(TRAIN_ARGS)
-	@echo
-	@echo "TensorBoard: tensorboard --logdir $(RUN_DIR)/tensorboard"
 
 clean-demo:
 	rm -rf $(DEMO_DIR) $(RUN_DIR)

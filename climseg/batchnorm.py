@@ -9,10 +9,10 @@ works on any device Horovod runs on (Gloo on CPU included).
 Group size: 1 = plain batch norm (nothing changes), N = groups of N consecutive ranks
 (ranks 0..N-1, N..2N-1, ...), 0 or None = all ranks.
 
-Horovod must be started with dynamic process sets, ``hvd.init(process_sets="dynamic")`` (or
-with ``HOROVOD_DYNAMIC_PROCESS_SETS=1`` in the environment), because groups are added after
-init; :func:`convert_batchnorm` must then be called on every rank, in the same order, since
-adding a process set is itself a collective.
+The groups are Horovod process sets made by :func:`climseg.dist.rank_group` (``dist.init``
+starts Horovod with dynamic process sets, so they can be added once the config is known);
+:func:`convert_batchnorm` must be called on every rank, in the same order, since adding a
+process set is itself a collective.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ import torch
 from torch import nn
 
 from climseg import dist
-
-_GROUPS: dict[tuple[int, ...], object] = {}  # Horovod refuses to add the same set twice
-
 
 def resolve_group_size(group_size: int | None, world_size: int) -> int:
     """The number of ranks per group: ``world_size`` for 0/None; must divide ``world_size``."""
@@ -43,31 +40,9 @@ def group_ranks(rank: int, group_size: int) -> list[int]:
     return list(range(first, first + group_size))
 
 
-def _process_set(group_size: int):
-    """This rank's Horovod process set for groups of ``group_size``; every group is added on
-    every rank, in rank order, as Horovod requires."""
-    hvd = dist.horovod()
-    size = hvd.size()
-    if group_size == size:
-        return hvd.global_process_set
-    mine = None
-    for first in range(0, size, group_size):
-        ranks = tuple(range(first, first + group_size))
-        if ranks not in _GROUPS:
-            try:
-                _GROUPS[ranks] = hvd.add_process_set(list(ranks))
-            except ValueError as err:
-                raise RuntimeError(
-                    f"train.batchnorm_group_size={group_size}: Horovod cannot add the process "
-                    f"set {list(ranks)} ({err}); it must be started with "
-                    "hvd.init(process_sets='dynamic')") from err
-        if hvd.rank() in ranks:
-            mine = _GROUPS[ranks]
-    return mine
-
-
 class GroupBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training-time statistics come from every rank of ``process_set``.
+    """BatchNorm2d whose training-time statistics come from every rank of ``process_set`` (a
+    :func:`climseg.dist.rank_group`).
 
     Each rank sums x and x² per channel and counts its pixels; one allreduce (Sum) over the
     group gives the group's mean and biased variance, with which every rank normalises its own
@@ -99,14 +74,12 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if x.dim() != 4:
             raise ValueError(f"GroupBatchNorm2d: expected a 4-D input, got shape {tuple(x.shape)}")
-        hvd = dist.horovod()
         c = self.num_features
         xf = x.float()
         count = torch.full((1,), x.numel() / c, dtype=torch.float32, device=x.device)
         local = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), count])
         # float64 for the combination: E[x²] - E[x]² loses digits in float32 over large groups.
-        total = hvd.allreduce(local.double(), op=hvd.Sum, process_set=self.process_set,
-                              name=self.collective_name)
+        total = dist.group_allreduce_sum(local.double(), self.process_set, self.collective_name)
         n = total[2 * c]
         mean = total[:c] / n
         var = (total[c:2 * c] / n - mean * mean).clamp_min(0.0)
@@ -140,10 +113,9 @@ def convert_batchnorm(module: nn.Module, group_size: int | None) -> nn.Module:
     """
     size = dist.size()
     group = resolve_group_size(group_size, size)
-    if group == 1 or dist.horovod() is None:
+    if group == 1 or size == 1:
         return module
-    process_set = _process_set(group)
-    return _replace(module, process_set, "group_bn")
+    return _replace(module, dist.rank_group(group), "group_bn")
 
 
 def _replace(module: nn.Module, process_set, path: str) -> nn.Module:

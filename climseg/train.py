@@ -1,14 +1,12 @@
-"""``python -m climseg.train --config yaml/X.yaml [key=value ...]``
+"""``python -m climseg.train --config yaml/X.yaml [key=value ...]`` (or ``climseg train``).
 
-The same code path runs as a single process, under ``horovodrun`` and under ``srun``. The
-function :func:`train` reads like the table of contents of a run: build everything, resume,
-wrap for Horovod, then alternate training steps with validation until the step budget, the
-epoch budget or the target IoU is reached.
+The same code path runs as a single process, under ``horovodrun`` and under ``srun``.
+:class:`Trainer` is the run: it builds its parts from the config (data, model, optimizer,
+checkpoints, reporting), resumes, then :meth:`Trainer.fit` alternates training steps with
+validation until the step budget, the epoch budget or the target IoU is reached.
 """
-
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -21,24 +19,27 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
-from climseg import dist
-from climseg.checkpoint import (CheckpointError, CheckpointSaver, latest_checkpoint,
-                                load_checkpoint, rng_state, set_rng_state)
-from climseg.config import Config, ConfigError, load_config, save_config
-from climseg.data.format import CHANNELS, DataError, validate_file
+from climseg import cli, dist
+from climseg.batchnorm import convert_batchnorm, resolve_group_size
+from climseg.checkpoint import (CheckpointError, CheckpointSaver, Progress, load_checkpoint,
+                                progress_of, resolve_resume, restore_training_state, rng_state,
+                                set_rng_state, training_state)
+from climseg.config import Config, ConfigError, load_config
+from climseg.data.format import CHANNELS, HEIGHT, WIDTH, DataError, validate_file
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.data.stats import normalization, read_stats
 from climseg.engine import Precision, average_batchnorm_stats, evaluate, grad_norm, train_step
 from climseg.inference import select_device
+from climseg.logs import setup_logging
 from climseg.losses import build_loss
 from climseg.metrics import iou_from_confusion
 from climseg.model import build_model
+from climseg.monitor import RunMonitor
 from climseg.optim import build_optimizer, build_scheduler
-from climseg.reporting import MetricsFile, MLPerfLog, TensorBoard
+from climseg.reporting import DataWait, launch_topology, this_rank
 
 log = logging.getLogger("climseg.train")
 
@@ -54,25 +55,6 @@ class Data:
     validation_samples: int   # what one validation scores, all ranks
     shift: np.ndarray
     scale: np.ndarray
-
-
-@dataclass
-class Progress:
-    """Where the run is; saved in checkpoints so a resumed run continues exactly."""
-
-    step: int = 0             # optimizer steps taken
-    epoch: int = 0
-    batch_in_epoch: int = 0   # micro-batches of this epoch already consumed
-    best_iou: float = float("-inf")
-    validations: int = 0
-
-
-def setup_logging() -> None:
-    """Rank 0 logs at INFO; the other ranks log warnings and errors only, tagged with rank."""
-    level = logging.INFO if dist.is_primary() else logging.WARNING
-    tag = "" if dist.size() == 1 else f"[{dist.rank()}] "
-    logging.basicConfig(level=level, format=f"%(asctime)s {tag}%(message)s",
-                        datefmt="%H:%M:%S", force=True)
 
 
 def build_data(cfg: Config, rank: int, size: int, device: torch.device) -> Data:
@@ -112,349 +94,311 @@ def _section(cfg_section) -> dict[str, Any]:
 
 
 def build_training(cfg: Config, device: torch.device):
-    """Model, loss, optimizer: each from its config section. Batch norm becomes Horovod's
-    SyncBatchNorm here when asked, before the optimizer takes the parameters."""
-    model = build_model(**_section(cfg.model))
-    if cfg.train.sync_batchnorm and dist.size() > 1:
-        model = convert_sync_batchnorm(model)
-    model = model.to(device)
+    """Model, loss, optimizer: each from its config section. Batch norm is shared over groups
+    of ranks here when asked, before the optimizer takes the parameters."""
+    model = build_model(**cfg.model.build_kwargs()).to(device)
+    model = convert_batchnorm(model, cfg.train.batchnorm_group_size)
     loss_fn = build_loss(**_section(cfg.loss)).to(device)
     optimizer = build_optimizer(model.parameters(), **_section(cfg.optimizer))
     return model, loss_fn, optimizer
 
 
-def wrap_distributed(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer):
-    """The one place the model and optimizer meet Horovod. Returns the optimizer to step."""
-    hvd = dist.horovod()
-    if hvd is None:
-        return optimizer
-    compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
-    return hvd.DistributedOptimizer(
-        optimizer, named_parameters=model.named_parameters(),
-        compression=compression[cfg.train.gradient_compression],
-        backward_passes_per_step=cfg.train.gradient_accumulation)
-
-
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d with Horovod's SyncBatchNorm, keeping its parameters."""
-    hvd = dist.horovod()
-    if isinstance(module, nn.BatchNorm2d):
-        sync = hvd.SyncBatchNorm(module.num_features, module.eps, module.momentum,
-                                 module.affine, module.track_running_stats)
-        sync.load_state_dict(module.state_dict())
-        return sync
-    for name, child in module.named_children():
-        setattr(module, name, convert_sync_batchnorm(child))
-    return module
-
-
-def checkpoint_state(cfg: Config, model, optimizer, scheduler, prec: Precision,
-                     progress: Progress, rng: list[dict]) -> dict[str, Any]:
-    return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": prec.scaler.state_dict() if prec.scaler is not None else None,
-        "step": progress.step,
-        "epoch": progress.epoch,
-        "batch_in_epoch": progress.batch_in_epoch,
-        "best_iou": progress.best_iou,
-        "validations": progress.validations,
-        "rng": rng,
-        "config": cfg.to_dict(),
-    }
-
-
-def resolve_resume(cfg: Config) -> Path | None:
-    if cfg.resume == "none":
-        return None
-    if cfg.resume == "auto":
-        return latest_checkpoint(cfg.output_dir)
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise ConfigError(f"resume: checkpoint {path} not found")
-    return path
-
-
-def resume(cfg: Config, model, optimizer, scheduler, prec: Precision) -> Progress:
-    """Rank 0 reads the checkpoint (if any); every rank then receives its contents by
-    broadcast, so that only rank 0 needs to see ``output_dir``."""
-    path = resolve_resume(cfg) if dist.is_primary() else None
-    path = dist.broadcast_object(path, name="resume_path")
-    hvd = dist.horovod()
-    if path is None:
-        if hvd is not None:
-            # A fresh optimizer has no state to share; parameters do (init differs by rank
-            # only if seeding does, but this makes it certain).
-            hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        return Progress()
-
-    state = load_checkpoint(path, map_location=prec.device) if dist.is_primary() else None
-    meta = None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if prec.scaler is not None and state["scaler"] is not None:
-            prec.scaler.load_state_dict(state["scaler"])
-        meta = {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "best_iou",
-                                       "validations", "rng")}
-        meta["scheduler"] = scheduler.state_dict()
-        meta["scaler"] = state["scaler"]
-    meta = dist.broadcast_object(meta, name="resume_meta")
-    if hvd is not None:
-        # Order matters: broadcast_optimizer_state may take a zero-gradient step on ranks
-        # whose optimizer is still empty, so parameters are broadcast after it.
-        hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        if not dist.is_primary():
-            scheduler.load_state_dict(meta["scheduler"])
-            if prec.scaler is not None and meta["scaler"] is not None:
-                prec.scaler.load_state_dict(meta["scaler"])
-    rngs = meta["rng"]
-    set_rng_state(rngs[dist.rank()] if len(rngs) == dist.size() else rngs[0])
-    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, meta["step"],
-             meta["epoch"], meta["batch_in_epoch"])
-    return Progress(meta["step"], meta["epoch"], meta["batch_in_epoch"], meta["best_iou"],
-                    meta["validations"])
-
-
-def validation_image(tb: TensorBoard, first, data: Data, cfg: Config, step: int) -> None:
-    """The TMQ field (or the first channel used) with true and predicted masks."""
-    from climseg.plot import figure_to_array, plot_sample
-
-    x, y, pred = first
-    channels = cfg.data.channels if cfg.data.channels is not None else list(range(len(CHANNELS)))
-    column = channels.index(0) if 0 in channels else 0
-    field = x[column].float().numpy() / data.scale[column] + data.shift[column]
-    title = f"{CHANNELS[channels[column]]}, validation, step {step}"
-    fig = plot_sample(field, prediction=pred.numpy(), truth=y.numpy(), title=title)
-    tb.image("validation/map", figure_to_array(fig), step)
-
-
-def train(cfg: Config, on_data: Callable[[Data], Data] | None = None) -> dict[str, Any]:
-    """Run the training ``cfg`` describes; returns the final summary (same on every rank).
-
-    ``on_data`` may wrap the built loaders (``climseg.bench`` times the waits for batches).
-    """
-    rank, size = dist.rank(), dist.size()
-    device = select_device(None, dist.local_rank())  # this rank's GPU, else the CPU
+def configure_torch(cfg: Config, device: torch.device) -> None:
+    """Threads, kernel choice and seeds: process-wide settings, made once per run."""
     if device.type == "cpu":  # ranks sharing a node share its cores
         cores = len(os.sched_getaffinity(0))
         torch.set_num_threads(cfg.train.cpu_threads or max(1, cores // dist.local_size()))
-    global_batch = cfg.global_batch(size)
-    if cfg.train.sync_batchnorm and size > 1 and device.type != "cuda":
-        raise ConfigError("train.sync_batchnorm: Horovod's SyncBatchNorm runs on GPUs only; "
-                          "set it to false for a CPU run")
-    # The resolved config names the stats file absolutely: evaluate/predict read it from the
-    # checkpoint, perhaps from another working directory.
-    cfg.data.stats_file = str(cfg.data.stats_path.resolve())
+    else:
+        # Input shapes are fixed for a run, so cuDNN's autotuning pays for itself after the
+        # first steps; it picks kernels by timing, so it is off for deterministic runs.
+        torch.backends.cudnn.benchmark = not cfg.train.deterministic
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    output_dir = Path(cfg.output_dir)
 
-    primary = dist.is_primary()
-    mlperf = tb = metrics = saver = None
-    if primary:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-        mlperf = MLPerfLog(output_dir / "mlperf.log")
-        mlperf.start("init_start")
-    log.info("climseg training on %d rank(s), %s, global batch %d; config:\n%s", size, device,
-             global_batch, yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
 
-    data = build_data(cfg, rank, size, device)
-    if on_data is not None:
-        data = on_data(data)
-    model, loss_fn, optimizer = build_training(cfg, device)
-    prec = Precision.build(device, cfg.train.precision, cfg.train.channels_last)
-    if prec.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = wrap_distributed(cfg, model, optimizer)
-    scheduler = build_scheduler(optimizer, **_section(cfg.scheduler))
-    progress = resume(cfg, model, optimizer, scheduler, prec)
-    step_model = torch.compile(model) if cfg.train.compile else model
-    clip_norm = cfg.optimizer.max_grad_norm if cfg.optimizer.name != "lamb" else 0.0
+class _Window:
+    """Device-side sums over the steps between two log steps (no host sync per step)."""
 
-    accum = cfg.train.gradient_accumulation
-    steps_per_epoch = len(data.train) // accum
-    max_steps = cfg.train.max_steps or cfg.train.max_epochs * steps_per_epoch
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %d parameters; %d steps per epoch; training to step %d; precision %s",
-             cfg.model.name, n_params, steps_per_epoch, max_steps, prec.name)
+    def __init__(self, num_classes: int, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.reset()
 
-    if primary:
-        tb = TensorBoard(output_dir / "tensorboard")
-        metrics = MetricsFile(output_dir / "metrics.jsonl")
-        saver = CheckpointSaver(output_dir, cfg.train.keep_checkpoints, progress.best_iou)
-        mlperf.hyperparameters(cfg, world_size=size, global_batch=global_batch,
-                               train_samples=data.train_samples,
-                               eval_samples=data.validation_samples)
-        mlperf.end("init_stop")
-        mlperf.start("run_start")
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.confusion.zero_()
+        self.steps = 0
+        self.grad_norm = None
+        self.start = time.perf_counter()
 
-    height, width = cfg.data.crop or data.train.full_shape[:2]
-    crop_pixels = height * width
-    tflop_per_sample = FULL_SAMPLE_TFLOP * crop_pixels / (768 * 1152)
-    last_eval: dict[str, Any] = {}
-    stop_reason = "max_steps"
 
-    def validate() -> dict[str, Any]:
-        nonlocal last_eval
-        epoch_num = progress.epoch + 1
-        if mlperf:
-            mlperf.start("eval_start", epoch_num=epoch_num)
-        average_batchnorm_stats(model)
-        want_image = (cfg.train.image_frequency > 0
-                      and progress.validations % cfg.train.image_frequency == 0)
-        result = evaluate(step_model, data.validation.epoch(0), loss_fn, prec,
-                          cfg.model.num_classes, keep_first=primary and want_image)
-        progress.validations += 1
-        result["step"] = progress.step
-        first = result.pop("first", None)
+class Trainer:
+    """One training run: built from a config, then :meth:`fit`.
+
+    Every rank builds the same Trainer; rank 0's reporters and checkpoint writer are the only
+    parts that write files, and they do nothing elsewhere. ``on_data`` may wrap the built
+    loaders (``climseg.bench`` times the waits for batches).
+    """
+
+    def __init__(self, cfg: Config, on_data: Callable[[Data], Data] | None = None):
+        self.cfg = cfg
+        self.rank, self.size = dist.rank(), dist.size()
+        self.device = select_device(None, dist.local_rank())  # this rank's GPU, else the CPU
+        try:
+            self.bn_group = resolve_group_size(cfg.train.batchnorm_group_size, self.size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.global_batch = cfg.global_batch(self.size)
+        configure_torch(cfg, self.device)
+        # The resolved config names the stats file absolutely: evaluate/predict read it from
+        # the checkpoint, perhaps from another working directory.
+        cfg.data.stats_file = str(cfg.data.stats_path.resolve())
+
+        self.monitor = RunMonitor(cfg, primary=dist.is_primary())
+        self.monitor.config(self.size, self.device, self.global_batch)
+        self.data = build_data(cfg, self.rank, self.size, self.device)
+        if on_data is not None:
+            self.data = on_data(self.data)
+        self.model, self.loss_fn, optimizer = build_training(cfg, self.device)
+        self.prec = Precision.build(self.device, cfg.train.precision, cfg.train.channels_last)
+        self.optimizer = dist.wrap_optimizer(
+            optimizer, self.model, compression=cfg.train.gradient_compression,
+            backward_passes_per_step=cfg.train.gradient_accumulation)
+        self.scheduler = build_scheduler(self.optimizer, **_section(cfg.scheduler))
+        self.checkpoints = CheckpointSaver(cfg.output_dir, cfg.train.keep_checkpoints,
+                                           enabled=dist.is_primary())
+        self.resumed_from: Path | None = None
+        self.progress = self.resume()
+        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        # LAMB clips inside its own step; the others clip the global norm in train_step.
+        self.clip_norm = cfg.optimizer.max_grad_norm if cfg.optimizer.name != "lamb" else 0.0
+
+        t = cfg.train
+        self.accum = t.gradient_accumulation
+        self.steps_per_epoch = len(self.data.train) // self.accum
+        self.max_steps = t.max_steps or t.max_epochs * self.steps_per_epoch
+        height, width = cfg.data.crop or self.data.train.full_shape[:2]
+        self.tflop_per_sample = FULL_SAMPLE_TFLOP * height * width / (HEIGHT * WIDTH)
+        self.last_eval: dict[str, Any] = {}
+        self.window = _Window(cfg.model.num_classes, self.device)
+        self.data_wait = DataWait()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info("model %s: %d parameters; %d steps per epoch; training to step %d; "
+                 "precision %s", cfg.model.name, n_params, self.steps_per_epoch,
+                 self.max_steps, self.prec.name)
+        topology = launch_topology(dist.allgather_object(this_rank(self.device.type),
+                                                         name="topology"))
+        self.monitor.run_start(topology, global_batch=self.global_batch,
+                               batchnorm_group_size=self.bn_group,
+                               train_samples=self.data.train_samples,
+                               eval_samples=self.data.validation_samples,
+                               resumed_from=self.resumed_from)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds; a collective (every rank's RNG state goes into it)."""
+        rng = dist.allgather_object(rng_state(), name="rng_state")
+        return training_state(model=self.model, optimizer=self.optimizer,
+                              scheduler=self.scheduler, scaler=self.prec.scaler,
+                              progress=self.progress, rng=rng, config=self.cfg.to_dict())
+
+    def load_state_dict(self, state: dict[str, Any]) -> Progress:
+        return restore_training_state(state, model=self.model, optimizer=self.optimizer,
+                                      scheduler=self.scheduler, scaler=self.prec.scaler)
+
+    def resume(self) -> Progress:
+        """Rank 0 reads the checkpoint (if any) and every rank receives its contents by
+        broadcast, so that only rank 0 needs to see ``output_dir``."""
+        primary = dist.is_primary()
+        path = resolve_resume(self.cfg.resume, self.cfg.output_dir) if primary else None
+        path = dist.broadcast_object(path, name="resume_path")
+        if path is None:
+            # A fresh model: its initialisation differs by rank only if seeding does, but
+            # this makes it certain.
+            dist.broadcast_training_state(self.model)
+            return Progress()
+        meta = None
         if primary:
-            mlperf.event("eval_accuracy", result["eval_accuracy"], epoch_num=epoch_num)
-            mlperf.end("eval_stop", epoch_num=epoch_num)
-            per_class = dict(zip(("background", "cyclone", "river"), result["per_class_iou"]))
-            tb.scalars("eval", {"loss": result["loss"], "mean_iou": result["mean_iou"],
-                                "eval_accuracy": result["eval_accuracy"],
-                                **{f"iou_{k}": v for k, v in per_class.items()}}, progress.step)
-            if first is not None:
-                validation_image(tb, first, data, cfg, progress.step)
-            metrics.write("eval", progress.step, {k: result[k] for k in (
-                "loss", "mean_iou", "eval_accuracy", "per_class_iou", "samples")})
-            log.info("eval step %d: loss %.4f  mean IoU %.4f  eval_accuracy %.4f  "
-                     "IoU bg/TC/AR %.3f/%.3f/%.3f", progress.step, result["loss"],
-                     result["mean_iou"], result["eval_accuracy"], *result["per_class_iou"])
-        last_eval = result
+            # Loaded on the CPU: each object moves its tensors to its own device, and the RNG
+            # states must stay on the CPU.
+            state = load_checkpoint(path, map_location="cpu")
+            self.load_state_dict(state)
+            meta = {"rng": state["rng"], "scheduler": self.scheduler.state_dict(),
+                    "scaler": state["scaler"], "progress": dataclasses.asdict(progress_of(state))}
+        meta = dist.broadcast_object(meta, name="resume_meta")
+        dist.broadcast_training_state(self.model, self.optimizer)
+        if not primary:
+            self.scheduler.load_state_dict(meta["scheduler"])
+            if self.prec.scaler is not None and meta["scaler"] is not None:
+                self.prec.scaler.load_state_dict(meta["scaler"])
+        rngs = meta["rng"]
+        set_rng_state(rngs[self.rank] if len(rngs) == self.size else rngs[0])
+        progress = Progress(**meta["progress"])
+        self.resumed_from = path
+        self.monitor.resumed(path, progress.step, progress.epoch, progress.batch_in_epoch)
+        return progress
+
+    # -- steps ---------------------------------------------------------------------------------
+    def train_step(self, micro_batches) -> None:
+        result = train_step(self.step_model, self.optimizer, self.loss_fn, micro_batches,
+                            self.prec, self.clip_norm, self.cfg.model.num_classes)
+        self.scheduler.step()
+        self.progress.step += 1
+        self.progress.batch_in_epoch += self.accum
+        w = self.window
+        w.loss += result.loss_sum / self.accum
+        w.confusion += result.confusion
+        w.grad_norm = result.grad_norm
+        w.steps += 1
+
+    def log_window(self) -> None:
+        """Average the steps since the last log step over ranks and report them: the loop's
+        only host synchronisation."""
+        w, step = self.window, self.progress.step
+        packed = torch.cat([w.loss.reshape(1).double().cpu(), w.confusion.flatten().double().cpu()])
+        packed = dist.allreduce_sum(packed, name="train_log")
+        loss = packed[0].item() / (self.size * w.steps)
+        _, train_iou = iou_from_confusion(packed[1:].round().to(torch.int64).view_as(w.confusion))
+        # Before clipping for every optimizer: train_step's norm where it clipped, else the
+        # gradients as the optimizer saw them.
+        gnorm = (w.grad_norm if w.grad_norm is not None else grad_norm(self.model)).item()
+        elapsed = time.perf_counter() - w.start
+        rate = w.steps * self.global_batch / elapsed if elapsed > 0 else float("nan")
+        values = {"loss": loss, "iou": float(train_iou), "lr": self.optimizer.param_groups[0]["lr"],
+                  "samples_per_second": rate, "grad_norm": gnorm,
+                  "tflops": rate * self.tflop_per_sample}
+        waited, _ = self.data_wait.take()
+        self.monitor.train_window(step, self.max_steps, self.progress.epoch, values,
+                                  eta_seconds=(self.max_steps - step) * elapsed / w.steps,
+                                  data_wait_seconds=waited, window_seconds=elapsed,
+                                  device=self.device)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss} at step {step}")
+        w.reset()
+
+    def validate(self) -> dict[str, Any]:
+        """Score the validation partition (a collective); the result also goes to the
+        reporters."""
+        p, cfg = self.progress, self.cfg
+        self.monitor.eval_start(p.epoch, p.step, self.data.validation_samples)
+        average_batchnorm_stats(self.model)
+        want_image = (cfg.train.image_frequency > 0
+                      and p.validations % cfg.train.image_frequency == 0)
+        result = evaluate(self.step_model, self.data.validation.epoch(0), self.loss_fn,
+                          self.prec, cfg.model.num_classes,
+                          keep_first=dist.is_primary() and want_image)
+        p.validations += 1
+        result["step"] = p.step
+        first = result.pop("first", None)
+        sample = self.validation_sample(first) if first is not None else None
+        self.monitor.eval_result(p.step, p.epoch, result, target=cfg.train.target_iou,
+                                 sample=sample)
+        self.last_eval = result
+        # The validation's time is not the next training window's.
+        self.window.start = time.perf_counter()
+        self.data_wait.take()
         return result
 
-    def save(eval_iou: float | None = None) -> None:
-        rng = dist.allgather_object(rng_state(), name="rng_state")
-        if saver is not None:
-            state = checkpoint_state(cfg, model, optimizer, scheduler, prec, progress, rng)
-            path = saver.save(state, progress.step, eval_iou)
-            progress.best_iou = saver.best_iou
-            log.info("saved %s", path)
+    def validation_sample(self, first) -> tuple:
+        """(field, truth, prediction, title, window) of the first validation sample for the
+        map: the TMQ field (or the first channel used), drawn where its crop lies."""
+        from climseg.plot import centre_window
 
-    # -- the loop ------------------------------------------------------------------------
-    model.train()
-    start_time = time.perf_counter()
-    window_start, window_steps = time.perf_counter(), 0
-    window_loss = torch.zeros((), device=device)
-    window_cm = torch.zeros(cfg.model.num_classes, cfg.model.num_classes, dtype=torch.int64,
-                            device=device)
-    done = progress.step >= max_steps
-    while not done and progress.epoch < cfg.train.max_epochs:
-        if progress.batch_in_epoch >= accum * steps_per_epoch:
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-            continue
-        if mlperf:
-            mlperf.start("epoch_start", epoch_num=progress.epoch + 1)
-        batches = data.train.epoch(progress.epoch, start_batch=progress.batch_in_epoch)
-        while progress.batch_in_epoch + accum <= accum * steps_per_epoch:
-            micro = [next(batches) for _ in range(accum)]
-            loss_sum, cm = train_step(step_model, optimizer, loss_fn, micro, prec, clip_norm,
-                                      cfg.model.num_classes)
-            scheduler.step()
-            progress.step += 1
-            progress.batch_in_epoch += accum
-            window_loss += loss_sum / accum
-            window_cm += cm
-            window_steps += 1
+        x, y, pred = first
+        channels = self.cfg.data.channels or list(range(len(CHANNELS)))
+        column = channels.index(0) if 0 in channels else 0
+        field = x[column].float().numpy() / self.data.scale[column] + self.data.shift[column]
+        title = f"{CHANNELS[channels[column]]}, validation, step {self.progress.step}"
+        window = centre_window(self.data.validation.full_shape[:2], tuple(field.shape))
+        return field, y.numpy(), pred.numpy(), title, window
 
-            if progress.step % cfg.train.log_frequency == 0 or progress.step == max_steps:
-                # The only host synchronisation in the step loop: one allreduce at log steps.
-                packed = torch.cat([window_loss.reshape(1).double().cpu(),
-                                    window_cm.flatten().double().cpu()])
-                packed = dist.allreduce_sum(packed, name="train_log")
-                loss_avg = packed[0].item() / (size * window_steps)
-                cm_total = packed[1:].round().to(torch.int64).view_as(window_cm)
-                _, train_iou = iou_from_confusion(cm_total)
-                gnorm = grad_norm(model).item()
-                elapsed = time.perf_counter() - window_start
-                sps = window_steps * global_batch / elapsed if elapsed > 0 else float("nan")
-                lr = optimizer.param_groups[0]["lr"]
-                remaining = (max_steps - progress.step) * elapsed / window_steps
-                if primary:
-                    values = {"loss": loss_avg, "iou": float(train_iou), "lr": lr,
-                              "samples_per_second": sps, "grad_norm": gnorm,
-                              "tflops": sps * tflop_per_sample}
-                    tb.scalars("train", values, progress.step)
-                    metrics.write("train", progress.step, values)
-                    log.info("step %d/%d epoch %d  loss %.4f  IoU %.3f  lr %.3g  %.2f samples/s"
-                             "  ETA %s", progress.step, max_steps, progress.epoch + 1, loss_avg,
-                             float(train_iou), lr, sps, _duration(remaining))
-                if not math.isfinite(loss_avg):
-                    raise FloatingPointError(f"training loss is {loss_avg} at step {progress.step}")
-                window_start, window_steps = time.perf_counter(), 0
-                window_loss.zero_()
-                window_cm.zero_()
+    def evaluated_now(self) -> bool:
+        return self.last_eval.get("step") == self.progress.step
 
-            stop = progress.step >= max_steps
-            vf = cfg.train.validation_frequency
-            if vf and progress.step % vf == 0:
-                result = validate()
-                if cfg.train.target_iou and result["eval_accuracy"] >= cfg.train.target_iou:
-                    stop, stop_reason = True, "target_reached"
-            sf = cfg.train.save_frequency
-            if sf and progress.step % sf == 0 and not stop:
-                save(last_eval["mean_iou"] if last_eval.get("step") == progress.step else None)
-            if stop:
-                done = True
-                break
+    def target_reached(self, result: dict[str, Any]) -> bool:
+        target = self.cfg.train.target_iou
+        return bool(target) and result["eval_accuracy"] >= target
+
+    def save(self) -> None:
+        """A checkpoint of this step (a collective); best.pt follows it when this step's
+        validation is the best so far."""
+        p = self.progress
+        is_best = self.evaluated_now() and self.last_eval["mean_iou"] > p.best_iou
+        if is_best:  # counted before the state is taken, so the checkpoint knows it
+            p.best_iou = self.last_eval["mean_iou"]
+        self.monitor.save_start(p.epoch, p.step)
+        state = self.state_dict()
+        self.monitor.saved(p.epoch, p.step, self.checkpoints.save(state, p.step, is_best))
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train_one_epoch(self) -> str | None:
+        """Train to the end of the current epoch; returns why the run must stop, or None."""
+        p, t = self.progress, self.cfg.train
+        batches_per_epoch = self.accum * self.steps_per_epoch
+        self.monitor.epoch_start(p.epoch, p.step)
+        batches = self.data.train.epoch(p.epoch, start_batch=p.batch_in_epoch)
+        stop = None
+        while stop is None and p.batch_in_epoch + self.accum <= batches_per_epoch:
+            with self.data_wait.waiting():
+                micro = [next(batches) for _ in range(self.accum)]
+            self.train_step(micro)
+            if p.step % t.log_frequency == 0 or p.step == self.max_steps:
+                self.log_window()
+            if p.step >= self.max_steps:
+                stop = "max_steps" if t.max_steps else "max_epochs"
+            if t.validation_frequency and p.step % t.validation_frequency == 0:
+                if self.target_reached(self.validate()):
+                    stop = "target_reached"
+            if t.save_frequency and p.step % t.save_frequency == 0 and stop is None:
+                self.save()
         batches.close()  # stops the loader's read-ahead if the epoch ended early
-        if mlperf:
-            mlperf.end("epoch_stop", epoch_num=progress.epoch + 1)
-        if not done:
-            if last_eval.get("step") != progress.step:
-                result = validate()
-                if cfg.train.target_iou and result["eval_accuracy"] >= cfg.train.target_iou:
-                    done, stop_reason = True, "target_reached"
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-    if stop_reason != "target_reached" and progress.step < max_steps:
-        stop_reason = "max_epochs"
+        self.monitor.epoch_stop(p.epoch, p.step)
+        return stop
 
-    # Every run ends with an evaluation of the final model, unless one just happened.
-    final = last_eval if last_eval.get("step") == progress.step else validate()
-    save(final["mean_iou"])
-    wall = time.perf_counter() - start_time
-    summary = {
-        "steps": progress.step, "epochs_started": progress.epoch + 1, "stop_reason": stop_reason,
-        "eval_mean_iou": final["mean_iou"], "eval_accuracy": final["eval_accuracy"],
-        "eval_per_class_iou": final["per_class_iou"], "wall_seconds": wall,
-        "checkpoint": str(output_dir / f"ckpt-step{progress.step:08d}.pt"),
-        "tensorboard": str(output_dir / "tensorboard"),
-    }
-    if primary:
-        status = "success" if stop_reason == "target_reached" else "aborted"
-        mlperf.end("run_stop", status=status, epoch_num=progress.epoch + 1)
-        mlperf.close()
-        tb.hparams(cfg.to_dict(), {"eval_mean_iou": final["mean_iou"],
-                                   "eval_accuracy": final["eval_accuracy"]})
-        tb.close()
-        metrics.write("summary", progress.step, summary)
-        metrics.close()
-        log.info("done: %d steps in %s (%s); eval mean IoU %.4f, eval_accuracy %.4f\n"
-                 "checkpoint: %s\nTensorBoard: tensorboard --logdir %s", progress.step,
-                 _duration(wall), stop_reason, final["mean_iou"], final["eval_accuracy"],
-                 summary["checkpoint"], summary["tensorboard"])
-    return summary
+    def fit(self) -> dict[str, Any]:
+        """Train until a budget or the target stops the run; evaluate and save the final
+        model. Returns the summary (the same on every rank)."""
+        p, t = self.progress, self.cfg.train
+        start = time.perf_counter()
+        self.model.train()
+        self.window.reset()
+        self.data_wait.take()
+        stop = "max_steps" if p.step >= self.max_steps else None
+        while stop is None and p.epoch < t.max_epochs:
+            if p.batch_in_epoch < self.accum * self.steps_per_epoch:  # else resumed at its end
+                stop = self.train_one_epoch()
+                if stop is None and not self.evaluated_now():
+                    if self.target_reached(self.validate()):
+                        stop = "target_reached"
+            if stop is None:
+                p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+        stop = stop or "max_epochs"
 
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+        # Every run ends with an evaluation of the final model, unless one just happened.
+        final = self.last_eval if self.evaluated_now() else self.validate()
+        self.save()
+        summary = {
+            "steps": p.step, "epochs_started": p.epoch + 1, "stop_reason": stop,
+            "eval_mean_iou": final["mean_iou"], "eval_accuracy": final["eval_accuracy"],
+            "eval_per_class_iou": final["per_class_iou"],
+            "wall_seconds": time.perf_counter() - start,
+            "checkpoint": str(self.checkpoints.path(p.step)),
+            "tensorboard": str(Path(self.cfg.output_dir) / "tensorboard"),
+        }
+        self.monitor.run_stop(summary, p.epoch)
+        return summary
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m climseg.train",
-        description="Train DeepLabv3+ on CAM5 climate data (single process, horovodrun or srun).",
+def train(cfg: Config, on_data: Callable[[Data], Data] | None = None) -> dict[str, Any]:
+    """Build the run ``cfg`` describes and train it; returns the summary."""
+    return Trainer(cfg, on_data).fit()
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = cli.ArgumentParser(
+        "train", description="Train DeepLabv3+ on CAM5 climate data (single process, horovodrun or srun).",
         epilog="Overrides are dotted keys, e.g. optimizer.lr=0.002 data.root=/dev/shm/cam "
                "train.max_steps=100. See README.md for every key.")
     parser.add_argument("--config", required=True, help="YAML file, e.g. yaml/demo.yaml")
@@ -467,14 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dist.init()
     except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    setup_logging()
+        return cli.fail("train", str(err))
+    setup_logging(dist.rank(), dist.size())
     try:
-        cfg = load_config(args.config, args.overrides)
-        train(cfg)
+        train(load_config(args.config, args.overrides))
     except (ConfigError, DataError, CheckpointError) as err:
-        logging.getLogger("climseg.train").error("error: %s", err)
+        log.error("error: %s", err)
         return 2
     return 0
 

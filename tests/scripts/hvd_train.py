@@ -10,28 +10,20 @@ import sys
 
 import torch
 
-import climseg.train as train_module
 from climseg import dist
 from climseg.config import load_config
-
-captured = {}
-_build_training = train_module.build_training
-
-
-def _capturing_build_training(cfg, device):
-    model, loss_fn, optimizer = _build_training(cfg, device)
-    captured["model"] = model
-    return model, loss_fn, optimizer
+from climseg.logs import setup_logging
+from climseg.train import Trainer, parse_args
 
 
 def main() -> None:
     report_path, argv = sys.argv[1], sys.argv[2:]
-    args = train_module.parse_args(argv)
+    args = parse_args(argv)
     dist.init()
-    train_module.setup_logging()
-    train_module.build_training = _capturing_build_training
-    summary = train_module.train(load_config(args.config, args.overrides))
-    state = captured["model"].state_dict()
+    setup_logging(dist.rank(), dist.size())
+    trainer = Trainer(load_config(args.config, args.overrides))
+    summary = trainer.fit()
+    state = trainer.model.state_dict()
     checksum = [float(t.double().sum()) + float((t.double() ** 2).sum()) for t in state.values()
                 if t.is_floating_point()]
     checksums = dist.allgather_object(checksum, name="checksums")

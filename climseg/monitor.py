@@ -1,0 +1,172 @@
+"""What a training run reports, and where: the console, TensorBoard, ``metrics.jsonl`` and the
+MLPerf log (the writers themselves are in :mod:`climseg.reporting`).
+
+:class:`RunMonitor` is built on every rank. Rank 0 owns the writers; on the other ranks every
+method only logs to the console (which :mod:`climseg.logs` filters to warnings there), so the
+training loop calls it unconditionally, with no ``if primary`` branches. Nothing here runs a
+collective, so no rank can wait on another through it.
+
+Epochs are 0-based here, as the trainer counts them, and 1-based in what is reported (MLPerf's
+``epoch_num``, the console), as MLPerf and the reference count them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from climseg.config import Config, save_config
+from climseg.reporting import (MetricsFile, MLPerfLog, TensorBoard, Topology, hparams_of,
+                               mlperf_log_path, run_name)
+
+log = logging.getLogger("climseg.train")
+
+
+class RunMonitor:
+    def __init__(self, cfg: Config, primary: bool):
+        self.cfg = cfg
+        self.primary = primary
+        self.output_dir = Path(cfg.output_dir)
+        self.class_names = cfg.model.class_names
+        self.mlperf = self.tb = self.metrics = None
+        if primary:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+            self.mlperf = MLPerfLog(mlperf_log_path(self.output_dir))
+            self.mlperf.init_start()
+
+    # -- start -------------------------------------------------------------------------------
+    def config(self, size: int, device, global_batch: int) -> None:
+        log.info("climseg training on %d rank(s), %s, global batch %d; config:\n%s", size,
+                 device, global_batch,
+                 yaml.safe_dump(self.cfg.to_dict(), sort_keys=False).rstrip())
+
+    def run_start(self, topology: Topology, *, global_batch: int, batchnorm_group_size: int,
+                  train_samples: int, eval_samples: int, resumed_from: Path | None) -> None:
+        """Initialisation is over: the writers open (hyperparameters first, so that a run
+        killed later is still in TensorBoard's HParams table), the MLPerf run starts."""
+        if not self.primary:
+            return
+        self.tb = TensorBoard(self.output_dir / "tensorboard", run_name(self.output_dir),
+                              hparams_of(self.cfg, topology, global_batch, batchnorm_group_size))
+        self.metrics = MetricsFile(self.output_dir / "metrics.jsonl")
+        division = self.mlperf.hyperparameters(
+            self.cfg, topology, train_samples=train_samples, eval_samples=eval_samples,
+            batchnorm_group_size=batchnorm_group_size,
+            checkpoint=None if resumed_from is None else str(resumed_from))
+        log.info("MLPerf log %s, %s division%s", self.mlperf.path, division.name,
+                 "" if not division.reasons else f" ({division.reasons[0]}"
+                 + (f"; and {len(division.reasons) - 1} more)" if len(division.reasons) > 1
+                    else ")"))
+        self.mlperf.init_stop()
+        self.mlperf.run_start()
+
+    def resumed(self, path: Path, step: int, epoch: int, batch: int) -> None:
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, step, epoch + 1, batch)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def epoch_start(self, epoch: int, step: int) -> None:
+        if self.mlperf:
+            self.mlperf.epoch_start(epoch + 1, step)
+
+    def epoch_stop(self, epoch: int, step: int) -> None:
+        if self.mlperf:
+            self.mlperf.epoch_stop(epoch + 1, step)
+
+    def train_window(self, step: int, max_steps: int, epoch: int, values: dict[str, float],
+                     *, eta_seconds: float, data_wait_seconds: float, window_seconds: float,
+                     device) -> None:
+        """The averages of the steps since the last log step."""
+        if self.primary:
+            self.tb.scalars("train", values, step)
+            self.tb.epoch(step, epoch + 1)
+            self.tb.timing(step, step_seconds=window_seconds, data_wait_seconds=data_wait_seconds)
+            self.tb.peak_memory(step, device)
+            self.metrics.write("train", step, {**values, "epoch": epoch + 1,
+                                               "data_wait_seconds": data_wait_seconds})
+            self.mlperf.train_progress(epoch + 1, step, loss=values["loss"], lr=values["lr"],
+                                       accuracy=values["iou"])
+        wait = data_wait_seconds / window_seconds if window_seconds > 0 else 0.0
+        log.info("step %d/%d epoch %d  loss %.4f  IoU %.3f  lr %.3g  %.2f samples/s  "
+                 "data wait %.0f%%  ETA %s", step, max_steps, epoch + 1, values["loss"],
+                 values["iou"], values["lr"], values["samples_per_second"], 100 * wait,
+                 duration(eta_seconds))
+
+    def eval_start(self, epoch: int, step: int, samples: int) -> None:
+        if self.mlperf:
+            self.mlperf.eval_start(epoch + 1, step)
+        log.info("validating %d samples at step %d", samples, step)
+
+    def eval_result(self, step: int, epoch: int, result: dict[str, Any], *,
+                    target: float | None, sample=None) -> None:
+        """A validation's result. ``sample`` is (field, truth, prediction, title, window) of
+        one validation sample for the TensorBoard map, or None."""
+        per_class = dict(zip(self.class_names, result["per_class_iou"]))
+        if self.primary:
+            self.mlperf.eval_result(epoch + 1, step, result["eval_accuracy"], result["loss"],
+                                    target)
+            self.mlperf.eval_stop(epoch + 1, step)
+            self.tb.scalars("eval", {"loss": result["loss"], "mean_iou": result["mean_iou"],
+                                     "eval_accuracy": result["eval_accuracy"],
+                                     **{f"iou_{k}": v for k, v in per_class.items()}}, step)
+            self.tb.validation_time(step, result["seconds"])
+            if sample is not None:
+                field, truth, prediction, title, window = sample
+                self.tb.validation_map(field, truth, prediction, step, title, window)
+            self.metrics.write("eval", step, {k: result[k] for k in (
+                "loss", "mean_iou", "eval_accuracy", "per_class_iou", "samples", "seconds")})
+        ious = "  ".join(f"{k} {v:.3f}" for k, v in per_class.items())
+        log.info("eval step %d: loss %.4f  mean IoU %.4f  eval_accuracy %.4f  (%.1f s)  IoU %s",
+                 step, result["loss"], result["mean_iou"], result["eval_accuracy"],
+                 result["seconds"], ious)
+
+    def save_start(self, epoch: int, step: int) -> None:
+        if self.mlperf:
+            self.mlperf.save_start(epoch + 1, step)
+
+    def saved(self, epoch: int, step: int, path: Path | None) -> None:
+        if self.mlperf:
+            self.mlperf.save_stop(epoch + 1, step)
+        if path is not None:
+            log.info("saved %s", path)
+
+    # -- end ---------------------------------------------------------------------------------
+    def run_stop(self, summary: dict[str, Any], epoch: int) -> None:
+        if self.primary:
+            status = "success" if summary["stop_reason"] == "target_reached" else "aborted"
+            self.mlperf.run_stop(status, epoch + 1, summary["steps"])
+            self.mlperf.close()
+            self.tb.close()
+            self.metrics.write("summary", summary["steps"], summary)
+            self.metrics.close()
+        log.info("done: %d steps in %s (%s); eval mean IoU %.4f, eval_accuracy %.4f\n"
+                 "checkpoint: %s\nTensorBoard: %s --logdir %s", summary["steps"],
+                 duration(summary["wall_seconds"]), summary["stop_reason"],
+                 summary["eval_mean_iou"], summary["eval_accuracy"], summary["checkpoint"],
+                 tensorboard_command(), summary["tensorboard"])
+
+
+def tensorboard_command() -> str:
+    """``tensorboard`` as the user can type it after the run: this virtual environment's own
+    when the environment is not activated (``make demo`` only puts it on the make's PATH)."""
+    own = Path(sys.prefix) / "bin" / "tensorboard"
+    active = os.environ.get("VIRTUAL_ENV")
+    in_venv = sys.prefix != sys.base_prefix
+    if not own.exists() or not in_venv or (active and Path(active).resolve() == Path(sys.prefix).resolve()):
+        return "tensorboard"
+    path = os.path.relpath(own)
+    return path if not path.startswith("..") else str(own)
+
+
+def duration(seconds: float) -> str:
+    """``H:MM:SS``, or ``?`` for a time not known yet."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
