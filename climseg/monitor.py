@@ -16,8 +16,9 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import yaml
 
@@ -102,6 +103,20 @@ class RunMonitor:
         if self.mlperf:
             self.mlperf.eval_start(epoch + 1, step)
         log.info("validating %d samples at step %d", samples, step)
+
+    def eval_progress(self, batches: Iterable, total: int,
+                      every_seconds: float = 30.0) -> Iterator:
+        """``batches`` passed through, with a progress line at most every ``every_seconds``
+        (a validation of the real 15,158 samples takes minutes; a short one prints none)."""
+        start = last = time.perf_counter()
+        for done, batch in enumerate(batches, 1):
+            yield batch
+            now = time.perf_counter()
+            if now - last >= every_seconds and done < total:
+                last = now
+                rate = done / (now - start)
+                log.info("validation: %d/%d batches, %.1f batches/s, ETA %s", done, total,
+                         rate, duration((total - done) / rate))
 
     def eval_result(self, step: int, epoch: int, result: dict[str, Any], *,
                     target: float | None, sample=None) -> None:

@@ -286,7 +286,9 @@ class Trainer:
         average_batchnorm_stats(self.model)
         want_image = (cfg.train.image_frequency > 0
                       and p.validations % cfg.train.image_frequency == 0)
-        result = evaluate(self.step_model, self.data.validation.epoch(0), self.loss_fn,
+        batches = self.monitor.eval_progress(self.data.validation.epoch(0),
+                                             len(self.data.validation))
+        result = evaluate(self.step_model, batches, self.loss_fn,
                           self.prec, cfg.model.num_classes,
                           keep_first=dist.is_primary() and want_image)
         p.validations += 1
