@@ -2,8 +2,8 @@
 """Draw docs/synthetic_map.png: one full-size synthetic sample, its vapour and its transport.
 
 Left: TMQ with the labels the TECA-like rules give (TC red, AR orange). Right: the vapour
-transport TMQ x |wind at 850 hPa| that defines ARs, with the AR threshold as a contour: the
-moist tropical band and the weak-wind moist filaments are moist but carry little transport.
+transport TMQ x |wind at 850 hPa| (2-degree mean) that defines ARs, with the AR threshold as a
+contour: the moist tropical band and the weak-wind moist filaments carry little transport.
 
   .venv/bin/python docs/synthetic_map.py [--seed 1] [--index 1] [--output docs/synthetic_map.png]
 """
@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from climseg.atomic import atomic_path  # noqa: E402
 from climseg.data.format import CHANNELS  # noqa: E402
-from climseg.data.synthetic import IVT_THRESHOLD, generate_sample, sample_name  # noqa: E402
+from climseg.data.synthetic import (IVT_THRESHOLD, generate_sample, sample_name,  # noqa: E402
+                                    transport)
 
 
 def main(argv=None) -> int:
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
     data, labels = generate_sample(np.random.default_rng([args.seed, args.index]))
     ch = {n: i for i, n in enumerate(CHANNELS)}
     tmq = data[..., ch["TMQ"]]
-    ivt = tmq * np.hypot(data[..., ch["U850"]], data[..., ch["V850"]])
+    ivt = transport(data)
     h, w = tmq.shape
     extent = (0, 360, -90, 90)
     lat = np.linspace(-90, 90, h)
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     im2 = ax2.imshow(ivt, origin="lower", extent=extent, aspect="auto", cmap="magma_r",
                      vmax=float(np.percentile(ivt, 99.9)))
     ax2.contour(lon, lat, ivt, levels=[IVT_THRESHOLD], colors=["tab:cyan"], linewidths=0.8)
-    ax2.set_title(f"TMQ x |V850| (kg m$^{{-1}}$ s$^{{-1}}$); contour: AR threshold "
+    ax2.set_title(f"TMQ x |V850|, 2° mean (kg m$^{{-1}}$ s$^{{-1}}$); contour: AR threshold "
                   f"{IVT_THRESHOLD:.0f}")
     fig.colorbar(im2, ax=ax2, fraction=0.04, pad=0.01)
     for ax in (ax1, ax2):

