@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 import torch
 
+from climseg.atomic import atomic_path
 from climseg.config import PRECISIONS
 from climseg.data.format import DATA_KEY, HEIGHT, LABEL_KEY, WIDTH, DataError
 from climseg.data.loader import BatchLoader
@@ -292,6 +293,8 @@ def step_mode(args) -> tuple[list[Result], dict[str, Any]]:
     from climseg.optim import build_optimizer
 
     device = pick_device(args.device)   # sets the current CUDA device too
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # as the trainer: fixed shapes, tuned kernels
     torch.manual_seed(0)
     prec = Precision.build(device, args.precision, _CHANNELS_LAST[args.channels_last])
     model = build_model(in_channels=args.in_channels, num_classes=3).to(device)
@@ -569,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
                   "environment": environment(), "summary": summary,
                   "results": [asdict(r) for r in results]}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1, default=str) + "\n")
+        with atomic_path(Path(args.json)) as tmp:
+            tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
     return 0
 
 

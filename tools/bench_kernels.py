@@ -17,6 +17,7 @@ To compare with an older version of climseg, export it and put it first on the p
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -64,12 +65,16 @@ def optim_mode(args, device: torch.device) -> None:
     print(f"{len(params)} tensors, {sum(p.numel() for p in params) / 1e6:.1f} M parameters "
           f"on {device}; climseg from {Path(climseg.__file__).parent}")
     print(f"{'optimizer':12s} {'wall ms':>9s} {'CPU ms':>9s}")
+    rows = {}
     for name in args.optimizers:
         opt = build_optimizer(params, name=name, lr=1e-4)
         for p, g in zip(params, grads):
             p.grad = g
         wall, cpu = _median_ms(opt.step, device, args.steps)
+        rows[name] = {"wall_ms": wall, "cpu_ms": cpu}
         print(f"{name:12s} {wall:9.1f} {cpu:9.1f}")
+    if args.json:
+        write_json(args.json, {"mode": "optim", "device": str(device), "optimizers": rows})
 
 
 def confusion_mode(args, device: torch.device) -> None:
@@ -104,6 +109,14 @@ def confusion_mode(args, device: torch.device) -> None:
         print(f"{name:12s} {wall:9.1f} {cpu:9.1f} {shown:>14s} {largest:12.1f}")
 
 
+def write_json(path: str, record: dict) -> None:
+    from climseg.atomic import atomic_path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(path)) as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=1) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tools/bench_kernels.py", description=__doc__.split("\n")[0])
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -112,6 +125,7 @@ def main(argv=None) -> int:
                    choices=("lamb", "adam", "adamw"))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if present)")
+    p.add_argument("--json", metavar="PATH", help="also write the times as JSON here")
     p = modes.add_parser("confusion", help="confusion-matrix counts of one micro-batch")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--size", type=int, nargs=2, default=[768, 1152], metavar=("H", "W"))
