@@ -15,7 +15,7 @@ def _pair_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     `pred`/`target` is split into `groups` equal parts. `use_bincount` defaults to CPU only.
 
     The pair index `target * C + pred` is built in the narrowest integer type that holds it
-    (uint8 for up to 15 classes): at full size (8 x 768 x 1152 pixels) an int64 index alone is
+    (uint8 for up to 16 classes): at full size (8 x 768 x 1152 pixels) an int64 index alone is
     57 MB, and comparing it against every bin at once made a 64 MB boolean temporary, which
     the sum then copied to int64 (510 MB), per micro-batch.
     """
@@ -43,8 +43,7 @@ def _pair_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
         # torch.bincount reads the maximum back to the host on accelerators; comparisons and
         # sums are plain elementwise kernels and reductions, free of host synchronization.
         # Values must lie in [0, num_classes) (the data loader validates labels).
-        # `bins` itself pads the index in _count_bins, so the dtype must hold it.
-        dtype = _index_dtype(bins)
+        dtype = _index_dtype(bins - 1)
         counts = _count_bins(_pair_index(pred, target, num_classes, groups, dtype), bins)
     return counts.view(groups, num_classes, num_classes)
 
@@ -67,25 +66,28 @@ def _count_bins(index: torch.Tensor, bins: int) -> torch.Tensor:
     at once is bins bytes per pixel). Summing a boolean directly would first copy it to int64
     (8 bytes per pixel; PyTorch's sum converts its input to the accumulation type), so the
     comparison is summed as bytes over blocks of 255 pixels, whose counts fit a byte, and only
-    the 255 times smaller partial sums are widened.
+    the 255 times smaller partial sums are widened. The pixels after the last whole block
+    (fewer than 255 per row) are counted directly.
     """
-    groups = index.shape[0]
-    pad = -index.shape[1] % _BLOCK
-    if pad:
-        # `bins` itself is in no bin (and fits the index dtype: uint8 only for bins < 256).
-        index = torch.nn.functional.pad(index, (0, pad), value=bins)
+    groups, pixels = index.shape
+    whole = pixels - pixels % _BLOCK
+    head, tail = index[:, :whole], index[:, whole:]
     counts = []
     for b in range(bins):
-        hits = (index == b).view(torch.uint8).view(groups, -1, _BLOCK)
-        counts.append(hits.sum(dim=2, dtype=torch.uint8).sum(dim=1))
+        # The comparison's result is a fresh contiguous tensor, even of a sliced `head`.
+        hits = (head == b).view(torch.uint8).view(groups, whole // _BLOCK, _BLOCK)
+        count = hits.sum(dim=2, dtype=torch.uint8).sum(dim=1)
+        if tail.shape[1]:
+            count += (tail == b).sum(dim=1)
+        counts.append(count)
     return torch.stack(counts, dim=1)
 
 
 def _pair_index(pred: torch.Tensor, target: torch.Tensor, num_classes: int, groups: int,
                 dtype: torch.dtype) -> torch.Tensor:
     """(groups, pixels) `target * num_classes + pred` in `dtype` (values already in range)."""
-    index = target.reshape(groups, -1).to(dtype) * num_classes
-    index += pred.reshape(groups, -1).to(dtype)
+    index = target.reshape(groups, -1).to(dtype, copy=True)   # a copy: changed in place
+    index.mul_(num_classes).add_(pred.reshape(groups, -1).to(dtype))
     return index
 
 

@@ -192,10 +192,11 @@ def test_cuda_step_matches_cpu_step(net, batch):
 
 
 def test_compiled_step_is_close_to_eager(net, batch):
-    prec = Precision.build(CUDA, "bf16", True)
+    # fp32: Inductor's fused kernels against eager ones, without bf16 rounding on top.
+    prec = Precision.build(CUDA, "fp32", True)
     eager = cuda_step(net, batch, prec)
     compiled = cuda_step(net, batch, prec, compile_model=True)
-    assert step_difference(compiled, eager, net) < 2e-2
+    assert step_difference(compiled, eager, net) < 1e-3
 
 
 def test_deterministic_step_on_cuda_is_reproducible(net, batch):
@@ -220,11 +221,15 @@ def test_full_model_bf16_step_on_cuda():
     result = train_step(model, optimizer, build_loss(), [(x, y)],
                         Precision.build(CUDA, "bf16", True))
     torch.cuda.synchronize()
-    loss = result[0] if isinstance(result, tuple) else result.loss_sum
-    assert torch.isfinite(loss) and loss.is_cuda
+    assert torch.isfinite(result.loss_sum) and result.loss_sum.is_cuda
+    assert result.confusion.sum().item() == y.numel()
     assert all(p.is_contiguous() and p.grad.is_contiguous() for p in model.parameters())
     assert all(optimizer.state[p]["exp_avg"].is_cuda for p in model.parameters())
-    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # Weight decay and the trust ratio move nearly every tensor (not one whose weights and
+    # gradient are both zero).
+    changed = sum(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert changed >= 0.9 * len(before)
 
 
 def test_lamb_on_cuda_equals_lamb_on_cpu():
@@ -255,7 +260,8 @@ def test_confusion_counts_on_cuda_without_large_temporaries():
     counts = _pair_counts(pred, target, 3)
     peak = torch.cuda.max_memory_allocated() - base
     assert torch.equal(counts.cpu(), expected)
-    # The old all-bins comparison needed 9 bytes per pixel (and 72 more for its int64 sum).
+    # The old all-bins comparison needed 9 bytes per pixel (and 72 more for its int64 sum);
+    # now the index and one comparison, a byte per pixel each, are alive at a time.
     assert peak < 3 * target.numel(), f"{peak / 2**20:.1f} MiB of temporaries"
 
 

@@ -144,7 +144,7 @@ def test_confusion_matrix_rows_are_truth():
     assert torch.equal(cm, expected)
 
 
-@pytest.mark.parametrize("num_classes", [3, 15, 16])   # 16: 256 pairs no longer fit uint8
+@pytest.mark.parametrize("num_classes", [3, 16, 17])   # 17: 289 pairs no longer fit uint8
 @pytest.mark.parametrize("label_dtype", [torch.int64, torch.uint8])
 def test_reduction_counting_agrees_with_bincount_and_a_loop(num_classes, label_dtype):
     torch.manual_seed(num_classes)
@@ -162,15 +162,30 @@ def test_reduction_counting_agrees_with_bincount_and_a_loop(num_classes, label_d
         assert torch.equal(a, expected) and torch.equal(b, expected)
 
 
-@pytest.mark.parametrize("pixels", [255, 510, 7 * 11])
+@pytest.mark.parametrize("pixels", [255, 510, 7 * 11, 2 * 255 + 7])
 def test_reduction_counting_of_full_blocks(pixels):
-    # Every pixel in one bin: each block of 255 byte-sized partial sums is full (255), and a
-    # size that is not a multiple of the block is padded with a value in no bin.
+    # Every pixel in one bin: each block of 255 byte-sized partial sums is full (255), and
+    # the pixels after the last whole block (all of them for 77) are counted on their own.
     same = torch.ones(2, pixels, dtype=torch.int64)
     counts = _pair_counts(same, same, 3, groups=2, use_bincount=False)
     expected = torch.zeros(2, 3, 3, dtype=torch.int64)
     expected[:, 1, 1] = pixels
     assert torch.equal(counts, expected)
+
+
+def test_device_counting_allocates_at_most_a_byte_per_pixel_at_a_time():
+    # The device path once compared an int64 index with all 9 bins at once (9 bytes per
+    # pixel) and torch's sum widened that to int64 (72 more). Labels and predictions here are
+    # int64 (8 bytes per pixel) as the trainer has them; no temporary may come near that.
+    from torch.profiler import ProfilerActivity, profile
+
+    target = torch.randint(0, 3, (2, 256, 384))
+    pred = torch.randint(0, 3, (2, 256, 384))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        counts = _pair_counts(pred, target, 3, use_bincount=False)
+    sizes = [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+    assert sizes and max(sizes) <= target.numel()
+    assert torch.equal(counts, _pair_counts(pred, target, 3, use_bincount=True))
 
 
 def test_iou_from_confusion():
