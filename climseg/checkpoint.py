@@ -47,6 +47,12 @@ class Progress:
     validations: int = 0
 
 
+def world_size_of(state: dict[str, Any]) -> int:
+    """How many ranks wrote ``state``: its own entry, else (older checkpoints) one RNG state
+    per rank."""
+    return int(state.get("world_size", len(state.get("rng", [None]))))
+
+
 def training_state(*, model, optimizer, scheduler, scaler, progress: Progress,
                    rng: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
     """Everything a resumed run needs, as a weights-only-loadable dict.
@@ -61,6 +67,7 @@ def training_state(*, model, optimizer, scheduler, scaler, progress: Progress,
         "scaler": scaler.state_dict() if scaler is not None else None,
         **asdict(progress),
         "rng": rng,
+        "world_size": len(rng),
         "config": config,
     }
 
@@ -144,6 +151,25 @@ def resolve_resume(resume: str, directory: str | Path) -> Path | None:
     return path
 
 
+def load_resume(resume: str, directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """``(path, state)`` of the checkpoint a run with ``resume`` starts from, or None.
+
+    ``auto`` takes the newest *readable* ``ckpt-stepN.pt``: a file truncated or corrupted after
+    it was written (a full disk, a node lost during a copy) is skipped with a warning naming
+    it, so a requeued job goes on from the one before. An explicit path is what the user
+    asked for: a bad one stays an error.
+    """
+    if resume != "auto":
+        path = resolve_resume(resume, directory)
+        return None if path is None else (path, load_checkpoint(path))
+    for _, path in reversed(step_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("resume=auto: skipping %s", err)
+    return None
+
+
 class CheckpointSaver:
     """The checkpoint writer: ``ckpt-stepN.pt``, the newest ``keep`` of them kept, and
     ``best.pt`` naming the best-scoring one. Built on every rank, it writes only where
@@ -164,9 +190,21 @@ class CheckpointSaver:
         """Write ``state`` as the checkpoint of ``step``; ``is_best`` also points best.pt at it."""
         if not self.enabled:
             return None
-        path = save_checkpoint(state, self.path(step))
-        if is_best:
-            _link_atomically(path, self.directory / BEST_NAME)
+        try:
+            path = save_checkpoint(state, self.path(step))
+            if is_best:
+                _link_atomically(path, self.directory / BEST_NAME)
+        except (OSError, RuntimeError) as err:
+            # A full or read-only file system: atomic_path has already removed the partial
+            # temporary, and the previous checkpoints were never touched. torch.save reports a
+            # failed write as a RuntimeError from its C++ stream ("iostream error"), so the
+            # free space is what tells the user why.
+            detail = (err.strerror if isinstance(err, OSError) and err.strerror
+                      else str(err).splitlines()[0] if str(err) else type(err).__name__)
+            free = shutil.disk_usage(self.directory).free
+            raise CheckpointError(f"{self.path(step)}: cannot write the checkpoint ({detail}; "
+                                  f"{free / 2**20:.0f} MiB free there); the previous "
+                                  "checkpoints are intact") from None
         for _, old in step_checkpoints(self.directory)[:-self.keep]:
             old.unlink(missing_ok=True)
         return path

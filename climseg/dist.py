@@ -149,6 +149,53 @@ def allgather_object(obj: Any, name: str = "gather") -> list[Any]:
     return _hvd.allgather_object(obj, name=name)
 
 
+class AnyRankPoll:
+    """A vote of small integer flags summed over ranks, read one call late so that nobody waits:
+    :meth:`exchange` returns the sums of the flags given at the previous call (None at the
+    first) and starts the next vote with ``flags``. Every rank must call it at the same points.
+
+    Started with Horovod's asynchronous allreduce, it completes during the next training step;
+    a blocking allreduce at every step would cost a full Horovod cycle instead."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._handle = None
+        self._local: list[int] | None = None
+
+    def exchange(self, flags: list[int]) -> list[int] | None:
+        previous = self._take()
+        tensor = torch.tensor(flags, dtype=torch.int32)
+        if size() == 1:
+            self._local = flags
+        else:
+            self._handle = _hvd.allreduce_async(tensor, op=_hvd.Sum, name=self.name)
+        return previous
+
+    def _take(self) -> list[int] | None:
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            return [int(v) for v in _hvd.synchronize(handle).tolist()]
+        local, self._local = self._local, None
+        return local
+
+    def drain(self) -> None:
+        """Finish a vote still in flight (at the end of a run), discarding it."""
+        try:
+            self._take()
+        except Exception:  # noqa: BLE001  Horovod already shut down by another rank's failure
+            self._handle = None
+
+
+def is_shutdown_error(err: BaseException) -> bool:
+    """Whether ``err`` is Horovod telling this rank that another rank has gone (so the run
+    ended there, with that rank's own error)."""
+    if _hvd is None:
+        return False
+    from horovod.common.exceptions import HorovodInternalError
+
+    return isinstance(err, HorovodInternalError) or "has been shut down" in str(err)
+
+
 # -- training: the model and optimizer meet Horovod only here --------------------------------
 
 def wrap_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, *,

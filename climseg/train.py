@@ -7,10 +7,11 @@ validation until the step budget, the epoch budget or the target IoU is reached.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -23,11 +24,11 @@ from torch import nn
 
 from climseg import cli, dist
 from climseg.batchnorm import convert_batchnorm, resolve_group_size
-from climseg.checkpoint import (CheckpointError, CheckpointSaver, Progress, load_checkpoint,
-                                progress_of, resolve_resume, restore_training_state, rng_state,
-                                set_rng_state, training_state)
+from climseg.checkpoint import (CheckpointError, CheckpointSaver, Progress, load_resume,
+                                progress_of, restore_training_state, rng_state, set_rng_state,
+                                training_state, world_size_of)
 from climseg.config import Config, ConfigError, load_config
-from climseg.data.format import CHANNELS, HEIGHT, WIDTH, DataError, validate_file
+from climseg.data.format import CHANNELS, HEIGHT, WIDTH, DataError, read_sample, validate_file
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.data.stats import normalization, read_stats
@@ -40,11 +41,75 @@ from climseg.model import build_model
 from climseg.monitor import RunMonitor
 from climseg.optim import build_optimizer, build_scheduler
 from climseg.reporting import DataWait, launch_topology, this_rank
+from climseg.runlock import RunLock, RunLockError
 
 log = logging.getLogger("climseg.train")
 
 # One training sample at 768x1152 costs about 1.97 TFLOP forward+backward (issue 6's count).
 FULL_SAMPLE_TFLOP = 1.97
+
+# Exit statuses of `climseg train` (docs/reliability.md). 1 stays Python's own "crashed".
+EXIT_OK = 0
+EXIT_ERROR = 2      # bad input, a fault, a diverged run: one line says which; do not requeue
+EXIT_STOPPED = 3    # stopped by SIGTERM/SIGUSR1 after a checkpoint: resume=auto goes on
+
+# fp16's GradScaler skips a step whose gradients overflow and halves its scale: normal now and
+# then. This many skipped steps in a row (scale 2^16 -> 2^-4) means the run has diverged.
+FP16_SKIP_LIMIT = 20
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+# The errors a rank reports as one line and exit status 2.
+RUN_ERRORS = (ConfigError, DataError, CheckpointError, RunLockError)
+
+
+class RunError(RuntimeError):
+    """Another rank's one-line error, reported the same on every rank."""
+
+
+class DivergenceError(RuntimeError):
+    """A non-finite loss, gradient or weight: the run cannot go on; the message says where."""
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (Slurm's time limit and its ``--signal=USR1@N`` warning) only set a
+    flag here; the training loop acts on it at a step boundary, once every rank agrees."""
+
+    def __init__(self):
+        self.received: dict[int, int] = {}
+
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        # Nothing else is safe here: the main thread may be inside a collective.
+        self.received[signum] = self.received.get(signum, 0) + 1
+
+    def flags(self) -> list[int]:
+        return [int(sig in self.received) for sig in STOP_SIGNALS]
+
+
+SIGNALS = StopSignals()
+
+
+@contextlib.contextmanager
+def every_rank_agrees(name: str):
+    """Run the block on every rank, then agree (one allgather) on whether any rank failed with
+    a run error: if one did, every rank raises the same one-line error, so no rank is left
+    waiting in a collective and none prints a traceback. Only for blocks without collectives."""
+    err = None
+    try:
+        yield
+    except RUN_ERRORS as caught:
+        err = caught
+    found = dist.allgather_object(None if err is None else str(err), name=f"agree_{name}")
+    first = next((m for m in found if m is not None), None)
+    if first is None:
+        return
+    if err is not None and str(err) == first:
+        raise err
+    raise RunError(first)
 
 
 @dataclass
@@ -78,14 +143,21 @@ def build_data(cfg: Config, rank: int, size: int, device: torch.device) -> Data:
         validate_file(path)
     common = dict(shift=shift, scale=scale, channels=d.channels, num_threads=d.loader_threads,
                   prefetch=d.prefetch, device=device, seed=cfg.seed)
-    train = BatchLoader(my_train, t.local_batch_size, crop=d.crop, random_crop=d.crop is not None,
-                        shuffle=d.shuffle, drop_last=True,
-                        samples_per_epoch=len(train_files) // size, **common)
+    try:
+        train = BatchLoader(my_train, t.local_batch_size, crop=d.crop,
+                            random_crop=d.crop is not None, shuffle=d.shuffle, drop_last=True,
+                            samples_per_epoch=len(train_files) // size, **common)
+    except ValueError as err:  # the only ValueError the loader raises is a crop that does not fit
+        raise ConfigError(f"data.crop: {err}") from None
     # A model trained on crops is scored at that size by default: its image-pooling branch
     # averages over the whole input, so a larger field shifts what it sees.
     val_crop = d.validation_crop if d.validation_crop is not None else d.crop
-    validation = BatchLoader(my_val, t.local_batch_size, crop=val_crop,
-                             random_crop=False, shuffle=False, drop_last=False, **common)
+    try:
+        validation = BatchLoader(my_val, t.local_batch_size, crop=val_crop,
+                                 random_crop=False, shuffle=False, drop_last=False, **common)
+    except ValueError as err:
+        key = "data.validation_crop" if d.validation_crop is not None else "data.crop"
+        raise ConfigError(f"{key}: {err}") from None
     return Data(train, validation, len(train_files), len(val_files), shift, scale)
 
 
@@ -134,6 +206,33 @@ class _Window:
         self.start = time.perf_counter()
 
 
+class _Health:
+    """Device-side record of non-finite steps, updated every step without a host sync; read
+    where the loop synchronises anyway (log steps, validation, checkpoints).
+
+    ``first`` holds the first step whose loss, and whose gradient norm (where the step
+    computes one), was NaN/inf, and the first step at which the run counts as diverged: at
+    once in fp32/bf16, after FP16_SKIP_LIMIT skipped steps in a row in fp16. 0 means none."""
+
+    def __init__(self, device: torch.device, fp16: bool):
+        self.fp16 = fp16
+        self.first = torch.zeros(3, dtype=torch.int64, device=device)
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)
+
+    def update(self, step: int, loss_sum: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        bad_loss = ~torch.isfinite(loss_sum)
+        bad_grad = (~torch.isfinite(grad_norm) if grad_norm is not None
+                    else torch.zeros_like(bad_loss))
+        bad = bad_loss | bad_grad
+        if self.fp16:
+            self.streak = torch.where(bad, self.streak + 1, torch.zeros_like(self.streak))
+            fatal = self.streak >= FP16_SKIP_LIMIT
+        else:
+            fatal = bad
+        now = torch.stack([bad_loss, bad_grad, fatal])
+        self.first = torch.where((self.first == 0) & now, step, self.first)
+
+
 class Trainer:
     """One training run: built from a config, then :meth:`fit`.
 
@@ -156,9 +255,19 @@ class Trainer:
         # the checkpoint, perhaps from another working directory.
         cfg.data.stats_file = str(cfg.data.stats_path.resolve())
 
-        self.monitor = RunMonitor(cfg, primary=dist.is_primary())
+        self.lock: RunLock | None = None
+        with every_rank_agrees("start"):
+            # The lock comes before anything is written to output_dir: a second run there
+            # must not touch the first one's config.yaml and logs.
+            if dist.is_primary():
+                self.lock = RunLock(cfg.output_dir).acquire()
+            try:
+                self.monitor = RunMonitor(cfg, primary=dist.is_primary())
+            except OSError as err:
+                raise ConfigError(f"output_dir: cannot write to {cfg.output_dir} "
+                                  f"({err.strerror or err})") from None
+            self.data = build_data(cfg, self.rank, self.size, self.device)
         self.monitor.config(self.size, self.device, self.global_batch)
-        self.data = build_data(cfg, self.rank, self.size, self.device)
         if on_data is not None:
             self.data = on_data(self.data)
         self.model, self.loss_fn, optimizer = build_training(cfg, self.device)
@@ -170,13 +279,17 @@ class Trainer:
         self.checkpoints = CheckpointSaver(cfg.output_dir, cfg.train.keep_checkpoints,
                                            enabled=dist.is_primary())
         self.resumed_from: Path | None = None
+        t = cfg.train
+        self.accum = t.gradient_accumulation
         self.progress = self.resume()
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
         # LAMB clips inside its own step; the others clip the global norm in train_step.
         self.clip_norm = cfg.optimizer.max_grad_norm if cfg.optimizer.name != "lamb" else 0.0
+        self.health = _Health(self.device, fp16=self.prec.scaler is not None)
+        self.step_batches: dict[int, tuple[int, int]] = {}  # step -> (epoch, first micro-batch)
+        self.stop_poll = dist.AnyRankPoll("stop_poll")
+        self.signals = SIGNALS
 
-        t = cfg.train
-        self.accum = t.gradient_accumulation
         self.steps_per_epoch = len(self.data.train) // self.accum
         self.max_steps = t.max_steps or t.max_epochs * self.steps_per_epoch
         height, width = cfg.data.crop or self.data.train.full_shape[:2]
@@ -208,11 +321,35 @@ class Trainer:
         return restore_training_state(state, model=self.model, optimizer=self.optimizer,
                                       scheduler=self.scheduler, scaler=self.prec.scaler)
 
+    def check_resumable(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose run would not continue with the same data: each rank
+        shuffles its own files[r::n], so another rank count (or another per-rank batch) draws
+        a different global order, and the losses would silently differ from the run's."""
+        t = state["config"].get("train", {})
+        then = (world_size_of(state), t.get("local_batch_size"), t.get("gradient_accumulation"))
+        now = (self.size, self.cfg.train.local_batch_size, self.accum)
+        if then != now:
+            raise CheckpointError(
+                f"{path}: written by {then[0]} rank(s) x train.local_batch_size={then[1]} x "
+                f"train.gradient_accumulation={then[2]}, this run has {now[0]} x {now[1]} x "
+                f"{now[2]}: each rank shuffles its own files[rank::ranks], so the data order "
+                f"would change and the run would not continue; resume on {then[0]} rank(s) "
+                f"with train.local_batch_size={then[1]} train.gradient_accumulation={then[2]}, "
+                "or start a new run (resume=none, another output_dir)")
+
     def resume(self) -> Progress:
         """Rank 0 reads the checkpoint (if any) and every rank receives its contents by
         broadcast, so that only rank 0 needs to see ``output_dir``."""
         primary = dist.is_primary()
-        path = resolve_resume(self.cfg.resume, self.cfg.output_dir) if primary else None
+        path = state = None
+        with every_rank_agrees("resume"):
+            if primary:
+                # Loaded on the CPU: each object moves its tensors to its own device, and the
+                # RNG states must stay on the CPU.
+                found = load_resume(self.cfg.resume, self.cfg.output_dir)
+                if found is not None:
+                    path, state = found
+                    self.check_resumable(path, state)
         path = dist.broadcast_object(path, name="resume_path")
         if path is None:
             # A fresh model: its initialisation differs by rank only if seeding does, but
@@ -221,12 +358,10 @@ class Trainer:
             return Progress()
         meta = None
         if primary:
-            # Loaded on the CPU: each object moves its tensors to its own device, and the RNG
-            # states must stay on the CPU.
-            state = load_checkpoint(path, map_location="cpu")
             self.load_state_dict(state)
             meta = {"rng": state["rng"], "scheduler": self.scheduler.state_dict(),
                     "scaler": state["scaler"], "progress": dataclasses.asdict(progress_of(state))}
+            del state
         meta = dist.broadcast_object(meta, name="resume_meta")
         dist.broadcast_training_state(self.model, self.optimizer)
         if not primary:
@@ -245,8 +380,11 @@ class Trainer:
         result = train_step(self.step_model, self.optimizer, self.loss_fn, micro_batches,
                             self.prec, self.clip_norm, self.cfg.model.num_classes)
         self.scheduler.step()
+        self.step_batches[self.progress.step + 1] = (self.progress.epoch,
+                                                     self.progress.batch_in_epoch)
         self.progress.step += 1
         self.progress.batch_in_epoch += self.accum
+        self.health.update(self.progress.step, result.loss_sum, result.grad_norm)
         w = self.window
         w.loss += result.loss_sum / self.accum
         w.confusion += result.confusion
@@ -257,10 +395,15 @@ class Trainer:
         """Average the steps since the last log step over ranks and report them: the loop's
         only host synchronisation."""
         w, step = self.window, self.progress.step
-        packed = torch.cat([w.loss.reshape(1).double().cpu(), w.confusion.flatten().double().cpu()])
+        # The divergence flag rides on the log's own allreduce: no collective of its own.
+        health = self.health.first.cpu()
+        packed = torch.cat([w.loss.reshape(1).double().cpu(),
+                            (health[2:] > 0).double(), w.confusion.flatten().double().cpu()])
         packed = dist.allreduce_sum(packed, name="train_log")
+        if packed[1].item() > 0:
+            self.diverged(health.tolist())
         loss = packed[0].item() / (self.size * w.steps)
-        _, train_iou = iou_from_confusion(packed[1:].round().to(torch.int64).view_as(w.confusion))
+        _, train_iou = iou_from_confusion(packed[2:].round().to(torch.int64).view_as(w.confusion))
         # Before clipping for every optimizer: train_step's norm where it clipped, else the
         # gradients as the optimizer saw them.
         gnorm = (w.grad_norm if w.grad_norm is not None else grad_norm(self.model)).item()
@@ -274,14 +417,14 @@ class Trainer:
                                   eta_seconds=(self.max_steps - step) * elapsed / w.steps,
                                   data_wait_seconds=waited, window_seconds=elapsed,
                                   device=self.device)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss} at step {step}")
         w.reset()
+        self.step_batches.clear()
 
     def validate(self) -> dict[str, Any]:
         """Score the validation partition (a collective); the result also goes to the
         reporters."""
         p, cfg = self.progress, self.cfg
+        self.check_health()
         self.monitor.eval_start(p.epoch, p.step, self.data.validation_samples)
         average_batchnorm_stats(self.model)
         want_image = (cfg.train.image_frequency > 0
@@ -327,12 +470,86 @@ class Trainer:
         """A checkpoint of this step (a collective); best.pt follows it when this step's
         validation is the best so far."""
         p = self.progress
+        # Never a checkpoint of a broken model: the flags of the steps since the last check,
+        # and the weights themselves (identical on every rank, so every rank agrees).
+        self.check_health()
+        finite = torch.stack([torch.isfinite(v).all() for v in self.model.state_dict().values()
+                              if v.is_floating_point()]).all().item()
+        if not finite:
+            raise DivergenceError(f"training diverged at step {p.step}: the model's weights "
+                                  "hold NaN/inf; no checkpoint written")
+        # NaN compares False: a broken evaluation never becomes best.pt.
         is_best = self.evaluated_now() and self.last_eval["mean_iou"] > p.best_iou
         if is_best:  # counted before the state is taken, so the checkpoint knows it
             p.best_iou = self.last_eval["mean_iou"]
         self.monitor.save_start(p.epoch, p.step)
         state = self.state_dict()
         self.monitor.saved(p.epoch, p.step, self.checkpoints.save(state, p.step, is_best))
+
+    # -- divergence ----------------------------------------------------------------------------
+    def check_health(self) -> None:
+        """Stop on a non-finite loss or gradient since the last check (a collective; called
+        where the loop synchronises anyway: validation and checkpoints)."""
+        health = self.health.first.tolist()
+        flag = torch.tensor([float(health[2] > 0)], dtype=torch.float64)
+        if dist.allreduce_sum(flag, name="health").item() > 0:
+            self.diverged(health)
+
+    def diverged(self, health: list[int]) -> None:
+        """Raise the same one-line DivergenceError on every rank (a collective): the first
+        step that went bad, what went bad, and the input file when its data holds NaN/inf."""
+        bad_loss, bad_grad, fatal = health
+        files = self.bad_input_files(bad_loss) if bad_loss else []
+        reports = dist.allgather_object((self.rank, bad_loss, bad_grad, fatal, files),
+                                        name="diverged")
+        fatal_step = min(r[3] for r in reports if r[3])
+        parts = []
+        for what, index in (("loss", 1), ("gradient norm", 2)):
+            steps = [(r[index], r[0]) for r in reports if r[index]]
+            if steps:
+                step, rank = min(steps)
+                parts.append(f"the {what} is NaN/inf from step {step} (rank {rank})")
+        files = [f for r in reports for f in r[4]]
+        if files:
+            parts.append("the batch's input " + "; ".join(files))
+        skipped = (f" after {FP16_SKIP_LIMIT} fp16 steps in a row skipped as non-finite"
+                   if self.health.fp16 else "")
+        raise DivergenceError(f"training diverged at step {fatal_step}{skipped}: "
+                              f"{', '.join(parts)}; stopped without a checkpoint of it")
+
+    def bad_input_files(self, step: int) -> list[str]:
+        """Which of step ``step``'s input files hold NaN/inf: read only once the loss went bad
+        (scanning every sample as it is loaded would cost every step)."""
+        where = self.step_batches.get(step)
+        if where is None:
+            return []
+        epoch, first = where
+        size = self.cfg.train.local_batch_size
+        plan = self.data.train.plan(epoch)[first * size:(first + self.accum) * size]
+        found = []
+        for path in dict.fromkeys(entry[0] for entry in plan):
+            try:
+                data, _ = read_sample(path)
+            except DataError as err:
+                found.append(str(err))
+                continue
+            bad = int(data.size - np.isfinite(data).sum())
+            if bad:
+                found.append(f"{path} holds {bad} NaN/inf values")
+        return found
+
+    def poll_stop(self) -> str | None:
+        """Whether any rank was asked to stop (SIGTERM/SIGUSR1), agreed by every rank.
+
+        The vote is an asynchronous allreduce started at one step boundary and read at the
+        next: by then it has long finished, so the loop never waits for it, and since every
+        rank reads the same vote at the same step, all stop at the same step."""
+        votes = self.stop_poll.exchange(self.signals.flags())
+        if votes is None or not any(votes):
+            return None
+        names = [f"{signal.Signals(sig).name} ({n} of {self.size} ranks)"
+                 for sig, n in zip(STOP_SIGNALS, votes) if n]
+        return "stopped by " + ", ".join(names)
 
     # -- the loop ------------------------------------------------------------------------------
     def train_one_epoch(self) -> str | None:
@@ -355,13 +572,29 @@ class Trainer:
                     stop = "target_reached"
             if t.save_frequency and p.step % t.save_frequency == 0 and stop is None:
                 self.save()
+            if stop is None:
+                stop = self.poll_stop()
         batches.close()  # stops the loader's read-ahead if the epoch ended early
         self.monitor.epoch_stop(p.epoch, p.step)
         return stop
 
     def fit(self) -> dict[str, Any]:
-        """Train until a budget or the target stops the run; evaluate and save the final
-        model. Returns the summary (the same on every rank)."""
+        """Train until a budget, the target or a stop signal ends the run; evaluate (unless
+        stopped by a signal: the time left goes to the checkpoint) and save the final model.
+        Returns the summary (the same on every rank). The output folder's lock is released
+        however the run ends."""
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.stop_poll.drain()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _fit(self) -> dict[str, Any]:
         p, t = self.progress, self.cfg.train
         start = time.perf_counter()
         self.model.train()
@@ -378,18 +611,31 @@ class Trainer:
                 p.epoch, p.batch_in_epoch = p.epoch + 1, 0
         stop = stop or "max_epochs"
 
-        # Every run ends with an evaluation of the final model, unless one just happened.
-        final = self.last_eval if self.evaluated_now() else self.validate()
+        # Every run ends with an evaluation of the final model, unless one just happened or a
+        # signal asked to stop (Slurm's SIGKILL follows its SIGTERM within KillWait).
+        if self.evaluated_now() or stop.startswith("stopped"):
+            final = self.last_eval
+        else:
+            final = self.validate()
         self.save()
+        # No rank leaves before rank 0 has written the checkpoint: a launcher that sees one rank
+        # exit (horovodrun, srun with --kill-on-bad-exit) kills the others.
+        dist.allreduce_sum(torch.zeros(1), name="saved")
+        nan = float("nan")
         summary = {
             "steps": p.step, "epochs_started": p.epoch + 1, "stop_reason": stop,
-            "eval_mean_iou": final["mean_iou"], "eval_accuracy": final["eval_accuracy"],
-            "eval_per_class_iou": final["per_class_iou"],
+            "eval_mean_iou": final.get("mean_iou", nan),
+            "eval_accuracy": final.get("eval_accuracy", nan),
+            "eval_per_class_iou": final.get("per_class_iou", []),
             "wall_seconds": time.perf_counter() - start,
             "checkpoint": str(self.checkpoints.path(p.step)),
             "tensorboard": str(Path(self.cfg.output_dir) / "tensorboard"),
         }
         self.monitor.run_stop(summary, p.epoch)
+        if stop.startswith("stopped"):
+            log.warning("%s at step %d; checkpoint %s written: run again with resume=auto to "
+                        "go on (exit status %d)", stop, p.step, summary["checkpoint"],
+                        EXIT_STOPPED)
         return summary
 
 
@@ -409,18 +655,26 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 an error (one line), 3 stopped by a signal with a checkpoint."""
     args = parse_args(argv)
+    SIGNALS.install()  # before Horovod starts: a signal during start-up is a stop, not a death
     try:
         dist.init()
     except RuntimeError as err:
         return cli.fail("train", str(err))
     setup_logging(dist.rank(), dist.size())
     try:
-        train(load_config(args.config, args.overrides))
-    except (ConfigError, DataError, CheckpointError) as err:
+        summary = train(load_config(args.config, args.overrides))
+    except RUN_ERRORS + (RunError, DivergenceError) as err:
         log.error("error: %s", err)
-        return 2
-    return 0
+        return EXIT_ERROR
+    except Exception as err:
+        if not dist.is_shutdown_error(err):
+            raise
+        # Another rank ended (its own error is its one line); this one was only told to stop.
+        log.error("error: stopped because another rank failed; its error is above")
+        return EXIT_ERROR
+    return EXIT_STOPPED if summary["stop_reason"].startswith("stopped") else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -149,3 +149,58 @@ def test_foreign_pickle_is_refused_without_weights_only_advice(tmp_path):
     with pytest.raises(ck.CheckpointError, match="holds objects other than tensors") as err:
         ck.load_checkpoint(path)
     assert "weights_only=False" not in str(err.value)
+
+
+def test_resume_auto_falls_back_past_an_unreadable_newest(tmp_path, caplog):
+    saver = ck.CheckpointSaver(tmp_path, keep=3)
+    saver.save(_state(0.5, step=2), 2)
+    newest = saver.save(_state(0.7, step=4), 4)
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated after it was written
+    with caplog.at_level("WARNING"):
+        path, state = ck.load_resume("auto", tmp_path)
+    assert path == saver.path(2) and state["step"] == 2
+    assert str(newest) in caplog.text
+    # An explicit path is what the user asked for: no fallback.
+    with pytest.raises(ck.CheckpointError, match="ckpt-step00000004.pt: not a readable"):
+        ck.load_resume(str(newest), tmp_path)
+    assert ck.load_resume("none", tmp_path) is None
+
+
+def test_world_size_is_recorded_and_read_from_older_checkpoints():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
+    state = ck.training_state(model=model, optimizer=opt, scheduler=sched, scaler=None,
+                              progress=ck.Progress(), rng=[ck.rng_state()] * 2, config={})
+    assert ck.world_size_of(state) == 2
+    del state["world_size"]  # written before the key existed: one RNG state per rank
+    assert ck.world_size_of(state) == 2
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 2 MiB file system (tmpfs; needs root), so that a write meets a real ENOSPC."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_disk_full_is_one_error_and_leaves_previous_checkpoints(small_fs):
+    saver = ck.CheckpointSaver(small_fs, keep=2)
+    small = {"model": {"w": torch.ones(1000)}, "config": {}, "step": 1}
+    saver.save(small, 1, is_best=True)
+    big = {"model": {"w": torch.ones(1_000_000)}, "config": {}, "step": 2}  # 4 MB > 2 MiB
+    with pytest.raises(ck.CheckpointError) as err:
+        saver.save(big, 2, is_best=True)
+    message = str(err.value)
+    assert "ckpt-step00000002.pt: cannot write the checkpoint" in message
+    assert "previous checkpoints are intact" in message and "\n" not in message
+    assert sorted(p.name for p in small_fs.iterdir()) == ["best.pt", "ckpt-step00000001.pt"]
+    assert torch.equal(ck.load_checkpoint(saver.path(1))["model"]["w"], torch.ones(1000))
+    assert ck.load_checkpoint(small_fs / "best.pt")["step"] == 1

@@ -1,0 +1,270 @@
+"""Every fault of docs/reliability.md against the real trainer: tiny data, yaml/ci.yaml, one
+process or two ranks under ``horovodrun -np 2 --gloo``, each run bounded in time.
+
+The two-rank runs share one uninterrupted reference run (``reference``); a stopped or killed
+run resumed with ``resume=auto`` must reproduce its losses step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from climseg.checkpoint import load_checkpoint, step_checkpoints
+from climseg.data.format import read_sample, write_sample
+from climseg.data.partition import list_files
+from conftest import require_horovod
+
+REPO = Path(__file__).resolve().parent.parent
+CI = REPO / "yaml" / "ci.yaml"
+HOROVODRUN = Path(sys.executable).parent / "horovodrun"
+REFERENCE_STEPS = 8
+# Validation every 4 steps on 2 samples: evaluations (and so best.pt) on both sides of a resume.
+COMMON = ["train.log_frequency=1", "train.validation_frequency=4"]
+ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _metrics(out) if r["kind"] == "train"}
+
+
+def _train_cmd(root: Path, out: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "climseg.train", "--config", str(CI), f"data.root={root}",
+            f"output_dir={out}", *overrides]
+
+
+def _train(root: Path, out: Path, *overrides: str, timeout: int = 300):
+    """One process; returns the finished process (stdout, stderr as text)."""
+    return subprocess.run(_train_cmd(root, out, *overrides), capture_output=True, text=True,
+                          cwd=REPO, env=ENV, timeout=timeout)
+
+
+def _hvd_cmd(root: Path, out: Path, *overrides: str) -> list[str]:
+    require_horovod()
+    return [str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo",
+            *_train_cmd(root, out, *COMMON, *overrides)]
+
+
+def _hvd_train(root: Path, out: Path, *overrides: str, timeout: int = 600):
+    return subprocess.run(_hvd_cmd(root, out, *overrides), capture_output=True, text=True,
+                          cwd=REPO, env=ENV, timeout=timeout)
+
+
+def _hvd_start(root: Path, out: Path, log: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(_hvd_cmd(root, out, *overrides), stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, cwd=REPO, env=ENV)
+
+
+def _rank_pid(out: Path, rank: int) -> int:
+    """The pid of the trainer of ``rank`` writing to ``out`` (found by its command line and
+    Horovod's environment: horovodrun does not say)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (b"climseg.train" in cmd and f"output_dir={out}".encode() in cmd
+                and f"HOROVOD_RANK={rank}".encode() in env):
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} process for {out}")
+
+
+def _wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def _train_rows(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return sum('"train"' in line for line in path.read_text().splitlines()) if path.exists() else 0
+
+
+def _rank_lines(text: str) -> list[str]:
+    """What the ranks printed (horovodrun prefixes their lines with [rank])."""
+    return [line for line in text.splitlines() if line.startswith("[")]
+
+
+def _assert_continues(resumed: Path, reference: Path, from_step: int) -> None:
+    expected, got = _losses(reference), _losses(resumed)
+    steps = range(from_step + 1, REFERENCE_STEPS + 1)
+    assert steps, "stopped too late to compare"
+    for step in steps:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    proc = _hvd_train(tiny_root, out, f"train.max_steps={REFERENCE_STEPS}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped(tiny_root, tmp_path_factory) -> tuple[Path, str]:
+    """A two-rank run sent SIGTERM on rank 1 only, once it has logged its first step."""
+    out = tmp_path_factory.mktemp("stopped")
+    log = out.parent / f"{out.name}.log"
+    proc = _hvd_start(tiny_root, out, log, "train.max_steps=200")
+    try:
+        _wait_for(lambda: _train_rows(out) >= 1, proc, log)
+        os.kill(_rank_pid(out, 1), signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return out, log.read_text()
+
+
+# -- time limits, preemption ----------------------------------------------------------------
+
+def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(stopped):
+    out, text = stopped
+    # Every rank stops at the same step, after the checkpoint, with the "stopped, resumable"
+    # status and no traceback. (The first rank to exit 3 makes horovodrun terminate the
+    # others: which rank's 3 it prints is a race, but by then every rank has said it stopped.)
+    ((step, path),) = step_checkpoints(out)
+    line = f"stopped by SIGTERM (1 of 2 ranks) at step {step}; checkpoint {path}"
+    assert sorted(r[:3] for r in _rank_lines(text) if line in r) == ["[0]", "[1]"], text[-3000:]
+    assert "exit with status code 3." in text
+    assert not any("Traceback" in line for line in _rank_lines(text)), text[-3000:]
+    assert load_checkpoint(path)["step"] == step
+
+
+def test_stopped_run_resumes_with_the_losses_of_an_uninterrupted_run(tiny_root, stopped,
+                                                                      reference):
+    out, _ = stopped
+    ((step, _),) = step_checkpoints(out)
+    assert step < REFERENCE_STEPS
+    proc = _hvd_train(tiny_root, out, f"train.max_steps={REFERENCE_STEPS}", "resume=auto")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _assert_continues(out, reference, step)
+    # best.pt is the best evaluation of both segments together.
+    evals = [r["mean_iou"] for r in _metrics(out) if r["kind"] == "eval"]
+    assert load_checkpoint(out / "best.pt")["best_iou"] == max(evals)
+
+
+def test_kill_9_of_one_rank_then_resume_auto_continues_identically(tiny_root, tmp_path,
+                                                                   reference):
+    out, log = tmp_path / "killed", tmp_path / "killed.log"
+    proc = _hvd_start(tiny_root, out, log, "train.max_steps=200", "train.save_frequency=2")
+    try:
+        _wait_for(lambda: bool(step_checkpoints(out)) and _train_rows(out) >= 3, proc, log)
+        os.kill(_rank_pid(out, 1), signal.SIGKILL)
+        start = time.monotonic()
+        proc.wait(timeout=120)
+        assert time.monotonic() - start < 60  # the job ends, nobody hangs
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    step = step_checkpoints(out)[-1][0]
+    proc = _hvd_train(tiny_root, out, f"train.max_steps={REFERENCE_STEPS}", "resume=auto")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _assert_continues(out, reference, step)
+    # A temporary left by rank 0 killed mid-write would have been removed by the resume.
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
+# -- checkpoints and output folders ---------------------------------------------------------
+
+def test_resume_on_another_rank_count_is_refused(tiny_root, stopped, tmp_path):
+    out, _ = stopped
+    ((_, path),) = step_checkpoints(out)
+    proc = _train(tiny_root, tmp_path, "train.gradient_accumulation=2", f"resume={path}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "written by 2 rank(s) x train.local_batch_size=2 x train.gradient_accumulation=1" \
+        in proc.stderr
+    assert "resume on 2 rank(s)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_file_on_one_rank_ends_every_rank_with_the_same_line(tiny_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(tiny_root, root)  # the train files are symlinks: copied as files
+    bad = list_files(root / "train")[1]  # rank 1's partition is files[1::2]
+    bad.write_bytes(bad.read_bytes()[:2000])
+    proc = _hvd_train(root, tmp_path / "out", "train.max_steps=2")
+    text = proc.stdout + proc.stderr
+    errors = [line.split("error: ", 1)[1] for line in _rank_lines(text) if "error: " in line]
+    assert len(errors) == 2 and errors[0] == errors[1] and str(bad) in errors[0], text[-3000:]
+    assert "Process 0 exit with status code 2." in text
+    assert "Process 1 exit with status code 2." in text
+    assert not any("Traceback" in line for line in _rank_lines(text)), text[-3000:]
+
+
+def test_second_run_on_the_same_output_dir_stops_at_once_naming_the_holder(tiny_root, tmp_path):
+    hold = ("import sys, time; from climseg.runlock import RunLock; "
+            "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = _train(tiny_root, tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode == 2
+    assert f"is in use by another run (host {os.uname().nodename}, pid {holder.pid}" \
+        in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "config.yaml").exists()  # the holder's files untouched
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.crop=[128,128]", "data.crop: crop (128, 128) does not fit the samples' 64x96 field"),
+    ("output_dir=/proc/climseg-run", "output_dir: cannot create /proc/climseg-run"),
+    ("output_dir={file}/run", "output_dir: cannot create"),
+])
+def test_bad_crop_or_output_dir_is_one_line_naming_the_key(tiny_root, tmp_path, override,
+                                                           message):
+    (tmp_path / "file").write_text("not a folder")
+    proc = _train(tiny_root, tmp_path / "out", override.format(file=tmp_path / "file"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- divergence -------------------------------------------------------------------------------
+
+def test_divergence_stops_with_exit_2_and_never_checkpoints_a_broken_model(tiny_root, tmp_path):
+    proc = _train(tiny_root, tmp_path, "optimizer.name=adamw", "optimizer.lr=1000000",
+                  "train.max_steps=4", "train.log_frequency=4", "train.validation_frequency=0")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert "training diverged at step" in line and "NaN/inf" in line
+    assert "Traceback" not in proc.stderr
+    assert not step_checkpoints(tmp_path) and not (tmp_path / "best.pt").exists()
+
+
+def test_nan_in_an_input_file_is_named(tiny_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(tiny_root, root)
+    bad = list_files(root / "train")[0]  # unshuffled: in the first batch
+    data, labels = read_sample(bad)
+    data[:, :, 0] = np.nan
+    bad.unlink()
+    write_sample(bad, data, labels)
+    proc = _train(root, tmp_path / "out", "data.shuffle=false", "train.max_steps=2",
+                  "train.log_frequency=2", "train.validation_frequency=0")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "training diverged at step 1: the loss is NaN/inf from step 1 (rank 0)" in proc.stderr
+    assert f"{bad} holds {64 * 96} NaN/inf values" in proc.stderr
+    assert "Traceback" not in proc.stderr and not step_checkpoints(tmp_path / "out")
