@@ -169,6 +169,6 @@ def test_converted_set_checks_summarizes_and_trains(climatenet_dir, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(REPO / "yaml" / "ci.yaml",
                       [f"data.root={root}", f"output_dir={out}", "train.max_steps=2",
-                       "train.validation_frequency=2"])
+                       "train.validation_frequency=2", "data.max_validation_samples=1"])
     summary = train_module.train(cfg)
     assert summary["steps"] == 2 and 0.0 <= summary["eval_mean_iou"] <= 1.0
