@@ -450,13 +450,14 @@ def format_table(results: list[Result]) -> str:
         width = int(fmt.split(".")[0])
         return f"{'-':>{width}s}" if value is None else format(value, fmt)
 
-    header = (f"{'what':44s} {'samples/s':>10s} {'ms/step':>9s} {'MB/s':>9s} "
+    name_width = max([44] + [len(r.name) for r in results])   # one table for all modes
+    header = (f"{'what':{name_width}s} {'samples/s':>10s} {'ms/step':>9s} {'MB/s':>9s} "
               f"{'data wait':>9s} {'peak GiB':>9s} {'TFLOP/s':>8s}")
     lines = [header, "-" * len(header)]
     for r in results:
         wait = None if r.data_wait_share is None else 100 * r.data_wait_share
         percent = " " if wait is None else "%"
-        lines.append(f"{r.name:44s} {r.samples_per_s:10.2f} {r.ms_per_step:9.1f} "
+        lines.append(f"{r.name:{name_width}s} {r.samples_per_s:10.2f} {r.ms_per_step:9.1f} "
                      f"{num(r.mb_per_s, '9.0f')} {num(wait, '8.1f')}{percent} "
                      f"{num(r.peak_memory_gib, '9.2f')} {num(r.tflops, '8.3g')}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@
 #   GPU_CHECK_DATA      where the synthetic full-size samples go (default: /dev/shm/climseg-gpu-check)
 #   GPU_CHECK_SAMPLES   how many (default 160: 9 GB; 128 train samples = 16 steps per epoch)
 #   GPU_CHECK_OUT       results folder (default: $OUT when set, else <repo>/runs/gpu-check)
-#   GPU_CHECK_BUDGET_S  no phase starts after this many seconds (default 540)
+#   GPU_CHECK_BUDGET_S  no phase starts that would end after this many seconds (default 560)
 #   GPU_CHECK_COMPILE   1: also time the torch.compile'd step, if the budget allows (default 1)
 set -euo pipefail
 
@@ -40,7 +40,7 @@ CARRY=${CLIMSEG_CARRY:-$ROOT/.cache/carry}
 DATA=${GPU_CHECK_DATA:-/dev/shm/climseg-gpu-check}
 SAMPLES=${GPU_CHECK_SAMPLES:-160}
 RESULTS=${GPU_CHECK_OUT:-${OUT:-$ROOT/runs/gpu-check}}
-BUDGET=${GPU_CHECK_BUDGET_S:-540}
+BUDGET=${GPU_CHECK_BUDGET_S:-560}
 COMPILE=${GPU_CHECK_COMPILE:-1}
 for setting in SAMPLES BUDGET COMPILE; do
     [[ ${!setting} =~ ^[0-9]+$ ]] || { echo "gpu_check: error: ${setting}=${!setting}: expected a whole number" >&2; exit 2; }
@@ -65,17 +65,19 @@ say() { echo "gpu_check [$((SECONDS - START))s]: $*" >&2; }
 die() { echo "gpu_check: error: $*" >&2; exit 1; }
 SKIPPED=() FAILED=()
 # run NAME CMD...: one phase, its output also in the log. A phase that fails is listed and the
-# next ones still run (each measures something else); past the budget, phases are skipped.
+# next ones still run (each measures something else). A phase that would end past the budget
+# (NEED=seconds it takes at most, default 30) is skipped.
 run() {
     local name=$1; shift
-    if (( SECONDS - START > BUDGET )); then
-        say "skipping $name: past the ${BUDGET}s budget"
+    if (( SECONDS - START + ${NEED:-30} > BUDGET )); then
+        say "skipping $name: it would end past the ${BUDGET}s budget"
         SKIPPED+=("$name")
         return 0
     fi
     say "$name: $*"
     if [[ $MODE == dry ]]; then return 0; fi
-    if ! "$@" 2>&1 | tee -a "$LOG" >&2; then
+    # Nor may a phase that hangs (a collective, a compile) run past the budget.
+    if ! timeout -k 10 $((BUDGET - (SECONDS - START))) "$@" 2>&1 | tee -a "$LOG" >&2; then
         say "$name FAILED (see $LOG)"
         FAILED+=("$name")
     fi
@@ -111,7 +113,7 @@ print(" ".join(m for m in ("cffi", "pycparser") if importlib.util.find_spec(m) i
     fi
     # MPI is not needed on one node (horovodrun --gloo); leaving it out saves build time.
     export CLIMSEG_HOROVOD_MPI=${CLIMSEG_HOROVOD_MPI:-0} PIP_BREAK_SYSTEM_PACKAGES=1
-    run "horovod" env PYTHON="$PYTHON" tools/install_horovod.sh
+    NEED=150 run "horovod" env PYTHON="$PYTHON" tools/install_horovod.sh
 else
     run "horovod (its dry run)" env PYTHON="$PYTHON" CLIMSEG_HOROVOD_DRY_RUN=1 CLIMSEG_HOROVOD_MPI=0 \
         tools/install_horovod.sh
@@ -119,7 +121,7 @@ fi
 
 # --- 2. the CUDA tests ------------------------------------------------------------------------
 # CLIMSEG_REQUIRE_HOROVOD: the NCCL test fails rather than skips when the build did not load.
-run "cuda tests" env CLIMSEG_REQUIRE_HOROVOD=$([[ $MODE != smoke ]] && echo 1 || echo 0) \
+NEED=150 run "cuda tests" env CLIMSEG_REQUIRE_HOROVOD=$([[ $MODE != smoke ]] && echo 1 || echo 0) \
     "$PYTHON" -m pytest -q -rs tests/test_cuda.py --junitxml "$RESULTS/test_cuda.xml"
 
 # --- 3. measurements ----------------------------------------------------------------------------
@@ -130,22 +132,22 @@ run "optimizer" "$PYTHON" tools/bench_kernels.py optim --device "$DEVICE" --opti
     --steps "$KERNEL_STEPS" --json "$RESULTS/optim.json"
 
 if [[ $MODE == dry || ! -f $DATA/stats.h5 || $(ls "$DATA"/raw 2>/dev/null | wc -l) -lt $SAMPLES ]]; then
-    run "data" bash -c "rm -rf '$DATA' && mkdir -p '$DATA' \
+    NEED=60 run "data" bash -c "rm -rf '$DATA' && mkdir -p '$DATA' \
         && '$PYTHON' tools/make_synthetic.py --output '$DATA/raw' --samples $SAMPLES --seed 1 \
              --height $HEIGHT --width $WIDTH --quiet \
         && '$PYTHON' tools/split_data.py --data '$DATA/raw' --output '$DATA/cam' --quiet \
         && '$PYTHON' tools/summarize_data.py --data '$DATA/cam' --quiet \
         && ln -sfn cam/stats.h5 '$DATA/stats.h5'"
 fi
-run "loader" "$PYTHON" -m climseg.bench loader --device "$DEVICE" --data "$DATA/cam/train" \
+NEED=45 run "loader" "$PYTHON" -m climseg.bench loader --device "$DEVICE" --data "$DATA/cam/train" \
     --batch-size "$BATCH" --precision "$PRECISION" --repeats 1 "${LOADER_ARGS[@]}" \
     --json "$RESULTS/loader.json"
-run "train" "$PYTHON" -m climseg.bench train --config yaml/workstation.yaml "${TRAIN_ARGS[@]}" \
+NEED=60 run "train" "$PYTHON" -m climseg.bench train --config yaml/workstation.yaml "${TRAIN_ARGS[@]}" \
     --json "$RESULTS/train.json" "data.root=$DATA/cam" "train.local_batch_size=$BATCH" \
     train.gradient_accumulation=1 "train.precision=$PRECISION" \
     "data.loader_threads=$THREADS"
 if [[ $COMPILE == 1 ]]; then
-    run "compiled step" "$PYTHON" -m climseg.bench step --device "$DEVICE" --size "$HEIGHT" "$WIDTH" \
+    NEED=180 run "compiled step" "$PYTHON" -m climseg.bench step --device "$DEVICE" --size "$HEIGHT" "$WIDTH" \
         --batch-size "$BATCH" --precision "$PRECISION" --optimizer lamb --compile \
         "${STEP_ARGS[@]}" --json "$RESULTS/step_compiled.json"
 fi
