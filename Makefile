@@ -30,13 +30,14 @@ PY       := $(VENV_BIN)/python
 STAMPS   := $(VENV)/.climseg-stamps
 HOROVODRUN := horovodrun -np $(NP) --gloo
 
-.PHONY: help install horovod test demo demo-data clean-demo
+.PHONY: help install horovod test test-gpu demo demo-data clean-demo
 
 help:
 	@echo "make demo     install, make a synthetic data set, train $(DEMO_CONFIG) with $(NP) ranks"
 	@echo "make test     install, run the whole test suite (python -m pytest -q tests)"
 	@echo "make install  virtual environment $(VENV): requirements, torch, Horovod, then climseg"
 	@echo "              itself (editable): the \`climseg\` command, \`python -m climseg.train\` anywhere"
+	@echo "make test-gpu on a GPU node: Horovod with NCCL, the CUDA tests, full-size benches, one table"
 	@echo "make clean-demo  remove $(DEMO_DIR) and $(RUN_DIR)"
 
 # --- install ----------------------------------------------------------------------------------
@@ -75,6 +76,12 @@ $(STAMPS)/climseg: pyproject.toml | horovod
 # CLIMSEG_REQUIRE_HOROVOD turns every test's "horovod not installed" skip into a failure.
 test: install
 	CLIMSEG_REQUIRE_HOROVOD=1 python -m pytest -q tests $(PYTEST_ARGS)
+
+# On a GPU node: Horovod with NCCL, tests/test_cuda.py, full-size step/LAMB/loader/train
+# benches, one table (tools/gpu_check.sh; docs/performance.md). No install dependency: a bare
+# GPU node brings its own Python and torch.
+test-gpu:
+	tools/gpu_check.sh
 
 # --- demo -------------------------------------------------------------------------------------
 # Each data step leaves a stamp under $(DEMO_DIR)/.stamps (outside the data folders, which the
