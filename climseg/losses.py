@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -57,20 +56,7 @@ class WeightedCrossEntropy(nn.Module):
 
 
 def class_weights(class_frequencies: Sequence[float], weight_pow: float) -> list[float]:
-    """`frequency ** weight_pow` per class, after checking both arguments."""
-    if isinstance(class_frequencies, (str, bytes)) or not isinstance(class_frequencies, Sequence):
-        raise ValueError(f"loss.class_frequencies: must be a list of numbers, "
-                         f"got {class_frequencies!r}")
-    if len(class_frequencies) < 2:
-        raise ValueError(f"loss.class_frequencies: need one frequency per class (at least 2), "
-                         f"got {list(class_frequencies)}")
-    for f in class_frequencies:
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
-            raise ValueError(f"loss.class_frequencies: every frequency must be a number in "
-                             f"(0, 1], got {f!r}")
-    if isinstance(weight_pow, bool) or not isinstance(weight_pow, (int, float)) \
-            or not math.isfinite(weight_pow):
-        raise ValueError(f"loss.weight_pow: must be a finite number, got {weight_pow!r}")
+    """`frequency ** weight_pow` per class (values validated with the config, LossConfig)."""
     return [float(f) ** float(weight_pow) for f in class_frequencies]
 
 

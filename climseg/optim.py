@@ -281,24 +281,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, type: str = "constant",
                          f"{list(SCHEDULES)}")
     for key in kwargs:
         raise ValueError(f"scheduler.{key}: unknown option")
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"scheduler.warmup_steps: must be a non-negative integer, "
-                         f"got {warmup_steps!r}")
-    if not warmup_factor >= 1.0:
-        raise ValueError(f"scheduler.warmup_factor: must be at least 1, got {warmup_factor}")
-    milestones = list(milestones)
-    if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in milestones) \
-            or milestones != sorted(set(milestones)):
-        raise ValueError(f"scheduler.milestones: must be increasing non-negative integers, "
-                         f"got {milestones}")
-    if not 0 < decay_rate <= 1:
-        raise ValueError(f"scheduler.decay_rate: must be in (0, 1], got {decay_rate}")
-    if type == "cosine" and (t_max is None or isinstance(t_max, bool)
-                             or not isinstance(t_max, int) or t_max < 1):
-        raise ValueError(f"scheduler.t_max: must be a positive number of steps for the cosine "
-                         f"schedule, got {t_max!r}")
-    if not eta_min >= 0:
-        raise ValueError(f"scheduler.eta_min: must be non-negative, got {eta_min}")
+    # The values were validated with the config (climseg.config.SchedulerConfig).
     schedules = [WarmupSchedule(group.get("initial_lr", group["lr"]), type, warmup_steps,
                                 warmup_factor, milestones, decay_rate, t_max, eta_min)
                  for group in optimizer.param_groups]
