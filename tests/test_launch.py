@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -486,3 +487,65 @@ def test_dockerfile_copies_only_files_that_exist():
     missing = [src for sources in copies for src in sources
                if not src.startswith("--") and not (REPO / src).exists()]
     assert not missing, f"Dockerfile.horovod copies missing {missing}"
+
+
+# --- jobs/slurm.sbatch stopped by Slurm's warning signal, requeued, resumed -------------------
+def _job_field(env: dict, job: str, field: str) -> str:
+    out = _run(["scontrol", "show", "job", job], env=env, timeout=30).stdout
+    for word in out.split():
+        if word.startswith(field + "="):
+            return word.split("=", 1)[1]
+    return ""
+
+
+@needs_horovod
+def test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses(slurm, tiny_root,
+                                                                              tmp_path):
+    if not _horovod_features()["mpi"]:
+        pytest.skip("horovod built without MPI: srun launches need the MPI controller")
+    out, log, steps = tmp_path / "run", tmp_path / "job.out", 8
+    overrides = [f"train.max_steps={steps}", "train.log_frequency=1",
+                 "train.validation_frequency=4"]
+    env = dict(slurm, DATA=str(tiny_root), CONFIG="yaml/ci.yaml", OUTPUT=str(out),
+               STAGE_DIR=str(tmp_path / "staged"), VENV=str(PYBIN.parent), MAX_REQUEUES="3")
+    # The header's --signal=USR1@300 is what a time limit sends; slurmctld checks limits only
+    # every ~30 s, so a one-minute limit here stops the job anywhere or not at all. The test
+    # sends the same signal the same way (slurmctld -> slurmd -> the job step's tasks) once the
+    # run has taken a step.
+    submit = _run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2",
+                   "--cpus-per-task=1", "--gpus-per-node=0", "--time=30", f"--output={log}",
+                   "jobs/slurm.sbatch", *overrides], env=env, timeout=60)
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    metrics = out / "metrics.jsonl"
+    deadline, signalled = time.monotonic() + 900, False
+    while (state := _job_field(env, job, "JobState")) not in ("COMPLETED", "FAILED",
+                                                                "CANCELLED", "TIMEOUT"):
+        assert time.monotonic() < deadline, log.read_text()[-4000:] if log.exists() else state
+        if not signalled and metrics.exists() and '"train"' in metrics.read_text():
+            _run(["scancel", "--signal=USR1", job], env=env, timeout=30)
+            signalled = True
+        if state == "PENDING" and _job_field(env, job, "Reason") == "BeginTime":
+            # Slurm holds a requeued job for two minutes; the test need not wait them out.
+            _run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
+        time.sleep(1)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-4000:]
+    assert _job_field(env, job, "Restarts") == "1", text[-4000:]
+    assert "stopped by SIGUSR1 (2 of 2 ranks)" in text and "requeueing job" in text
+    assert "segment 2" in text, text[-4000:]
+    # The reference: the same run uninterrupted (horovodrun, Gloo).
+    ref = tmp_path / "reference"
+    proc = _run([str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
+                 "-m", "climseg.train", "--config", "yaml/ci.yaml", f"data.root={tiny_root}",
+                 f"output_dir={ref}", *overrides], env=_env(OMP_NUM_THREADS="1"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(run: Path) -> dict[int, float]:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+    got, expected = losses(out), losses(ref)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
