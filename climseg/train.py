@@ -242,6 +242,15 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, on_data: Callable[[Data], Data] | None = None):
+        self.lock: RunLock | None = None
+        self.stop_poll = dist.AnyRankPoll("stop_poll")
+        try:
+            self._build(cfg, on_data)
+        except BaseException:
+            self.close()  # a failed start must not keep output_dir locked in this process
+            raise
+
+    def _build(self, cfg: Config, on_data: Callable[[Data], Data] | None) -> None:
         self.cfg = cfg
         self.rank, self.size = dist.rank(), dist.size()
         self.device = select_device(None, dist.local_rank())  # this rank's GPU, else the CPU
@@ -255,7 +264,6 @@ class Trainer:
         # the checkpoint, perhaps from another working directory.
         cfg.data.stats_file = str(cfg.data.stats_path.resolve())
 
-        self.lock: RunLock | None = None
         with every_rank_agrees("start"):
             # The lock comes before anything is written to output_dir: a second run there
             # must not touch the first one's config.yaml and logs.
@@ -287,7 +295,6 @@ class Trainer:
         self.clip_norm = cfg.optimizer.max_grad_norm if cfg.optimizer.name != "lamb" else 0.0
         self.health = _Health(self.device, fp16=self.prec.scaler is not None)
         self.step_batches: dict[int, tuple[int, int]] = {}  # step -> (epoch, first micro-batch)
-        self.stop_poll = dist.AnyRankPoll("stop_poll")
         self.signals = SIGNALS
 
         self.steps_per_epoch = len(self.data.train) // self.accum

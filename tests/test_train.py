@@ -261,3 +261,46 @@ def test_batchnorm_group_that_does_not_divide_the_ranks_exits_2(tiny_root, tmp_p
     assert proc.returncode == 2
     assert "train.batchnorm_group_size: 2 does not divide the 1 ranks" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_fp16_divergence_only_after_a_streak_of_skipped_steps():
+    # GradScaler skips a non-finite step by design; only FP16_SKIP_LIMIT in a row is divergence.
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    health = train_module._Health(torch.device("cpu"), fp16=True)
+    step = 0
+    for _ in range(train_module.FP16_SKIP_LIMIT - 1):
+        step += 1
+        health.update(step, nan, None)
+    step += 1
+    health.update(step, one, None)  # a good step ends the streak
+    assert health.first.tolist() == [1, 0, 0]
+    for _ in range(train_module.FP16_SKIP_LIMIT):
+        step += 1
+        health.update(step, one, torch.tensor(float("inf")))
+    assert health.first.tolist() == [1, step - train_module.FP16_SKIP_LIMIT + 1, step]
+    # fp32: the first non-finite step is fatal.
+    health = train_module._Health(torch.device("cpu"), fp16=False)
+    health.update(1, one, None)
+    health.update(2, nan, None)
+    assert health.first.tolist() == [2, 0, 2]
+
+
+def test_stop_vote_is_read_one_step_late():
+    from climseg.dist import AnyRankPoll
+
+    poll = AnyRankPoll("test_vote")
+    assert poll.exchange([0, 0]) is None
+    assert poll.exchange([1, 0]) == [0, 0]
+    assert poll.exchange([0, 0]) == [1, 0]
+    poll.drain()
+    assert poll.exchange([0, 0]) is None
+
+
+def test_a_failed_start_releases_the_output_dir_lock(tmp_path):
+    from climseg.data.format import DataError
+    from climseg.runlock import RunLock
+
+    cfg = load_config(CI, [f"data.root={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(DataError, match="nothing"):
+        train_module.Trainer(cfg)
+    RunLock(tmp_path / "out").acquire().release()  # not held by the dead Trainer
