@@ -137,7 +137,6 @@ def test_make_demo_runs_the_documented_commands(tmp_path):
     assert len(documented) == 6
     expected = [cmd.replace("data/demo", str(demo)).replace("runs/demo", str(run))
                 for cmd in documented]
-    expected.append(f'echo "TensorBoard: tensorboard --logdir {run}/tensorboard"')
     lines = [line.strip() for line in result.stdout.splitlines()]
     found = [next((i for i, line in enumerate(lines) if line == cmd), None) for cmd in expected]
     assert None not in found, "\n".join(c for c, i in zip(expected, found) if i is None)
