@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
 
 from climseg import cli, dist
 from climseg.batchnorm import convert_batchnorm, resolve_group_size

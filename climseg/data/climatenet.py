@@ -25,8 +25,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from climseg.data.format import (CHANNELS, FILE_GLOB, NUM_CLASSES, DataError, Progress,
-                                 write_sample)
+from climseg.data.format import (CHANNELS, NUM_CLASSES, DataError, Progress,
+                                 prepare_output_folder, write_sample)
 
 LABEL_VARIABLE = "LABELS"
 INPUT_GLOB = "*.nc"
@@ -155,17 +155,9 @@ def convert_folder(in_dir: str | Path, out_dir: str | Path, force: bool = False,
         if name in seen:
             raise DataError(f"{src}: converts to {name}, as {seen[name]} does")
         seen[name] = src
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"{out_dir}: exists and is not a folder")
     if out_dir.resolve() == in_dir.resolve():
         raise DataError(f"{out_dir}: output folder is the input folder")
-    old = sorted(out_dir.glob(FILE_GLOB)) if out_dir.is_dir() else []
-    if old and not force:
-        raise DataError(f"{out_dir}: already holds {len(old)} {FILE_GLOB} files; use --force "
-                        "to replace them")
-    for path in old:
-        path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_folder(out_dir, force)
     bar = Progress(len(sources), "converting ClimateNet files", enabled=progress)
     written = []
     for src in sources:

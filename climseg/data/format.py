@@ -177,6 +177,22 @@ def data_byte_offset(path: str | os.PathLike) -> int | None:
     return dataset_byte_offset(path, DATA_KEY)
 
 
+def prepare_output_folder(out_dir: str | os.PathLike, force: bool) -> Path:
+    """``out_dir`` created and holding no sample files: the ones there are removed with
+    ``force``, else DataError (a tool never mixes a new set with an old one silently)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a folder")
+    old = sorted(out_dir.glob(FILE_GLOB)) if out_dir.is_dir() else []
+    if old and not force:
+        raise DataError(f"{out_dir}: already holds {len(old)} {FILE_GLOB} files; use --force "
+                        "to replace them")
+    for path in old:
+        path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
 def write_sample(path: str | os.PathLike, data: np.ndarray, labels: np.ndarray) -> None:
     """Write one sample atomically (temp file + rename): contiguous, uncompressed datasets.
 

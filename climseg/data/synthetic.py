@@ -42,8 +42,8 @@ import numpy as np
 import scipy.fft
 import scipy.ndimage as ndi
 
-from climseg.data.format import (CHANNELS, FILE_GLOB, HEIGHT, NUM_CHANNELS, WIDTH, DataError,
-                                 Progress, write_sample)
+from climseg.data.format import (CHANNELS, HEIGHT, WIDTH, DataError, Progress,
+                                 prepare_output_folder, write_sample)
 
 # Class fractions of the real data set (DeepCAM README): targets of the calibration below.
 TARGET_FRACTIONS = (0.986, 0.0005, 0.013)
@@ -613,15 +613,7 @@ def generate_dataset(out_dir: str | os.PathLike, samples: int, seed: int,
     if height < 8 or width < 8:
         raise DataError(f"synthetic grid {height}x{width} is too small (at least 8x8)")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"{out_dir}: exists and is not a folder")
-    old = sorted(out_dir.glob(FILE_GLOB)) if out_dir.is_dir() else []
-    if old and not force:
-        raise DataError(f"{out_dir}: already holds {len(old)} {FILE_GLOB} files; use --force "
-                        "to replace them")
-    for path in old:
-        path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_folder(out_dir, force)
     bar = Progress(samples, f"generating {height}x{width} samples", enabled=progress)
     job = functools.partial(write_synthetic_sample, out_dir, seed=seed, height=height,
                             width=width)
