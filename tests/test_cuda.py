@@ -30,7 +30,6 @@ from climseg.checkpoint import (Progress, load_checkpoint, restore_training_stat
 from climseg.data.format import DATA_KEY, LABEL_KEY, read_sample
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files
-from climseg.data.stats import normalization, read_stats
 from climseg.engine import Precision, train_step
 from climseg.losses import build_loss
 from climseg.metrics import _pair_counts
@@ -38,6 +37,7 @@ from climseg.model import build_model
 from climseg.optim import LAMB, build_scheduler
 from test_evaluate_predict import make_checkpoint
 from test_gpu_like import LR, SmallSegNet, flat_grads, step_difference
+from test_loader import files, norm  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -48,14 +48,7 @@ CPU = torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------- the loader
-@pytest.fixture(scope="module")
-def files(tiny_root):
-    return list_files(tiny_root / "train")
-
-
-@pytest.fixture(scope="module")
-def norm(tiny_root):
-    return normalization(read_stats(tiny_root / "stats.h5"), "minmax")
+# The loader's fixtures (this split's files, its min-max normalization) are test_loader's.
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,12 @@ CI = REPO / "yaml" / "ci.yaml"
 HOROVODRUN = Path(sys.executable).parent / "horovodrun"
 
 
+def _train_cli(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m climseg.train --config yaml/ci.yaml OVERRIDES`` in one process."""
+    return subprocess.run([sys.executable, "-m", "climseg.train", "--config", str(CI), *overrides],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+
+
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -112,20 +118,14 @@ def test_epoch_budget_is_reported_as_such(tiny_root, tmp_path):
 
 
 def test_bad_config_exits_2_with_one_line(tiny_root, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "climseg.train", "--config", str(CI), f"data.root={tiny_root}",
-         f"output_dir={tmp_path}", "optimizer.lr=-1"],
-        capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = _train_cli(f"data.root={tiny_root}", f"output_dir={tmp_path}", "optimizer.lr=-1")
     assert proc.returncode == 2
     assert "optimizer.lr: must be positive" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_missing_data_exits_2(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "climseg.train", "--config", str(CI),
-         f"data.root={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'out'}"],
-        capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = _train_cli(f"data.root={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'out'}")
     assert proc.returncode == 2
     assert "nothing" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -217,10 +217,7 @@ def test_launcher_ranks_without_matching_horovod_exit_2(tiny_root, tmp_path):
     # srun started 2 tasks, but this process's Horovod runs alone (no MPI rendezvous): each
     # task would silently train as rank 0 of 1. The trainer must refuse instead.
     env = dict(os.environ, SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_LOCALID="0")
-    proc = subprocess.run(
-        [sys.executable, "-m", "climseg.train", "--config", str(CI), f"data.root={tiny_root}",
-         f"output_dir={tmp_path}"], capture_output=True, text=True, cwd=REPO, env=env,
-        timeout=120)
+    proc = _train_cli(f"data.root={tiny_root}", f"output_dir={tmp_path}", env=env)
     assert proc.returncode == 2
     assert "ranks" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "config.yaml").exists()
@@ -254,10 +251,8 @@ def test_two_ranks_batchnorm_group_of_two_on_cpu(tiny_root, tmp_path):
 
 
 def test_batchnorm_group_that_does_not_divide_the_ranks_exits_2(tiny_root, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "climseg.train", "--config", str(CI), f"data.root={tiny_root}",
-         f"output_dir={tmp_path}", "train.batchnorm_group_size=2"],
-        capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = _train_cli(f"data.root={tiny_root}", f"output_dir={tmp_path}",
+                      "train.batchnorm_group_size=2")
     assert proc.returncode == 2
     assert "train.batchnorm_group_size: 2 does not divide the 1 ranks" in proc.stderr
     assert "Traceback" not in proc.stderr
