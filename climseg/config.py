@@ -194,10 +194,12 @@ class TrainConfig:
     deterministic: bool = False          # deterministic kernels (for exact resume tests)
     image_frequency: int = 1             # validations between TensorBoard map images; 0 = never
     cpu_threads: int | None = None       # torch threads per rank on CPU; null = cores / ranks per node
+    elastic: bool = False                # survive lost ranks under horovodrun --min-np/--max-np (docs/elastic.md)
+    elastic_commit_frequency: int = 10   # steps between elastic commits (what a lost rank rolls back to)
 
     def __post_init__(self):
         for key in ("local_batch_size", "gradient_accumulation", "max_epochs", "log_frequency",
-                    "keep_checkpoints"):
+                    "keep_checkpoints", "elastic_commit_frequency"):
             _require(getattr(self, key) >= 1, f"train.{key}", "must be at least 1")
         for key in ("validation_frequency", "save_frequency", "image_frequency"):
             _require(getattr(self, key) >= 0, f"train.{key}", "must be 0 or positive")
@@ -212,6 +214,15 @@ class TrainConfig:
         _require(0.0 <= self.target_iou <= 1.0, "train.target_iou", "must be in [0, 1]")
         _choice(self.precision, "train.precision", PRECISIONS)
         _choice(self.gradient_compression, "train.gradient_compression", ("none", "fp16"))
+        if self.elastic:
+            # The rank count changes during an elastic run: the global batch is what stays.
+            _require(self.global_batch_size is not None, "train.global_batch_size",
+                     "is required with train.elastic: the accumulation follows the rank count")
+            _require(self.global_batch_size % self.local_batch_size == 0,
+                     "train.global_batch_size", f"({self.global_batch_size}) must be a "
+                     f"multiple of train.local_batch_size ({self.local_batch_size})")
+            _require(self.batchnorm_group_size == 1, "train.batchnorm_group_size",
+                     "must be 1 with train.elastic (rank groups cannot follow a change of ranks)")
 
 
 @dataclass
@@ -238,6 +249,17 @@ class Config:
         _require(len(self.loss.class_frequencies) == self.model.num_classes,
                  "loss.class_frequencies",
                  f"has {len(self.loss.class_frequencies)} values for {self.model.num_classes} classes")
+
+    def elastic_accumulation(self, world_size: int) -> int:
+        """Micro-batches per step that keep ``train.global_batch_size`` on ``world_size``
+        ranks (elastic runs); a ConfigError when they cannot."""
+        t = self.train
+        per_step = world_size * t.local_batch_size
+        _require(t.global_batch_size % per_step == 0, "train.global_batch_size",
+                 f"({t.global_batch_size}) is not a multiple of {world_size} ranks x "
+                 f"local_batch_size {t.local_batch_size}: with train.elastic every rank count "
+                 "the job may shrink or grow to must divide it")
+        return t.global_batch_size // per_step
 
     def global_batch(self, world_size: int) -> int:
         """Samples per optimizer step over all ranks; checks ``train.global_batch_size``."""

@@ -114,6 +114,12 @@ class BatchLoader:
     drawn from (seed, epoch, position in the epoch) only, so a resumed epoch
     (``start_batch``) yields exactly the batches the uninterrupted one would have.
 
+    ``share=(rank, ranks, global_batch)`` (elastic runs) instead reads a rank's share of one
+    global order: ``files`` are the whole split, the epoch's order is cut into global batches
+    and this rank takes ``batch[rank::ranks]`` of each, with crops drawn from the global
+    position. The union over ranks is then the same for any rank count, so the run keeps its
+    data order when ranks come and go.
+
     The yielded tensors are the loader's own buffers on the CPU: they are reused only after the
     consumer has dropped every reference to them, so holding on to a batch is safe. Iterate
     one epoch of a loader at a time (its CUDA staging buffers are a ring shared by epochs).
@@ -124,7 +130,8 @@ class BatchLoader:
                  shuffle: bool = True, seed: int = 0, drop_last: bool = True,
                  num_threads: int = 4, prefetch: int = 2,
                  device: torch.device | str = torch.device("cpu"),
-                 samples_per_epoch: int | None = None):
+                 samples_per_epoch: int | None = None,
+                 share: tuple[int, int, int] | None = None):
         self.files = [Path(f) for f in files]
         if not self.files:
             raise fmt.DataError("BatchLoader: no files to read")
@@ -144,6 +151,14 @@ class BatchLoader:
             if samples_per_epoch < 0:
                 raise ValueError(f"samples_per_epoch must be >= 0, got {samples_per_epoch}")
             self.num_samples = min(self.num_samples, int(samples_per_epoch))
+        self.share = None
+        if share is not None:
+            rank, ranks, global_batch = (int(v) for v in share)
+            if not 0 <= rank < ranks or global_batch % (ranks * self.batch_size):
+                raise ValueError(f"share {share}: rank outside 0..{ranks - 1}, or a global "
+                                 f"batch not a multiple of {ranks} x {self.batch_size}")
+            self.share = (rank, ranks, global_batch)
+            self.num_samples = len(self.files) // global_batch * (global_batch // ranks)
 
         self.full_shape = fmt.validate_file(self.files[0])  # (H, W, C) on disk
         height, width, self.file_channels = self.full_shape
@@ -192,11 +207,20 @@ class BatchLoader:
         """(file, top, left) of every sample of ``epoch``, in order (batches are slices)."""
         n = len(self.files)
         order = epoch_order(n, self.seed, epoch) if self.shuffle else np.arange(n)
-        order = order[:len(self) * self.batch_size if self.drop_last else self.num_samples]
+        if self.share is None:
+            order = order[:len(self) * self.batch_size if self.drop_last else self.num_samples]
+            positions = range(len(order))
+        else:
+            rank, ranks, global_batch = self.share
+            steps = n // global_batch
+            positions = np.arange(steps * global_batch).reshape(steps, global_batch)
+            positions = positions[:, rank::ranks].reshape(-1)
+            order = order[positions]
         height, width = self.full_shape[:2]
         ch, cw = self.crop
         plan = []
-        for position, index in enumerate(order):
+        for position, index in zip(positions, order):
+            position = int(position)
             if self.random_crop and (ch < height or cw < width):
                 rng = np.random.default_rng([self.seed, int(epoch), position])
                 top = int(rng.integers(0, height - ch + 1))
