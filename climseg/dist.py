@@ -278,6 +278,74 @@ def skip_synchronize(optimizer: torch.optim.Optimizer):
     return contextlib.nullcontext()
 
 
+def set_accumulation(optimizer: torch.optim.Optimizer, passes: int) -> None:
+    """Change how many backward passes Horovod's optimizer accumulates before it reduces
+    (elastic runs, when the rank count changes); nothing for a plain optimizer."""
+    if hasattr(optimizer, "set_backward_passes_per_step"):
+        optimizer.set_backward_passes_per_step(passes)
+
+
+# -- Horovod elastic ---------------------------------------------------------------------------
+
+def elastic_launch() -> bool:
+    """Whether ``horovodrun`` started this process in elastic mode (--min-np/--max-np or
+    --host-discovery-script): it sets HOROVOD_ELASTIC=1 in the ranks' environment."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
+class Elastic:
+    """Horovod elastic around a training loop, with the trainer's own state handling.
+
+    ``save`` keeps a copy of the state in memory (a commit), ``restore`` goes back to it after a
+    rank failed, ``sync`` sends rank 0's state to every rank (after each reset, and at the start
+    so that a rank that joins later receives the live state). :meth:`run` calls ``body`` and,
+    when a rank is lost or one joins, restores/re-initialises Horovod/syncs and calls it again.
+    Without Horovod (one process) it simply calls ``body``, and a commit is only a save."""
+
+    def __init__(self, save: Callable[[], None], restore: Callable[[], None],
+                 sync: Callable[[], None]):
+        self._save, self._restore, self._sync = save, restore, sync
+        self._state = None
+        if _hvd is not None:
+            from horovod.common.elastic import State
+
+            outer = self
+
+            class _State(State):
+                def save(self):
+                    outer._save()
+
+                def restore(self):
+                    outer._restore()
+
+                def sync(self):
+                    outer._sync()
+
+            self._state = _State(bcast_object=_hvd.broadcast_object, get_rank=_hvd.rank)
+
+    @property
+    def active(self) -> bool:
+        """Whether a lost rank is survived: Horovod runs and horovodrun launched elastic."""
+        return self._state is not None and elastic_launch()
+
+    def commit(self) -> None:
+        """Save the state; raises Horovod's HostsUpdatedInterrupt (all ranks at once) when
+        hosts were added or removed, which :meth:`run` answers with a reset. A collective."""
+        if self.active:
+            self._state.commit()
+        else:
+            self._save()
+
+    def run(self, body: Callable[[], Any]) -> Any:
+        self._save()  # something to roll back to before the first commit
+        if not self.active:
+            self._sync()
+            return body()
+        import horovod.torch.elastic as hvd_elastic
+
+        return hvd_elastic.run(lambda state: body())(self._state)
+
+
 # -- numpy reductions for the data tools (mpi4py or Horovod) -----------------------------------
 
 # Reduces an array over all ranks elementwise with op 'sum', 'min' or 'max'.

@@ -8,6 +8,7 @@ validation until the step budget, the epoch budget or the target IoU is reached.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -122,7 +123,8 @@ class Data:
 
 
 def build_data(cfg: Config, rank: int, size: int, device: torch.device) -> Data:
-    """Each rank's loaders over its strided partition of the train and validation splits."""
+    """Each rank's loaders over its strided partition of the train and validation splits (in
+    elastic runs, over its share of each global batch of one global order)."""
     d, t = cfg.data, cfg.train
     shift, scale = normalization(read_stats(d.stats_path), d.normalization, d.channels)
     root = Path(d.root)
@@ -131,6 +133,17 @@ def build_data(cfg: Config, rank: int, size: int, device: torch.device) -> Data:
     if len(train_files) < size * t.local_batch_size * t.gradient_accumulation:
         raise DataError(f"{root / d.train_split}: {len(train_files)} training files are fewer "
                         f"than one global batch ({cfg.global_batch(size)})")
+    share = None
+    if t.elastic:
+        # A rank's share changes with the rank count: every rank must see every file.
+        missing = [f for f in train_files if not Path(f).exists()]
+        if missing:
+            raise DataError(f"{root / d.train_split}: {len(missing)} of {len(train_files)} "
+                            f"files are not here (e.g. {missing[0]}): it was staged for its "
+                            "node's ranks only, and train.elastic needs every file on every "
+                            "node; read the shared file system, or stage the whole split on "
+                            "each node (climseg stage run as one process per node)")
+        share = (rank, size, cfg.global_batch(size))
     if d.max_validation_samples is not None:
         val_files = val_files[:d.max_validation_samples]
     if len(val_files) < size:
@@ -143,9 +156,10 @@ def build_data(cfg: Config, rank: int, size: int, device: torch.device) -> Data:
     common = dict(shift=shift, scale=scale, channels=d.channels, num_threads=d.loader_threads,
                   prefetch=d.prefetch, device=device, seed=cfg.seed)
     try:
-        train = BatchLoader(my_train, t.local_batch_size, crop=d.crop,
-                            random_crop=d.crop is not None, shuffle=d.shuffle, drop_last=True,
-                            samples_per_epoch=len(train_files) // size, **common)
+        train = BatchLoader(train_files if share else my_train, t.local_batch_size,
+                            crop=d.crop, random_crop=d.crop is not None, shuffle=d.shuffle,
+                            drop_last=True, samples_per_epoch=len(train_files) // size,
+                            share=share, **common)
     except ValueError as err:  # the only ValueError the loader raises is a crop that does not fit
         raise ConfigError(f"data.crop: {err}") from None
     # A model trained on crops is scored at that size by default: its image-pooling branch
@@ -243,6 +257,7 @@ class Trainer:
     def __init__(self, cfg: Config, on_data: Callable[[Data], Data] | None = None):
         self.lock: RunLock | None = None
         self.stop_poll = dist.AnyRankPoll("stop_poll")
+        self.elastic: dist.Elastic | None = None
         try:
             self._build(cfg, on_data)
         except BaseException:
@@ -250,11 +265,18 @@ class Trainer:
             raise
 
     def _build(self, cfg: Config, on_data: Callable[[Data], Data] | None) -> None:
-        self.cfg = cfg
+        self.cfg, self.on_data = cfg, on_data
         self.rank, self.size = dist.rank(), dist.size()
         self.device = select_device(None, dist.local_rank())  # this rank's GPU, else the CPU
+        t = cfg.train
+        if dist.elastic_launch() and not t.elastic:
+            raise ConfigError("train.elastic: horovodrun started this job in elastic mode "
+                              "(--min-np/--max-np/--host-discovery-script); set "
+                              "train.elastic=true, or launch with -np and -H")
+        if t.elastic:
+            t.gradient_accumulation = cfg.elastic_accumulation(self.size)
         try:
-            self.bn_group = resolve_group_size(cfg.train.batchnorm_group_size, self.size)
+            self.bn_group = resolve_group_size(t.batchnorm_group_size, self.size)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         self.global_batch = cfg.global_batch(self.size)
@@ -263,57 +285,146 @@ class Trainer:
         # the checkpoint, perhaps from another working directory.
         cfg.data.stats_file = str(cfg.data.stats_path.resolve())
 
-        with every_rank_agrees("start"):
-            # The lock comes before anything is written to output_dir: a second run there
-            # must not touch the first one's config.yaml and logs.
-            if dist.is_primary():
-                self.lock = RunLock(cfg.output_dir).acquire()
-            try:
-                self.monitor = RunMonitor(cfg, primary=dist.is_primary())
-            except OSError as err:
-                raise ConfigError(f"output_dir: cannot write to {cfg.output_dir} "
-                                  f"({err.strerror or err})") from None
-            self.data = build_data(cfg, self.rank, self.size, self.device)
-        self.monitor.config(self.size, self.device, self.global_batch)
-        if on_data is not None:
-            self.data = on_data(self.data)
+        if t.elastic:
+            # No collective before the elastic loop starts: a rank that joins a running job
+            # builds this while the others wait for it in the loop. Lock, data and resume
+            # come in enter_elastic(), on every rank at once.
+            self.monitor = RunMonitor(cfg, primary=False)
+        else:
+            with every_rank_agrees("start"):
+                self.take_output_dir()
+                self.data = self.load_data()
         self.model, self.loss_fn, optimizer = build_training(cfg, self.device)
-        self.prec = Precision.build(self.device, cfg.train.precision, cfg.train.channels_last)
+        self.prec = Precision.build(self.device, t.precision, t.channels_last)
         self.optimizer = dist.wrap_optimizer(
-            optimizer, self.model, compression=cfg.train.gradient_compression,
-            backward_passes_per_step=cfg.train.gradient_accumulation)
+            optimizer, self.model, compression=t.gradient_compression,
+            backward_passes_per_step=t.gradient_accumulation)
         self.scheduler = build_scheduler(self.optimizer, **_section(cfg.scheduler))
-        self.checkpoints = CheckpointSaver(cfg.output_dir, cfg.train.keep_checkpoints,
+        self.checkpoints = CheckpointSaver(cfg.output_dir, t.keep_checkpoints,
                                            enabled=dist.is_primary())
         self.resumed_from: Path | None = None
-        t = cfg.train
         self.accum = t.gradient_accumulation
-        self.progress = self.resume()
-        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.progress = Progress() if t.elastic else self.resume()
+        self.step_model = torch.compile(self.model) if t.compile else self.model
         # LAMB clips inside its own step; the others clip the global norm in train_step.
         self.clip_norm = cfg.optimizer.max_grad_norm if cfg.optimizer.name != "lamb" else 0.0
         self.health = _Health(self.device, fp16=self.prec.scaler is not None)
         self.step_batches: dict[int, tuple[int, int]] = {}  # step -> (epoch, first micro-batch)
         self.signals = SIGNALS
+        self.last_eval: dict[str, Any] = {}
+        self.window = _Window(cfg.model.num_classes, self.device)
+        self.data_wait = DataWait()
+        self.started = False  # elastic: whether this process has trained (or resumed) yet
+        if not t.elastic:
+            self.start_run()
 
+    def take_output_dir(self) -> None:
+        """Rank 0 locks output_dir and opens the reporters. The lock comes before anything is
+        written there: a second run must not touch the first one's config.yaml and logs."""
+        if dist.is_primary():
+            self.lock = RunLock(self.cfg.output_dir).acquire()
+        try:
+            self.monitor = RunMonitor(self.cfg, primary=dist.is_primary())
+        except OSError as err:
+            raise ConfigError(f"output_dir: cannot write to {self.cfg.output_dir} "
+                              f"({err.strerror or err})") from None
+
+    def load_data(self) -> Data:
+        data = build_data(self.cfg, self.rank, self.size, self.device)
+        return self.on_data(data) if self.on_data is not None else data
+
+    def start_run(self) -> None:
+        """What follows from the data and the rank count; rank 0 starts the reports (once per
+        process: in an elastic run again only on a rank that has become rank 0). A collective."""
+        cfg, t = self.cfg, self.cfg.train
         self.steps_per_epoch = len(self.data.train) // self.accum
         self.max_steps = t.max_steps or t.max_epochs * self.steps_per_epoch
         height, width = cfg.data.crop or self.data.train.full_shape[:2]
         self.tflop_per_sample = FULL_SAMPLE_TFLOP * height * width / (HEIGHT * WIDTH)
-        self.last_eval: dict[str, Any] = {}
-        self.window = _Window(cfg.model.num_classes, self.device)
-        self.data_wait = DataWait()
-        n_params = sum(p.numel() for p in self.model.parameters())
-        log.info("model %s: %d parameters; %d steps per epoch; training to step %d; "
-                 "precision %s", cfg.model.name, n_params, self.steps_per_epoch,
-                 self.max_steps, self.prec.name)
         topology = launch_topology(dist.allgather_object(this_rank(self.device.type),
                                                          name="topology"))
-        self.monitor.run_start(topology, global_batch=self.global_batch,
-                               batchnorm_group_size=self.bn_group,
-                               train_samples=self.data.train_samples,
-                               eval_samples=self.data.validation_samples,
-                               resumed_from=self.resumed_from)
+        if self.monitor.primary and self.monitor.metrics is None:
+            self.monitor.config(self.size, self.device, self.global_batch)
+            n_params = sum(p.numel() for p in self.model.parameters())
+            log.info("model %s: %d parameters; %d steps per epoch; training to step %d; "
+                     "precision %s", cfg.model.name, n_params, self.steps_per_epoch,
+                     self.max_steps, self.prec.name)
+            self.monitor.run_start(topology, global_batch=self.global_batch,
+                                   batchnorm_group_size=self.bn_group,
+                                   train_samples=self.data.train_samples,
+                                   eval_samples=self.data.validation_samples,
+                                   resumed_from=self.resumed_from)
+
+    # -- elastic -------------------------------------------------------------------------------
+    def enter_elastic(self) -> None:
+        """Every rank, each time the elastic loop (re)starts: at the start, after a rank was
+        lost, when one joined. Ranks and the rank count may have changed: the accumulation
+        that keeps the global batch, the data shares, rank 0's lock and reporters follow."""
+        self.rank, self.size = dist.rank(), dist.size()
+        setup_logging(self.rank, self.size)  # rank 0 logs at INFO: it may be another process now
+        first = dist.broadcast_object(not self.started, name="elastic_first")
+        with every_rank_agrees("elastic"):
+            accum = self.cfg.train.gradient_accumulation = self.cfg.elastic_accumulation(self.size)
+            if dist.is_primary() and self.lock is None:
+                self.take_output_dir()
+            elif not dist.is_primary() and self.lock is not None:  # rank 0 no longer
+                self.lock.release()
+                self.lock, self.monitor = None, RunMonitor(self.cfg, primary=False)
+            self.data = self.load_data()
+        p = self.progress
+        p.batch_in_epoch = p.batch_in_epoch // self.accum * accum  # same steps into the epoch
+        self.accum = accum
+        dist.set_accumulation(self.optimizer, accum)
+        self.global_batch = self.cfg.global_batch(self.size)
+        self.checkpoints.enabled = dist.is_primary()
+        self.stop_poll = dist.AnyRankPoll("stop_poll")  # a vote in flight died with the reset
+        if first:
+            self.progress = self.resume()
+        self.start_run()
+        log.warning("elastic: rank %d of %d (host %s, pid %d) at step %d, %d micro-batch(es) "
+                    "of %d per step", self.rank, self.size, os.uname().nodename, os.getpid(),
+                    self.progress.step, self.accum, self.cfg.train.local_batch_size)
+        self.started = True
+
+    def elastic_save(self) -> None:
+        """A commit: a copy of the whole training state in memory, to roll back to."""
+        self.committed = copy.deepcopy({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None if self.prec.scaler is None else self.prec.scaler.state_dict(),
+            "progress": dataclasses.asdict(self.progress), "accum": self.accum})
+
+    def elastic_restore(self) -> None:
+        """Back to the last commit after a rank was lost (the steps since are redone)."""
+        c = copy.deepcopy(self.committed)  # the optimizer would alias the copy's tensors
+        self.model.load_state_dict(c["model"])
+        self.optimizer.load_state_dict(c["optimizer"])
+        self.scheduler.load_state_dict(c["scheduler"])
+        if self.prec.scaler is not None:
+            self.prec.scaler.load_state_dict(c["scaler"])
+        self.progress, self.accum = Progress(**c["progress"]), c["accum"]
+        self.health = _Health(self.device, fp16=self.prec.scaler is not None)
+        self.step_batches.clear()
+        log.warning("elastic: a rank was lost; back to the commit at step %d",
+                    self.progress.step)
+
+    def elastic_sync(self) -> None:
+        """Rank 0's training state on every rank (a rank that joined has only its own fresh
+        one). ``accum`` travels along: it is the unit of ``progress.batch_in_epoch``."""
+        # Before the first step rank 0's optimizer holds no state: broadcasting it would make
+        # Horovod take a zero-gradient step everywhere (weight decay would move the weights).
+        trained = dist.broadcast_object(bool(self.optimizer.state), name="elastic_trained")
+        dist.broadcast_training_state(self.model, self.optimizer if trained else None)
+        meta = dist.broadcast_object({
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": None if self.prec.scaler is None else self.prec.scaler.state_dict(),
+            "progress": dataclasses.asdict(self.progress), "accum": self.accum,
+        }, name="elastic_sync")
+        if not dist.is_primary():
+            self.scheduler.load_state_dict(meta["scheduler"])
+            if self.prec.scaler is not None and meta["scaler"] is not None:
+                self.prec.scaler.load_state_dict(meta["scaler"])
+            self.progress, self.accum = Progress(**meta["progress"]), meta["accum"]
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -332,6 +443,19 @@ class Trainer:
         shuffles its own files[r::n], so another rank count (or another per-rank batch) draws
         a different global order, and the losses would silently differ from the run's."""
         t = state["config"].get("train", {})
+        if self.cfg.train.elastic or t.get("elastic"):
+            # An elastic run's order depends only on the global batch, not on the ranks.
+            then = (t.get("elastic", False), t.get("global_batch_size"), t.get("local_batch_size"))
+            now = (self.cfg.train.elastic, self.cfg.train.global_batch_size,
+                   self.cfg.train.local_batch_size)
+            if then != now:
+                raise CheckpointError(
+                    f"{path}: written with train.elastic={then[0]} train.global_batch_size="
+                    f"{then[1]} train.local_batch_size={then[2]}, this run has {now[0]}, "
+                    f"{now[1]}, {now[2]}: the data order would change and the run would not "
+                    "continue; resume with the checkpoint's values, or start a new run "
+                    "(resume=none, another output_dir)")
+            return
         then = (world_size_of(state), t.get("local_batch_size"), t.get("gradient_accumulation"))
         now = (self.size, self.cfg.train.local_batch_size, self.accum)
         if then != now:
@@ -365,8 +489,13 @@ class Trainer:
         meta = None
         if primary:
             self.load_state_dict(state)
+            progress = progress_of(state)
+            # Micro-batches into the epoch, counted with the accumulation of the run that
+            # wrote the checkpoint (elastic runs change it with the rank count).
+            then = state["config"].get("train", {}).get("gradient_accumulation", self.accum)
+            progress.batch_in_epoch = progress.batch_in_epoch // then * self.accum
             meta = {"rng": state["rng"], "scheduler": self.scheduler.state_dict(),
-                    "scaler": state["scaler"], "progress": dataclasses.asdict(progress_of(state))}
+                    "scaler": state["scaler"], "progress": dataclasses.asdict(progress)}
             del state
         meta = dist.broadcast_object(meta, name="resume_meta")
         dist.broadcast_training_state(self.model, self.optimizer)
@@ -565,22 +694,26 @@ class Trainer:
         self.monitor.epoch_start(p.epoch, p.step)
         batches = self.data.train.epoch(p.epoch, start_batch=p.batch_in_epoch)
         stop = None
-        while stop is None and p.batch_in_epoch + self.accum <= batches_per_epoch:
-            with self.data_wait.waiting():
-                micro = [next(batches) for _ in range(self.accum)]
-            self.train_step(micro)
-            if p.step % t.log_frequency == 0 or p.step == self.max_steps:
-                self.log_window()
-            if p.step >= self.max_steps:
-                stop = "max_steps" if t.max_steps else "max_epochs"
-            if t.validation_frequency and p.step % t.validation_frequency == 0:
-                if self.target_reached(self.validate()):
-                    stop = "target_reached"
-            if t.save_frequency and p.step % t.save_frequency == 0 and stop is None:
-                self.save()
-            if stop is None:
-                stop = self.poll_stop()
-        batches.close()  # stops the loader's read-ahead if the epoch ended early
+        try:
+            while stop is None and p.batch_in_epoch + self.accum <= batches_per_epoch:
+                with self.data_wait.waiting():
+                    micro = [next(batches) for _ in range(self.accum)]
+                self.train_step(micro)
+                if p.step % t.log_frequency == 0 or p.step == self.max_steps:
+                    self.log_window()
+                if p.step >= self.max_steps:
+                    stop = "max_steps" if t.max_steps else "max_epochs"
+                if t.validation_frequency and p.step % t.validation_frequency == 0:
+                    if self.target_reached(self.validate()):
+                        stop = "target_reached"
+                if t.save_frequency and p.step % t.save_frequency == 0 and stop is None:
+                    self.save()
+                if stop is None:
+                    stop = self.poll_stop()
+                if stop is None and self.elastic and p.step % t.elastic_commit_frequency == 0:
+                    self.elastic.commit()
+        finally:
+            batches.close()  # stops the loader's read-ahead (the epoch ended early, a reset)
         self.monitor.epoch_stop(p.epoch, p.step)
         return stop
 
@@ -590,9 +723,21 @@ class Trainer:
         Returns the summary (the same on every rank). The output folder's lock is released
         however the run ends."""
         try:
-            return self._fit()
+            if not self.cfg.train.elastic:
+                return self._fit()
+            self.elastic = dist.Elastic(save=self.elastic_save, restore=self.elastic_restore,
+                                        sync=self.elastic_sync)
+            if not self.elastic.active and dist.is_primary():
+                log.warning("train.elastic: not launched by horovodrun in elastic mode "
+                            "(--min-np/--max-np/--host-discovery-script): a lost rank ends "
+                            "the run")
+            return self.elastic.run(self._fit_elastic)
         finally:
             self.close()
+
+    def _fit_elastic(self) -> dict[str, Any]:
+        self.enter_elastic()
+        return self._fit()
 
     def close(self) -> None:
         self.stop_poll.drain()
