@@ -44,5 +44,36 @@ if [[ $STAGE == 1 ]]; then
         --splits train validation
     root=$STAGE_DIR
 fi
-exec "${HOROVODRUN[@]}" python -m climseg.train --config "$CONFIG" \
-    data.root="$root" output_dir="$OUTPUT" "$@"
+
+# horovodrun answers a signal to itself by freezing its ranks and killing them 5 s later, with
+# no checkpoint. So it runs in its own session, out of reach of the terminal's Ctrl-C, and
+# SIGINT/SIGTERM/SIGUSR1 to this script are passed to the ranks as SIGUSR1 instead: they finish
+# their step, rank 0 writes a checkpoint, they exit 3 (resume=auto goes on). A second signal
+# stops horovodrun at once.
+setsid "${HOROVODRUN[@]}" python -m climseg.train --config "$CONFIG" \
+    data.root="$root" output_dir="$OUTPUT" "$@" &
+launcher=$!
+asked=0
+stop_ranks() {
+    if (( asked )); then
+        echo "workstation.sh: stopping horovodrun now (no checkpoint)" >&2
+        kill -TERM "$launcher" 2>/dev/null || true
+        return
+    fi
+    asked=1
+    echo "workstation.sh: asking the ranks to stop after their step, with a checkpoint" >&2
+    # The ranks, not horovodrun: a process whose program is python -m climseg.train.
+    pkill -USR1 -f "^[^ ]*python[^ ]* -m climseg.train .*output_dir=$OUTPUT( |\$)" || true
+}
+trap stop_ranks INT TERM USR1
+status=0
+while :; do
+    wait "$launcher" && status=0 || status=$?
+    kill -0 "$launcher" 2>/dev/null || break  # wait was only interrupted by a signal
+done
+if (( asked && status != 0 )); then
+    echo "workstation.sh: stopped on request (horovodrun status $status; the ranks' lines above" \
+         "name the checkpoint); run again with resume=auto to go on" >&2
+    exit 3
+fi
+exit "$status"

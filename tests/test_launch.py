@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,8 +24,8 @@ REQUIRE_SLURM = os.environ.get("CLIMSEG_REQUIRE_SLURM") == "1"  # .ci/run sets i
 REPO = Path(__file__).resolve().parents[1]
 PYBIN = Path(sys.executable).parent
 HOROVODRUN = PYBIN / "horovodrun"
-SCRIPTS = ["jobs/workstation.sh", "jobs/slurm.sbatch", "tools/install_horovod.sh", ".ci/run",
-           "tests/slurm_local.sh"]
+SCRIPTS = ["jobs/workstation.sh", "jobs/elastic.sh", "jobs/slurm.sbatch", "tools/install_horovod.sh",
+           ".ci/run", "tests/slurm_local.sh"]
 
 # One allreduce and where each rank thinks it is: what the launch paths must get right.
 HVD_PROBE = """
@@ -375,6 +376,39 @@ def test_workstation_stages_and_trains(tiny_root, tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert (staged / "train" / "index.txt").is_file()
     assert (out / "metrics.jsonl").is_file()
+
+
+@needs_horovod
+def test_workstation_passes_a_sigterm_to_the_ranks_who_stop_with_a_checkpoint(tiny_root,
+                                                                               tmp_path):
+    # Signalled itself, horovodrun would freeze and kill its ranks: the script signals them.
+    out = tmp_path / "run"
+    env = _env(DATA=str(tiny_root), NGPUS="2", CONFIG="yaml/ci.yaml", STAGE="0",
+               OUTPUT=str(out))
+    env.pop("HOROVODRUN_ARGS", None)
+    env.pop("HOROVOD_CONTROLLER", None)
+    log = tmp_path / "log"
+    proc = subprocess.Popen(["bash", "jobs/workstation.sh", "train.max_steps=200",
+                             "train.log_frequency=1"], cwd=REPO, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while '"train"' not in ((out / "metrics.jsonl").read_text()
+                                if (out / "metrics.jsonl").exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 3, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    (path,) = out.glob("ckpt-step*.pt")
+    assert "stopped by SIGUSR1 (2 of 2 ranks) at step" in text and str(path) in text, text
+    assert "Process 0 exit with status code 3." in text or "Process 1 exit with status code 3." \
+        in text, text[-3000:]
+    # (horovodrun's own traceback about a non-zero exit is the launcher's, not a rank's)
+    assert not [line for line in text.splitlines() if line.startswith("[") and "Traceback" in line]
 
 
 # --- jobs/slurm.sbatch: what it refuses before any srun ----------------------------------------
