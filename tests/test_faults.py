@@ -211,6 +211,31 @@ def test_bad_file_on_one_rank_ends_every_rank_with_the_same_line(tiny_root, tmp_
     assert not any("Traceback" in line for line in _rank_lines(text)), text[-3000:]
 
 
+def test_a_fault_on_one_rank_mid_training_ends_every_rank_with_one_line(tiny_root, tmp_path):
+    """Rank 1's files go bad after the start-up checks passed: it names the file, rank 0 says
+    it stopped because another rank failed; both exit 2, no traceback."""
+    root = tmp_path / "root"
+    shutil.copytree(tiny_root, root)
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    proc = _hvd_start(root, out, log, "train.max_steps=200", "train.validation_frequency=0")
+    try:
+        _wait_for(lambda: _train_rows(out) >= 1, proc, log)
+        for path in list_files(root / "train")[1::2]:  # every file of rank 1's partition
+            path.write_bytes(path.read_bytes()[:4000])
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    errors = {line[:3]: line.split("error: ", 1)[1] for line in _rank_lines(text)
+              if "error: " in line}
+    assert "truncated" in errors.get("[1]", "") and str(root / "train") in errors["[1]"], text
+    assert errors.get("[0]") == "stopped because another rank failed; its error is above", text
+    assert "Process 1 exit with status code 2." in text
+    assert "Process 0 exit with status code 2." in text or "Process 0 exit" not in text
+    assert not any("Traceback" in line for line in _rank_lines(text)), text[-3000:]
+
+
 def test_second_run_on_the_same_output_dir_stops_at_once_naming_the_holder(tiny_root, tmp_path):
     hold = ("import sys, time; from climseg.runlock import RunLock; "
             "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
