@@ -231,8 +231,9 @@ def test_a_fault_on_one_rank_mid_training_ends_every_rank_with_one_line(tiny_roo
               if "error: " in line}
     assert "truncated" in errors.get("[1]", "") and str(root / "train") in errors["[1]"], text
     assert errors.get("[0]") == "stopped because another rank failed; its error is above", text
+    # Rank 0's own status is a race: horovodrun terminates the ranks still running (143) once
+    # one has exited non-zero, perhaps before rank 0's exit 2; its line came first.
     assert "Process 1 exit with status code 2." in text
-    assert "Process 0 exit with status code 2." in text or "Process 0 exit" not in text
     assert not any("Traceback" in line for line in _rank_lines(text)), text[-3000:]
 
 
