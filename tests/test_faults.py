@@ -213,7 +213,7 @@ def test_bad_file_on_one_rank_ends_every_rank_with_the_same_line(tiny_root, tmp_
 
 def test_a_fault_on_one_rank_mid_training_ends_every_rank_with_one_line(tiny_root, tmp_path):
     """Rank 1's files go bad after the start-up checks passed: it names the file, rank 0 says
-    it stopped because another rank failed; both exit 2, no traceback."""
+    it stopped because another rank failed; exit 2, no traceback."""
     root = tmp_path / "root"
     shutil.copytree(tiny_root, root)
     out, log = tmp_path / "out", tmp_path / "run.log"
