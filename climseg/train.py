@@ -385,6 +385,9 @@ class Trainer:
                     "of %d per step", self.rank, self.size, os.uname().nodename, os.getpid(),
                     self.progress.step, self.accum, self.cfg.train.local_batch_size)
         self.started = True
+        # What a rank lost before the next commit rolls back to: the state every rank now
+        # shares (at the start, the resumed checkpoint rather than the fresh model).
+        self.elastic_save()
 
     def elastic_save(self) -> None:
         """A commit: a copy of the whole training state in memory, to roll back to."""

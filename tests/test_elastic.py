@@ -159,20 +159,27 @@ def _members(text: str) -> list[tuple[int, int, int, int]]:
     return [tuple(int(v) for v in m) for m in found]
 
 
+def _start_elastic(root: Path, out: Path, log: Path, *overrides: str) -> subprocess.Popen:
+    """jobs/elastic.sh with two ranks on two host names of this machine (Horovod blacklists a
+    whole host when one of its ranks fails)."""
+    env = dict(ENV, DATA=str(root), HOSTS="localhost:1 127.0.0.1:1", OUTPUT=str(out),
+               CONFIG=str(CI), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               HOROVODRUN_ARGS="--network-interfaces lo --blacklist-cooldown-range 5 10")
+    cmd = ["bash", str(REPO / "jobs" / "elastic.sh"), *ELASTIC, "train.cpu_threads=1",
+           *overrides]
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO,
+                            env=env)
+
+
 @pytest.fixture(scope="module")
 def survived(tiny_root, tmp_path_factory) -> tuple[Path, str, int]:
-    """jobs/elastic.sh with two ranks on two host names of this machine (Horovod blacklists a
-    whole host), rank 0 killed with SIGKILL once step 5 is logged (the last commit: step 4)."""
+    """A two-rank elastic run whose rank 0 is killed with SIGKILL once step 5 is logged (the
+    last commit: step 4)."""
     require_horovod()
     base = tmp_path_factory.mktemp("elastic")
     out, log = base / "out", base / "run.log"
-    env = dict(ENV, DATA=str(tiny_root), HOSTS="localhost:1 127.0.0.1:1", OUTPUT=str(out),
-               CONFIG=str(CI), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               HOROVODRUN_ARGS="--network-interfaces lo --blacklist-cooldown-range 5 10")
-    cmd = ["bash", str(REPO / "jobs" / "elastic.sh"), *ELASTIC, f"train.max_steps={STEPS}",
-           "train.elastic_commit_frequency=2", "train.cpu_threads=1"]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO,
-                            env=env)
+    proc = _start_elastic(tiny_root, out, log, f"train.max_steps={STEPS}",
+                          "train.elastic_commit_frequency=2")
     try:
         _wait_for(lambda: (out / "metrics.jsonl").exists() and max(_losses(out), default=0) >= 5,
                   proc, log)
@@ -212,6 +219,34 @@ def test_elastic_run_survives_losing_rank_0_and_takes_a_rank_back(survived, unin
     assert step == STEPS and load_checkpoint(path)["step"] == STEPS
     ranks_lines = [line for line in text.splitlines() if line.startswith("[")]
     assert not any("Traceback" in line for line in ranks_lines), text[-4000:]
+
+
+def test_a_rank_lost_before_the_first_commit_rolls_back_to_the_resumed_step(
+        tiny_root, survived, tmp_path):
+    """A resumed elastic run whose rank is lost before it commits goes back to the checkpoint
+    it resumed from, not to the fresh model it was built with."""
+    out, _, returncode = survived
+    assert returncode == 0
+    ((step, path),) = step_checkpoints(out)
+    resumed = tmp_path / "out"
+    resumed.mkdir()
+    os.link(path, resumed / path.name)  # the checkpoint only, not the run's lock or logs
+    log = tmp_path / "run.log"
+    proc = _start_elastic(tiny_root, resumed, log, f"train.max_steps={step + 3}",
+                          "train.elastic_commit_frequency=100")
+    try:
+        _wait_for(lambda: (resumed / "metrics.jsonl").exists()
+                  and max(_losses(resumed), default=0) >= step + 1, proc, log)
+        (rank1,) = [pid for rank, _, pid, _ in _members(log.read_text()) if rank == 1]
+        os.kill(rank1, signal.SIGKILL)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    assert f"elastic: a rank was lost; back to the commit at step {step}" in text, text[-4000:]
+    assert sorted(_losses(resumed)) == [step + 1, step + 2, step + 3]
 
 
 def test_elastic_checkpoint_resumes_on_another_rank_count(tiny_root, survived, uninterrupted):
