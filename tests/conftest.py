@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,13 @@ def pytest_make_collect_report(collector):
     # a module-level pytest.importorskip("horovod.torch") skips at collection
     outcome = yield
     _fail_horovod_skip(outcome.get_result())
+
+
+def wait_for(condition, proc, log: Path, timeout: float = 400) -> None:
+    """Poll ``condition`` while the background run ``proc`` (output in ``log``) is alive; fail
+    with the log's tail if the run ends first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended early:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)

@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from climseg.checkpoint import load_checkpoint, step_checkpoints
 from climseg.config import ConfigError, load_config
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files
-from conftest import require_horovod
+from conftest import require_horovod, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 CI = REPO / "yaml" / "ci.yaml"
@@ -144,14 +143,6 @@ def test_elastic_script_refuses_bad_settings_in_one_line(tiny_root, tmp_path, se
     assert proc.returncode == 2 and proc.stderr.strip() == f"elastic.sh: {message}"
 
 
-def _wait_for(condition, proc, log: Path, timeout: float = 400) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"the run ended early:\n{log.read_text()[-4000:]}"
-        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-4000:]}"
-        time.sleep(0.5)
-
-
 def _members(text: str) -> list[tuple[int, int, int, int]]:
     """(rank, ranks, pid, step) of every 'elastic: rank r of n' line, in order."""
     found = re.findall(r"elastic: rank (\d+) of (\d+) \(host \S+, pid (\d+)\) at step (\d+)",
@@ -171,25 +162,33 @@ def _start_elastic(root: Path, out: Path, log: Path, *overrides: str) -> subproc
                             env=env)
 
 
+def _kill_a_rank(root: Path, out: Path, log: Path, rank: int, after_step: int,
+                 *overrides: str) -> tuple[str, int]:
+    """Start a two-rank elastic run, SIGKILL its rank ``rank`` once step ``after_step`` is
+    logged, and wait for the job's end: (its output, horovodrun's status)."""
+    proc = _start_elastic(root, out, log, *overrides)
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists()
+                  and max(_losses(out), default=0) >= after_step, proc, log)
+        (pid,) = [pid for r, _, pid, _ in _members(log.read_text()) if r == rank]
+        os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return log.read_text(), proc.returncode
+
+
 @pytest.fixture(scope="module")
 def survived(tiny_root, tmp_path_factory) -> tuple[Path, str, int]:
     """A two-rank elastic run whose rank 0 is killed with SIGKILL once step 5 is logged (the
     last commit: step 4)."""
     require_horovod()
     base = tmp_path_factory.mktemp("elastic")
-    out, log = base / "out", base / "run.log"
-    proc = _start_elastic(tiny_root, out, log, f"train.max_steps={STEPS}",
-                          "train.elastic_commit_frequency=2")
-    try:
-        _wait_for(lambda: (out / "metrics.jsonl").exists() and max(_losses(out), default=0) >= 5,
-                  proc, log)
-        (rank0,) = [pid for rank, ranks, pid, _ in _members(log.read_text()) if rank == 0]
-        os.kill(rank0, signal.SIGKILL)
-        proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return out, log.read_text(), proc.returncode
+    out = base / "out"
+    text, returncode = _kill_a_rank(tiny_root, out, base / "run.log", 0, 5,
+                                    f"train.max_steps={STEPS}", "train.elastic_commit_frequency=2")
+    return out, text, returncode
 
 
 def test_elastic_run_survives_losing_rank_0_and_takes_a_rank_back(survived, uninterrupted):
@@ -231,20 +230,10 @@ def test_a_rank_lost_before_the_first_commit_rolls_back_to_the_resumed_step(
     resumed = tmp_path / "out"
     resumed.mkdir()
     os.link(path, resumed / path.name)  # the checkpoint only, not the run's lock or logs
-    log = tmp_path / "run.log"
-    proc = _start_elastic(tiny_root, resumed, log, f"train.max_steps={step + 3}",
-                          "train.elastic_commit_frequency=100")
-    try:
-        _wait_for(lambda: (resumed / "metrics.jsonl").exists()
-                  and max(_losses(resumed), default=0) >= step + 1, proc, log)
-        (rank1,) = [pid for rank, _, pid, _ in _members(log.read_text()) if rank == 1]
-        os.kill(rank1, signal.SIGKILL)
-        proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
-    assert proc.returncode == 0, text[-4000:]
+    text, returncode = _kill_a_rank(tiny_root, resumed, tmp_path / "run.log", 1, step + 1,
+                                    f"train.max_steps={step + 3}",
+                                    "train.elastic_commit_frequency=100")
+    assert returncode == 0, text[-4000:]
     assert f"elastic: a rank was lost; back to the commit at step {step}" in text, text[-4000:]
     assert sorted(_losses(resumed)) == [step + 1, step + 2, step + 3]
 

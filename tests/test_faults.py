@@ -22,7 +22,7 @@ import pytest
 from climseg.checkpoint import load_checkpoint, step_checkpoints
 from climseg.data.format import read_sample, write_sample
 from climseg.data.partition import list_files
-from conftest import require_horovod
+from conftest import require_horovod, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 CI = REPO / "yaml" / "ci.yaml"
@@ -85,14 +85,6 @@ def _rank_pid(out: Path, rank: int) -> int:
     raise AssertionError(f"no rank {rank} process for {out}")
 
 
-def _wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"the run ended early:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
-
-
 def _train_rows(out: Path) -> int:
     path = out / "metrics.jsonl"
     return sum('"train"' in line for line in path.read_text().splitlines()) if path.exists() else 0
@@ -126,7 +118,7 @@ def stopped(tiny_root, tmp_path_factory) -> tuple[Path, str]:
     log = out.parent / f"{out.name}.log"
     proc = _hvd_start(tiny_root, out, log, "train.max_steps=200")
     try:
-        _wait_for(lambda: _train_rows(out) >= 1, proc, log)
+        wait_for(lambda: _train_rows(out) >= 1, proc, log)
         os.kill(_rank_pid(out, 1), signal.SIGTERM)
         proc.wait(timeout=300)
     finally:
@@ -168,7 +160,7 @@ def test_kill_9_of_one_rank_then_resume_auto_continues_identically(tiny_root, tm
     out, log = tmp_path / "killed", tmp_path / "killed.log"
     proc = _hvd_start(tiny_root, out, log, "train.max_steps=200", "train.save_frequency=2")
     try:
-        _wait_for(lambda: bool(step_checkpoints(out)) and _train_rows(out) >= 3, proc, log)
+        wait_for(lambda: bool(step_checkpoints(out)) and _train_rows(out) >= 3, proc, log)
         os.kill(_rank_pid(out, 1), signal.SIGKILL)
         start = time.monotonic()
         proc.wait(timeout=120)
@@ -219,7 +211,7 @@ def test_a_fault_on_one_rank_mid_training_ends_every_rank_with_one_line(tiny_roo
     out, log = tmp_path / "out", tmp_path / "run.log"
     proc = _hvd_start(root, out, log, "train.max_steps=200", "train.validation_frequency=0")
     try:
-        _wait_for(lambda: _train_rows(out) >= 1, proc, log)
+        wait_for(lambda: _train_rows(out) >= 1, proc, log)
         for path in list_files(root / "train")[1::2]:  # every file of rank 1's partition
             path.write_bytes(path.read_bytes()[:4000])
         proc.wait(timeout=300)
