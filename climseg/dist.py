@@ -300,7 +300,7 @@ class Elastic:
     rank failed, ``sync`` sends rank 0's state to every rank (after each reset, and at the start
     so that a rank that joins later receives the live state). :meth:`run` calls ``body`` and,
     when a rank is lost or one joins, restores/re-initialises Horovod/syncs and calls it again.
-    Without Horovod (one process) it simply calls ``body``, and a commit is only a save."""
+    Not launched elastic (or without Horovod) it simply calls ``body``, and commits do nothing."""
 
     def __init__(self, save: Callable[[], None], restore: Callable[[], None],
                  sync: Callable[[], None]):
@@ -328,19 +328,23 @@ class Elastic:
         """Whether a lost rank is survived: Horovod runs and horovodrun launched elastic."""
         return self._state is not None and elastic_launch()
 
-    def commit(self) -> None:
-        """Save the state; raises Horovod's HostsUpdatedInterrupt (all ranks at once) when
-        hosts were added or removed, which :meth:`run` answers with a reset. A collective."""
+    def save(self) -> None:
+        """Keep a copy of the state to roll back to; nothing where no roll-back can happen."""
         if self.active:
-            self._state.commit()
-        else:
             self._save()
 
+    def commit(self) -> None:
+        """Save the state; raises Horovod's HostsUpdatedInterrupt (all ranks at once) when
+        hosts were added or removed, which :meth:`run` answers with a reset. A collective;
+        nothing where no roll-back can happen."""
+        if self.active:
+            self._state.commit()
+
     def run(self, body: Callable[[], Any]) -> Any:
-        self._save()  # something to roll back to before the first commit
         if not self.active:
             self._sync()
             return body()
+        self._save()  # something to roll back to before the first commit
         import horovod.torch.elastic as hvd_elastic
 
         return hvd_elastic.run(lambda state: body())(self._state)

@@ -387,7 +387,8 @@ class Trainer:
         self.started = True
         # What a rank lost before the next commit rolls back to: the state every rank now
         # shares (at the start, the resumed checkpoint rather than the fresh model).
-        self.elastic_save()
+        if self.elastic is not None:
+            self.elastic.save()
 
     def elastic_save(self) -> None:
         """A commit: a copy of the whole training state in memory, to roll back to."""
