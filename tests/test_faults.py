@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -198,8 +199,11 @@ def test_bad_file_on_one_rank_ends_every_rank_with_the_same_line(tiny_root, tmp_
     text = proc.stdout + proc.stderr
     errors = [line.split("error: ", 1)[1] for line in _rank_lines(text) if "error: " in line]
     assert len(errors) == 2 and errors[0] == errors[1] and str(bad) in errors[0], text[-3000:]
-    assert "Process 0 exit with status code 2." in text
-    assert "Process 1 exit with status code 2." in text
+    # The first rank to exit does so with 2; horovodrun may then terminate the other (143)
+    # before its own exit 2 (both lines above were printed): a race, not a traceback's 1.
+    statuses = re.findall(r"Process (\d) exit with status code (\d+)\.", text)
+    assert len(statuses) == 2 and statuses[0][1] == "2", text[-3000:]
+    assert all(code in ("2", "143") for _, code in statuses), text[-3000:]
     assert not any("Traceback" in line for line in _rank_lines(text)), text[-3000:]
 
 
