@@ -12,6 +12,7 @@ their older spellings, and report a bad argument as one line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 from typing import NoReturn
@@ -80,7 +81,22 @@ class ArgumentParser(argparse.ArgumentParser):
         return ns
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)} "
+                     f"(see {self.prog} --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        """``; did you mean --output?`` for an unrecognized flag close to a known one."""
+        prefix = "unrecognized arguments: "
+        if not message.startswith(prefix):
+            return ""
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        for word in message[len(prefix):].split():
+            flag = word.split("=", 1)[0]
+            if flag.startswith("-"):
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+                if close:
+                    return f"; did you mean {close[0]}?"
+        return ""
 
 
 def fail(command: str, message: str) -> int:
@@ -114,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"climseg: error: unknown command {name!r}; one of: {', '.join(COMMANDS)}",
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        print(f"climseg: error: unknown command {name!r}; {hint}one of: {', '.join(COMMANDS)}",
               file=sys.stderr)
         return 2
     module_name, function, _ = COMMANDS[name]

@@ -9,6 +9,7 @@ and ``null`` work), checks every key and type, and validates each section in its
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -314,7 +315,9 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for name in values:
         if name not in known:
-            raise ConfigError(f"{prefix}{name}: unknown key (known: {', '.join(sorted(known))})")
+            hint = _did_you_mean(name, known, prefix)
+            raise ConfigError(f"{prefix}{name}: unknown key ({hint + ' ' if hint else ''}known: "
+                              f"{', '.join(sorted(known))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
@@ -348,23 +351,88 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+# Shipped configs (yaml/*.yaml beside the package) can be named without a path: `--config demo`.
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "yaml"
+
+
+def builtin_configs() -> list[str]:
+    """Names of the shipped configs, for ``--config NAME``."""
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself when it exists, else a shipped config's file when ``path`` is a bare name
+    (``demo``, ``ci``), so that a config is addressable from any folder."""
+    path = Path(path)
+    if path.exists():
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory, not a config file (give a .yaml file, "
+                              f"or one of the built-in configs: {', '.join(builtin_configs())})")
+        return path
+    if path.name == str(path) and not path.suffix:
+        shipped = BUILTIN_DIR / f"{path.name}.yaml"
+        if shipped.is_file():
+            return shipped
+    names = builtin_configs()
+    hint = _did_you_mean(path.stem, names) or f"built-in configs: {', '.join(names)}"
+    raise ConfigError(f"{path}: config file not found ({hint})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error: PyYAML keeps the
+    last one silently, so a second ``train:`` section would drop the whole first one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{key_node.start_mark.name}: key {key!r} appears twice, on "
+                                  f"lines {seen[key]} and {line}; keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _did_you_mean(word: str, choices, prefix: str = "") -> str:
+    """``"did you mean PREFIXX?"`` for the closest of ``choices`` to a mistyped ``word``, or
+    ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {prefix}{close[0]}?" if close else ""
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``overrides``; validated."""
+    """Defaults, then the YAML file at ``path`` (a file, or a built-in config's name), then
+    ``overrides``; validated."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+        path = resolve_config_path(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read the config file ({err})") from None
+        try:
+            loaded = yaml.load(text, Loader=_loader_for(path))
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-        if loaded is not None and not isinstance(loaded, dict):
+        if loaded is None:
+            raise ConfigError(f"{path}: the config file is empty; give at least data.root "
+                              "(or leave out --config to run on the defaults)")
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
-        tree = loaded or {}
+        tree = loaded
     for override in overrides:
         _apply_override(tree, override)
     return _build(Config, tree, "")
+
+
+def _loader_for(path: Path) -> type:
+    """The duplicate-refusing loader, naming ``path`` in its messages."""
+    class Loader(_UniqueKeyLoader):
+        def __init__(self, stream):
+            super().__init__(stream)
+            self.name = str(path)
+    return Loader
 
 
 def save_config(cfg: Config, path: Path) -> None:
