@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -41,7 +43,28 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
             _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        # On a read-only or vanished folder the unlink fails too; its error must not replace
+        # the one that says what went wrong.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     if fsync:
         _fsync(path.parent)
+
+
+def write_failure(path: str | os.PathLike, err: OSError) -> str:
+    """One line for a failed write of ``path``: its folder and the reason, with the folder's
+    free space where the disk may be full (HDF5 reports a full disk as a failed write of a
+    hidden temporary, in a message several lines long and sometimes without an errno)."""
+    path = Path(path)
+    folder = path.parent
+    reason = os.strerror(err.errno) if err.errno else (str(err).splitlines() or [""])[0]
+    line = f"{folder}: cannot write {path.name} ({reason or type(err).__name__})"
+    if err.errno not in (None, 0, errno.ENOSPC, errno.EDQUOT):
+        return line
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return line
+    size = f"{free / 2**20:.1f} MiB" if free >= 2**20 else f"{free // 1024} KiB"
+    return f"{line}; {size} free there"

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from climseg import dist
-from climseg.atomic import atomic_path
+from climseg.atomic import write_failure
 from climseg.checkpoint import CheckpointError
 from climseg.cli import ArgumentParser, fail
 from climseg.config import ConfigError
 from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, NUM_CHANNELS,
-                                 DataError, read_sample)
+                                 DataError, hdf5_writer, read_sample)
 from climseg.engine import Precision
 from climseg.inference import (InputSpec, add_model_arguments, class_names, input_spec,
                                load_model, predict_probabilities, prepare, run_field,
@@ -75,7 +75,7 @@ def write_mask(path: Path, prediction: np.ndarray, probabilities: np.ndarray | N
                attrs: dict[str, str], names: tuple[str, ...] = CLASS_NAMES) -> None:
     """Write the predicted mask file atomically (temp file, fsync, rename); ``names``: the
     class names, recorded in the file."""
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with hdf5_writer(path) as f:
         f.create_dataset(PREDICTION_KEY, data=prediction.astype(np.uint8))
         if probabilities is not None:
             f.create_dataset(PROBABILITIES_KEY, data=probabilities.astype(np.float16),
@@ -98,11 +98,21 @@ def predict_file(model, spec: InputSpec, path: Path, out_dir: Path, prec: Precis
     probs = predict_probabilities(model, prepare(data, spec), prec, tile=tile)[0]  # (K, H, W)
     prediction = probs.argmax(0).to(torch.uint8).numpy()
     name = path.stem
-    write_mask(out_dir / f"{name}-mask.h5", prediction,
-               probs.permute(1, 2, 0).numpy() if probabilities else None,
-               {"source": str(path), "checkpoint": checkpoint}, names)
+    png, mask = out_dir / f"{name}.png", out_dir / f"{name}-mask.h5"
     fig = plot_sample(data[..., TMQ], prediction, labels, title=name)
-    save_map(fig, out_dir / f"{name}.png")
+    # The map first, then the mask, and the map goes again when the mask cannot be written:
+    # a mask is never there without its map, and a failure leaves neither.
+    target = png
+    try:
+        save_map(fig, png)
+        target = mask
+        write_mask(mask, prediction, probs.permute(1, 2, 0).numpy() if probabilities else None,
+                   {"source": str(path), "checkpoint": checkpoint}, names)
+    except OSError as err:
+        raise DataError(write_failure(target, err)) from None
+    except DataError:  # the mask (hdf5_writer says why)
+        png.unlink(missing_ok=True)
+        raise
     return {names[c]: int((prediction == c).sum()) for c in range(len(names))}
 
 

@@ -11,16 +11,19 @@ Every problem with an input raises :class:`DataError` with one line naming the f
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
 
-from climseg.atomic import atomic_path
+from climseg.atomic import atomic_path, write_failure
 
 # Channel order of `climate/data` in the DeepCAM data set (MLPerf HPC DeepCAM README).
 CHANNELS = ("TMQ", "U850", "V850", "UBOT", "VBOT", "QREFHT", "PS", "PSL",
@@ -206,9 +209,27 @@ def write_sample(path: str | os.PathLike, data: np.ndarray, labels: np.ndarray) 
     if labels.shape != data.shape[:2]:
         raise DataError(f"{path}: labels have shape {labels.shape}, expected {data.shape[:2]}")
     labels = labels_to_uint8(np.asarray(labels), path)
-    with atomic_path(path, fsync=False) as tmp, h5py.File(tmp, "w") as f:
+    with hdf5_writer(path, fsync=False) as f:
         f.create_dataset(DATA_KEY, data=data)
         f.create_dataset(LABEL_KEY, data=labels)
+
+
+@contextlib.contextmanager
+def hdf5_writer(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[h5py.File]:
+    """An HDF5 file built in memory, then written to ``path`` atomically (``atomic_path``).
+
+    Not written by HDF5 itself: on a full disk HDF5 reports only a failed write of the hidden
+    temporary, and closing such a file can crash the process (seen with h5py 3 on a full
+    tmpfs). Plain writes fail cleanly; the failure is a DataError naming the folder, the
+    reason and the free space."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        yield f
+    try:
+        with atomic_path(path, fsync=fsync) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+    except OSError as err:
+        raise DataError(write_failure(path, err)) from None
 
 
 class Progress:

@@ -14,8 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from climseg.atomic import atomic_path
-from climseg.data.format import CHANNELS, NUM_CHANNELS, DataError
+from climseg.data.format import CHANNELS, NUM_CHANNELS, DataError, hdf5_writer
 
 STATS_NAME = "stats.h5"
 _KEYS = ("mean", "sqmean", "minval", "maxval")
@@ -93,12 +92,10 @@ class StatsAccumulator:
 def write_stats(path: str | os.PathLike, stats: Stats) -> None:
     """Write ``stats.h5`` atomically (temp file + rename)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("climate/count", data=np.int64(stats.count))
-            for key in _KEYS:
-                f.create_dataset(f"climate/{key}", data=np.asarray(getattr(stats, key),
-                                                                   np.float64))
+    with hdf5_writer(path) as f:
+        f.create_dataset("climate/count", data=np.int64(stats.count))
+        for key in _KEYS:
+            f.create_dataset(f"climate/{key}", data=np.asarray(getattr(stats, key), np.float64))
 
 
 def read_stats(path: str | os.PathLike) -> Stats:
