@@ -83,6 +83,13 @@ test: install
 test-gpu:
 	tools/gpu_check.sh
 
+# --- docs -------------------------------------------------------------------------------------
+# docs/config.md from climseg/config.py and the descriptions in climseg/config_doc.py
+# (tests/test_docs.py fails when they drift). Needs the installed venv (`make install`).
+.PHONY: docs
+docs:
+	$(PY) -m climseg.config_doc --output docs/config.md
+
 # --- demo -------------------------------------------------------------------------------------
 # Each data step leaves a stamp under $(DEMO_DIR)/.stamps (outside the data folders, which the
 # tools read). The synthetic-data settings are recorded so that changing them redoes the chain.
