@@ -16,6 +16,9 @@ import numpy as np
 from climseg.data.format import FILE_GLOB, DataError
 
 INDEX_NAME = "index.txt"
+# A staged data-set root's record of its source (climseg.data.stage): its presence marks every
+# split folder under it as staged, complete only once its index.txt is written.
+RECORD_NAME = "staged.json"
 
 
 def read_index(split_dir: str | os.PathLike) -> list[str] | None:
@@ -43,6 +46,9 @@ def list_files(split_dir: str | os.PathLike) -> list[Path]:
     names = read_index(split_dir)
     if names is not None:
         return [split_dir / name for name in names]
+    if (split_dir.parent / RECORD_NAME).exists():
+        raise DataError(f"{split_dir}: its staging did not finish (no {INDEX_NAME}); run "
+                        "climseg stage again (it skips the files already copied)")
     files = sorted(split_dir.glob(FILE_GLOB), key=lambda p: p.name)
     if not files:
         raise DataError(f"{split_dir}: no {FILE_GLOB} files in folder")
@@ -62,7 +68,10 @@ def rank_partition(files: list, rank: int, size: int) -> list:
         for path in mine:
             if not Path(path).exists():
                 raise DataError(f"{path}: not staged here (needed by rank {rank} of {size}); "
-                                "was this folder staged with a different number of ranks?")
+                                "this node was staged for another rank layout: a different "
+                                "number of ranks, or ranks placed on the nodes differently "
+                                "(e.g. srun --distribution=block to stage, cyclic to train); "
+                                "stage with the training launch's layout")
     return mine
 
 

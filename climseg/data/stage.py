@@ -7,11 +7,22 @@ global list and the trainer's partition picks exactly the staged files.
 
 Copies go to a temporary name and are renamed after their size is verified; a file already
 staged with the same size and modification time is skipped.
+
+A destination belongs to one source: ``DEST/staged.json`` records the source's path and a
+fingerprint (the hash of stats.h5 and of each split's file names and sizes). Staging another
+source into it is refused (``force=True`` empties it first); the check runs under a lock on
+the destination, so two stages started at once cannot mix either. Temporaries left by a copy
+that was killed are removed by the next stage.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +31,13 @@ from pathlib import Path
 
 from climseg.atomic import atomic_path
 from climseg.data.format import DataError, Progress
-from climseg.data.partition import INDEX_NAME, list_files, rank_partition
+from climseg.data.partition import INDEX_NAME, RECORD_NAME, list_files, rank_partition
 from climseg.data.stats import STATS_NAME
+
+
+LOCK_NAME = "stage.lock"
+# atomic_path's temporaries: .NAME.tmpPID-THREAD
+_TEMP_FILE = re.compile(r"^\..+\.tmp(\d+)-\d+$")
 
 
 @dataclass
@@ -85,16 +101,116 @@ def plan(source: str | os.PathLike, splits, rank: int, size: int) -> list[tuple[
     return pairs
 
 
+def fingerprint(source: Path, splits) -> dict[str, str]:
+    """What identifies a source's data wherever it lies: sha256 of stats.h5's bytes and of
+    each split's sorted (file name, size) list."""
+    found = {STATS_NAME: hashlib.sha256((source / STATS_NAME).read_bytes()).hexdigest()}
+    for split in splits:
+        listing = "".join(f"{p.name} {p.stat().st_size}\n" for p in list_files(source / split))
+        found[split] = hashlib.sha256(listing.encode()).hexdigest()
+    return found
+
+
+def read_record(dest: Path) -> dict | None:
+    """``DEST/staged.json`` (source path and fingerprint), or None where there is none."""
+    path = dest / RECORD_NAME
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable staging record ({err}); stage again with "
+                        "--force to replace the folder") from None
+    if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), dict):
+        raise DataError(f"{path}: not a staging record; stage again with --force")
+    return record
+
+
+@contextlib.contextmanager
+def _locked(dest: Path):
+    """An exclusive lock on ``dest`` while the block runs (every rank of a node takes it in
+    turn; a second stage into the same folder waits for it)."""
+    with open(dest / LOCK_NAME, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _claim(source: Path, dest: Path, splits, force: bool) -> None:
+    """Make ``dest`` this source's (under the lock): refuse another source's folder, or with
+    ``force`` empty it first; record the source; remove dead copies' temporaries."""
+    mine = fingerprint(source, splits)
+    record = read_record(dest)
+    if record is not None:
+        theirs = record["fingerprint"]
+        differs = [k for k in mine if k in theirs and theirs[k] != mine[k]]
+        if differs and not force:
+            raise DataError(f"{dest}: staged from {record.get('source')}, whose "
+                            f"{' and '.join(differs)} differ from {source}'s; stage into "
+                            "another folder, or pass --force to empty this one first")
+        if differs:
+            _empty(dest)
+            record = None
+        else:
+            mine = {**theirs, **mine}  # splits staged earlier from the same source stay
+    elif any(p.name not in (LOCK_NAME,) for p in dest.iterdir()) and not force:
+        raise DataError(f"{dest}: holds files that no stage recorded; stage into an empty "
+                        "folder, or pass --force to empty this one first")
+    elif force:
+        _empty(dest)
+    _remove_dead_temporaries(dest)
+    with atomic_path(dest / RECORD_NAME) as tmp:
+        tmp.write_text(json.dumps({"source": str(source.resolve()), "fingerprint": mine},
+                                  indent=1) + "\n")
+
+
+def _empty(dest: Path) -> None:
+    for p in dest.iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_temporaries(dest: Path) -> None:
+    """A copy killed with kill -9 leaves its full-size temporary: remove those whose writer
+    is no longer alive (node-local storage: the PID is this node's)."""
+    for folder in [dest, *[p for p in dest.iterdir() if p.is_dir()]]:
+        for p in folder.iterdir():
+            match = _TEMP_FILE.match(p.name)
+            if match and not _pid_alive(int(match.group(1))):
+                p.unlink(missing_ok=True)
+
+
 def stage_dataset(source: str | os.PathLike, dest: str | os.PathLike, splits=("train",
                   "validation"), rank: int = 0, size: int = 1, workers: int = 4,
-                  progress: bool = True) -> StageResult:
-    """Copy this rank's files of ``splits`` (and stats.h5) from ``source`` into ``dest``."""
+                  progress: bool = True, force: bool = False) -> StageResult:
+    """Copy this rank's files of ``splits`` (and stats.h5) from ``source`` into ``dest``.
+
+    ``force``: a ``dest`` staged from another source (or holding unrecorded files) is emptied
+    first instead of refused."""
     if workers < 1:
         raise DataError(f"--workers must be at least 1, got {workers}")
     source, dest = Path(source), Path(dest)
     pairs = plan(source, splits, rank, size)
     sizes = [src.stat().st_size for src, _ in pairs]
     dest.mkdir(parents=True, exist_ok=True)
+    with _locked(dest):
+        _claim(source, dest, splits, force)
     needed = sum(s for (src, rel), s in zip(pairs, sizes) if not _same_file(src.stat(), dest / rel))
     free = shutil.disk_usage(dest).free
     if needed > free:

@@ -182,6 +182,9 @@ def stage_main(argv: list[str] | None = None) -> int:
     p.add_argument("--splits", nargs="+", default=["train", "validation"],
                    help="splits to stage (default: train validation)")
     p.add_argument("--workers", type=int, default=4, help="copy threads (default 4)")
+    p.add_argument("--force", action="store_true",
+                   help="empty --output first when it was staged from another source (or "
+                        "holds files no stage recorded); without it such a folder is refused")
     p.add_quiet()
     args = p.parse_args(argv)
     try:
@@ -198,7 +201,7 @@ def stage_main(argv: list[str] | None = None) -> int:
     error = None
     try:
         result = stage_dataset(args.data, args.output, args.splits, rank, size, args.workers,
-                               progress=not args.quiet and rank == 0)
+                               progress=not args.quiet and rank == 0, force=args.force)
     except DataError as err:
         error, result = err, StageResult()
         fail("stage", f"rank {rank}: {err}")
