@@ -1,13 +1,24 @@
 """Exact oracles for tests that run one training two ways (resumed or not, elastic or not, N
 ranks or one process) and must get the same training.
 
-The runs use :data:`EXACT`: SGD with momentum in fp32 on one thread per process. SGD's update
-is linear in the gradient, so where the two ways differ only in the order of float additions
-(an allreduce instead of an accumulation, a batch-norm group's sums) the difference stays at
-float32 rounding level through training. LAMB and Adam divide by the gradient's own running
-scale: rounding noise in a near-zero gradient element becomes a full-size update of either
-sign, and the runs drift apart by ~1 % within a few steps (docs/reliability.md); their tests
-keep a separate, measured tolerance (:data:`LAMB_NOISE`).
+The runs use :data:`EXACT`: SGD with momentum in fp32 on one thread per process. Where the
+two ways run the same float operations in the same order (a resume on the same ranks, one
+elastic rank against the plain run) they agree to the last bit, and :data:`REL` (1e-5) is
+asserted on every step's loss and every final tensor. SGD matters here: LAMB's first update
+turns rounding noise in near-zero gradient elements into full-size updates of either sign.
+
+Where the order of float additions differs (an allreduce of two ranks' sums instead of one
+process's accumulation, a batch-norm group's sums), the model itself amplifies rounding after
+the second step, even with SGD. Measured (tiny data of conftest, yaml/ci.yaml, elastic order,
+global batch 4 of single samples, SGD lr 0.01 momentum 0.9, 8 steps; one process accumulating
+4 micro-batches vs two ranks accumulating 2 each under ``horovodrun -np 2 --gloo``, 1 thread
+each): loss relative difference per step 0, 6.6e-7, 2.7e-3, 3.0e-3, 1.8e-3, 2.2e-3, 5.1e-3,
+1.1e-2 (max 1.1e-2, mean 3.2e-3); one process with 1 vs 2 threads (batch 2): 5e-7, 9.7e-4,
+then up to 1.1e-2 (mean 4.1e-3). LAMB (same comparisons, earlier measurement): up to 3.8 %,
+mean 1.1 %. So across rank counts the first two steps are exact (:data:`EXACT_STEPS`: the
+data of both global batches, the gradient average and the whole first update), and the later
+steps are held to :data:`RANK_NOISE_MAX` and :data:`RANK_NOISE_MEAN`, 4 times the measured
+SGD floor (max over the steps, and mean).
 """
 
 from __future__ import annotations
@@ -20,16 +31,18 @@ import torch
 
 from climseg.checkpoint import load_checkpoint, step_checkpoints
 
-# lr 0.01: large enough that every step moves the weights far beyond rounding (a skipped or
-# repeated step changes the loss by ~1e-3 relative), small enough that 30 steps stay stable.
+# lr 0.01: every step moves the loss by ~1e-2 relative, far beyond rounding.
 EXACT = ["optimizer.name=sgd", "optimizer.lr=0.01", "optimizer.momentum=0.9",
          "train.precision=fp32", "train.cpu_threads=1"]
 # Relative tolerance of the exact oracles, on each step's loss and on each final tensor.
-# float32 rounding is 6e-8 relative; a few hundred kernels of differently ordered sums per
-# step and 30 steps of accumulation leave the two runs within ~1e-6 (the figures measured are
-# in each test); a real fault (a sample or step skipped or repeated, an update not applied,
-# state not restored) moves the loss and the weights by 1e-4 or more. 1e-5 sits between.
+# float32 rounding is 6e-8 relative; runs with the same float order agree to the bit, and
+# across rank counts the first two steps differ by <= 6.6e-7 (measured, above). A real fault
+# (a sample or step skipped or repeated, an update not applied, state not restored) moves a
+# step's loss by 1e-3 or more.
 REL = 1e-5
+EXACT_STEPS = 2
+RANK_NOISE_MAX = 4 * 1.1e-2
+RANK_NOISE_MEAN = 4 * 3.2e-3
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -94,3 +107,15 @@ def assert_same_weights(got: Path, expected: Path, rel: float = REL, buffers: bo
             names.append(f"{name}: {r:.2g}")
     assert not names, f"{len(names)} tensors differ by more than {rel}: {names[:10]}"
     return worst
+
+
+def assert_same_training_across_ranks(got: dict[int, float], expected: dict[int, float],
+                                      steps) -> None:
+    """Runs on different rank counts (see the module docstring): steps 1 and 2 to REL, every
+    step within RANK_NOISE_MAX and all of them within RANK_NOISE_MEAN on average."""
+    steps = list(steps)
+    assert steps and all(s in got for s in steps), (steps, sorted(got))
+    if any(s <= EXACT_STEPS for s in steps):
+        assert_same_losses(got, expected, [s for s in steps if s <= EXACT_STEPS])
+    diffs = [abs(got[s] - expected[s]) / abs(expected[s]) for s in steps]
+    assert max(diffs) <= RANK_NOISE_MAX and sum(diffs) / len(diffs) <= RANK_NOISE_MEAN, diffs
