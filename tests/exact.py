@@ -15,7 +15,8 @@ global batch 4 of single samples, SGD lr 0.01 momentum 0.9, 8 steps; one process
 each): loss relative difference per step 0, 6.6e-7, 2.7e-3, 3.0e-3, 1.8e-3, 2.2e-3, 5.1e-3,
 1.1e-2 (max 1.1e-2, mean 3.2e-3); one process with 1 vs 2 threads (batch 2): 5e-7, 9.7e-4,
 then up to 1.1e-2 (mean 4.1e-3). LAMB (same comparisons, earlier measurement): up to 3.8 %,
-mean 1.1 %. So across rank counts the first two steps are exact (:data:`EXACT_STEPS`: the
+mean 1.1 %. The data are not the cause: the same two runs with lr 1e-9 (weights frozen)
+agree to 3.7e-8 on all 4 steps measured. So across rank counts the first two steps are exact (:data:`EXACT_STEPS`: the
 data of both global batches, the gradient average and the whole first update), and the later
 steps are held to :data:`RANK_NOISE_MAX` and :data:`RANK_NOISE_MEAN`, 4 times the measured
 SGD floor (max over the steps, and mean).
