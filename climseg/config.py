@@ -130,21 +130,24 @@ class LossConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "lamb"                   # lamb | adam | adamw
+    name: str = "lamb"                   # lamb | adam | adamw | sgd
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-6
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0           # global gradient-norm clip; 0 disables
+    momentum: float = 0.9                # sgd only (the others use betas)
 
     def __post_init__(self):
-        _choice(self.name, "optimizer.name", ("lamb", "adam", "adamw"))
+        _choice(self.name, "optimizer.name", ("lamb", "adam", "adamw", "sgd"))
         _require(self.lr > 0, "optimizer.lr", f"must be positive, got {self.lr}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas",
                  f"must be two numbers in [0, 1), got {self.betas}")
         _require(self.eps > 0, "optimizer.eps", "must be positive")
         _require(self.weight_decay >= 0, "optimizer.weight_decay", "must be non-negative")
         _require(self.max_grad_norm >= 0, "optimizer.max_grad_norm", "must be non-negative")
+        _require(0 <= self.momentum < 1, "optimizer.momentum",
+                 f"must be in [0, 1), got {self.momentum}")
 
 
 @dataclass

@@ -76,12 +76,14 @@ DESCRIPTIONS: dict[str, str] = {
                               "training set (0.98627, 0.00046, 0.01327, from the MLPerf "
                               "reference), one per class.",
     "loss.weight_pow": "Class weight = frequency ** `loss.weight_pow`.",
-    "optimizer.name": "`lamb`, `adam` or `adamw`.",
+    "optimizer.name": "`lamb`, `adam`, `adamw` or `sgd` (with momentum: the exact-comparison "
+                      "tests use it, since its float noise stays at rounding level).",
     "optimizer.lr": "Base learning rate.",
     "optimizer.betas": "Adam-type momentum terms.",
     "optimizer.eps": "Adam-type epsilon (MLPerf requires 1e-6).",
     "optimizer.weight_decay": "Decoupled weight decay.",
-    "optimizer.max_grad_norm": "Global gradient-norm clip (LAMB inside its step, Adam/AdamW "
+    "optimizer.momentum": "SGD's momentum, in [0, 1).",
+    "optimizer.max_grad_norm": "Global gradient-norm clip (LAMB inside its step, Adam/AdamW/SGD "
                                "before it); `0` disables.",
     "scheduler.type": "`constant`, `multistep` or `cosine` (MLPerf's `cosine_annealing`).",
     "scheduler.warmup_steps": "Linear warmup steps.",

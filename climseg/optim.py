@@ -156,28 +156,39 @@ def _buckets(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return list(buckets.values())
 
 
-def _lamb(params, lr, betas, eps, weight_decay, max_grad_norm, fused):
+def _lamb(params, lr, betas, eps, weight_decay, max_grad_norm, momentum, fused):
     return LAMB(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                 max_grad_norm=max_grad_norm)
 
 
-def _adam(params, lr, betas, eps, weight_decay, max_grad_norm, fused):
+def _adam(params, lr, betas, eps, weight_decay, max_grad_norm, momentum, fused):
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                             fused=fused)
 
 
-def _adamw(params, lr, betas, eps, weight_decay, max_grad_norm, fused):
+def _adamw(params, lr, betas, eps, weight_decay, max_grad_norm, momentum, fused):
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              fused=fused)
 
 
-# Adam's weight decay is the L2 penalty of torch.optim.Adam (as in the DeepCAM reference);
-# AdamW and LAMB decouple it. For Adam and AdamW the trainer clips the gradient norm; LAMB
-# clips inside its step, after Horovod has averaged the gradients.
+def _sgd(params, lr, betas, eps, weight_decay, max_grad_norm, momentum, fused):
+    if not 0 <= momentum < 1:
+        raise ValueError(f"optimizer.momentum: must be in [0, 1), got {momentum}")
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           fused=fused)
+
+
+# Adam's weight decay is the L2 penalty of torch.optim.Adam (as in the DeepCAM reference),
+# and so is SGD's; AdamW and LAMB decouple it. For Adam, AdamW and SGD the trainer clips the
+# gradient norm; LAMB clips inside its step, after Horovod has averaged the gradients.
+# SGD with momentum is linear in the gradients: float-order noise (threads, ranks) stays at
+# rounding level through training, where Adam-type updates turn it into sign flips. It is the
+# optimizer of the tests that compare two ways of running the same training exactly.
 OPTIMIZERS = {
     "lamb": _lamb,
     "adam": _adam,
     "adamw": _adamw,
+    "sgd": _sgd,
 }
 
 
@@ -192,11 +203,12 @@ def _first_device(params: list) -> torch.device | None:
 def build_optimizer(params: Iterable, name: str = "lamb", lr: float = 1e-3,
                     betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-6,
                     weight_decay: float = 0.01, max_grad_norm: float = 1.0,
-                    **kwargs) -> torch.optim.Optimizer:
+                    momentum: float = 0.9, **kwargs) -> torch.optim.Optimizer:
     """Build the optimizer named `name` from the `optimizer` config section.
 
-    Adam and AdamW use PyTorch's fused kernels when the parameters are on CUDA.
-    `max_grad_norm` is used by LAMB only (see OPTIMIZERS).
+    Adam, AdamW and SGD use PyTorch's fused kernels when the parameters are on CUDA.
+    `max_grad_norm` is used by LAMB only (see OPTIMIZERS); `momentum` by SGD only, `betas`
+    and `eps` by the others.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name: unknown optimizer {name!r}; "
@@ -210,7 +222,8 @@ def build_optimizer(params: Iterable, name: str = "lamb", lr: float = 1e-3,
     fused = True if device is not None and device.type == "cuda" else None
     return OPTIMIZERS[name](params, lr=float(lr), betas=(float(betas[0]), float(betas[1])),
                             eps=float(eps), weight_decay=float(weight_decay),
-                            max_grad_norm=float(max_grad_norm), fused=fused)
+                            max_grad_norm=float(max_grad_norm), momentum=float(momentum),
+                            fused=fused)
 
 
 class WarmupSchedule:

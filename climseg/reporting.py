@@ -159,7 +159,7 @@ def mlperf_log_path(output_dir: Path) -> Path:
 
 # MLPerf HPC names the schedules and optimizers differently from our config.
 _MLPERF_SCHEDULER = {"multistep": "multistep", "cosine": "cosine_annealing", "constant": "constant"}
-_MLPERF_OPTIMIZER = {"lamb": "LAMB", "adam": "Adam", "adamw": "AdamW"}
+_MLPERF_OPTIMIZER = {"lamb": "LAMB", "adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
 
 
 class MLPerfLog:

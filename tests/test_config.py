@@ -43,7 +43,7 @@ def test_in_channels_follows_channel_subset():
     ("bogus=1", "bogus: unknown key"),
     ("optimizer.lr=fast", "optimizer.lr: must be a number"),
     ("optimizer.lr=-1", "optimizer.lr: must be positive"),
-    ("optimizer.name=sgd", "optimizer.name: 'sgd' is not one of"),
+    ("optimizer.name=rmsprop", "optimizer.name: 'rmsprop' is not one of"),
     ("train.local_batch_size=0", "train.local_batch_size: must be at least 1"),
     ("train.local_batch_size=2.5", "train.local_batch_size: must be an integer"),
     ("train.compile=yes please", "train.compile: must be true or false"),

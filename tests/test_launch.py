@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from climseg.dist import launcher_rank_size
+from exact import EXACT, assert_same_losses, assert_same_weights, losses
 
 REQUIRE_SLURM = os.environ.get("CLIMSEG_REQUIRE_SLURM") == "1"  # .ci/run sets it
 
@@ -554,8 +555,9 @@ def test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses(s
     if not _horovod_features()["mpi"]:
         pytest.skip("horovod built without MPI: srun launches need the MPI controller")
     out, log, steps = tmp_path / "run", tmp_path / "job.out", 8
+    # SGD in fp32 (exact.EXACT): the requeued run and the reference agree to exact.REL.
     overrides = [f"train.max_steps={steps}", "train.log_frequency=1",
-                 "train.validation_frequency=4"]
+                 "train.validation_frequency=4", *EXACT]
     env = dict(slurm, DATA=str(tiny_root), CONFIG="yaml/ci.yaml", OUTPUT=str(out),
                STAGE_DIR=str(tmp_path / "staged"), VENV=str(PYBIN.parent), MAX_REQUEUES="3")
     # The header's --signal=USR1@300 is what a time limit sends; slurmctld checks limits only
@@ -590,12 +592,7 @@ def test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses(s
                  "-m", "climseg.train", "--config", "yaml/ci.yaml", f"data.root={tiny_root}",
                  f"output_dir={ref}", *overrides], env=_env(OMP_NUM_THREADS="1"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-    def losses(run: Path) -> dict[int, float]:
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
-
-    got, expected = losses(out), losses(ref)
+    got = losses(out)
     assert sorted(got) == list(range(1, steps + 1))
-    for step in range(1, steps + 1):
-        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+    assert_same_losses(got, losses(ref), range(1, steps + 1))
+    assert_same_weights(out, ref)

@@ -224,9 +224,67 @@ def test_build_optimizer(name, cls):
 def test_build_optimizer_rejects_bad_names_and_options():
     p = [torch.nn.Parameter(torch.zeros(1))]
     with pytest.raises(ValueError, match="optimizer.name"):
-        build_optimizer(p, name="sgd")
-    with pytest.raises(ValueError, match="optimizer.momentum"):
-        build_optimizer(p, name="adam", momentum=0.9)
+        build_optimizer(p, name="rmsprop")
+    with pytest.raises(ValueError, match="optimizer.nesterov"):
+        build_optimizer(p, name="adam", nesterov=True)
+    with pytest.raises(ValueError, match=r"optimizer.momentum: must be in \[0, 1\), got 1.0"):
+        build_optimizer(p, name="sgd", momentum=1.0)
+
+
+def test_sgd_momentum_and_weight_decay_by_hand():
+    # Heavy-ball momentum with the L2 penalty in the gradient, as torch.optim.SGD defines it:
+    # g = grad + wd p; buf = g on the first step, then mu buf + g; p -= lr buf.
+    lr, mu, wd = 0.1, 0.9, 0.01
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = build_optimizer([p], name="sgd", lr=lr, momentum=mu, weight_decay=wd)
+    assert type(opt) is torch.optim.SGD
+    assert (opt.param_groups[0]["momentum"], opt.param_groups[0]["weight_decay"]) == (mu, wd)
+    grads = [torch.tensor([0.5, 1.0, -1.0]), torch.tensor([0.25, -0.5, 2.0]),
+             torch.tensor([-1.0, 0.0, 0.5])]
+    expected, buf = [1.0, -2.0, 0.5], None
+    for g in grads:
+        d = [gi + wd * pi for gi, pi in zip(g.tolist(), expected)]
+        buf = d if buf is None else [mu * b + di for b, di in zip(buf, d)]
+        expected = [pi - lr * b for pi, b in zip(expected, buf)]
+        p.grad = g.double()
+        opt.step()
+    assert p.detach().tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_sgd_state_round_trip_continues_identically():
+    # The momentum buffer is the state a resumed run must carry on with.
+    torch.manual_seed(0)
+    grads = [torch.randn(4) for _ in range(4)]
+
+    def run(steps, opt_state=None, start=None):
+        p = torch.nn.Parameter(torch.ones(4) if start is None else start.clone())
+        opt = build_optimizer([p], name="sgd", lr=0.05, momentum=0.9, weight_decay=0.01)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+        for g in steps:
+            p.grad = g.clone()
+            opt.step()
+        return p.detach(), opt
+
+    whole, _ = run(grads)
+    half, opt = run(grads[:2])
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    resumed, _ = run(grads[2:], torch.load(buffer, weights_only=True), start=half)
+    assert torch.equal(resumed, whole)
+    without_momentum, _ = run(grads[2:], start=half)
+    assert not torch.allclose(without_momentum, whole)
+
+
+def test_sgd_config_key_and_its_error():
+    from climseg.config import ConfigError, load_config
+
+    cfg = load_config(None, ["data.root=/x", "optimizer.name=sgd", "optimizer.momentum=0.5"])
+    assert (cfg.optimizer.name, cfg.optimizer.momentum) == ("sgd", 0.5)
+    assert load_config(None, ["data.root=/x"]).optimizer.momentum == 0.9
+    with pytest.raises(ConfigError, match=r"^optimizer.momentum: must be in \[0, 1\), got -0.1$"):
+        load_config(None, ["data.root=/x", "optimizer.name=sgd", "optimizer.momentum=-0.1"])
 
 
 def lr_sequence(steps, base_lr=1.0, **kwargs):

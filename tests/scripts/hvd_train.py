@@ -2,7 +2,9 @@
 
 Usage: horovodrun -np 2 --gloo python tests/scripts/hvd_train.py REPORT.json --config C [k=v ...]
 Rank 0 writes REPORT.json with the summary and, for each rank, a float64 checksum of its
-final parameters and batch-norm buffers (all must agree after training).
+final parameters and batch-norm buffers (all must agree after training); ``initial`` holds
+rank 0's checksums before training (each parameter's must have changed), ``parameters`` tells
+which entries are trainable parameters (the others are buffers).
 """
 
 import json
@@ -22,14 +24,20 @@ def main() -> None:
     dist.init()
     setup_logging(dist.rank(), dist.size())
     trainer = Trainer(load_config(args.config, args.overrides))
+    initial = _checksums(trainer.model)
     summary = trainer.fit()
-    state = trainer.model.state_dict()
-    checksum = [float(t.double().sum()) + float((t.double() ** 2).sum()) for t in state.values()
-                if t.is_floating_point()]
-    checksums = dist.allgather_object(checksum, name="checksums")
+    checksums = dist.allgather_object(_checksums(trainer.model), name="checksums")
+    parameters = {name for name, _ in trainer.model.named_parameters()}
+    names = [name for name, t in trainer.model.state_dict().items() if t.is_floating_point()]
     if dist.is_primary():
         with open(report_path, "w") as f:
-            json.dump({"summary": summary, "size": dist.size(), "checksums": checksums}, f)
+            json.dump({"summary": summary, "size": dist.size(), "checksums": checksums,
+                       "initial": initial, "parameters": [n in parameters for n in names]}, f)
+
+
+def _checksums(model: torch.nn.Module) -> list[float]:
+    return [float(t.double().sum()) + float((t.double() ** 2).sum())
+            for t in model.state_dict().values() if t.is_floating_point()]
 
 
 if __name__ == "__main__":
