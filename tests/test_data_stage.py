@@ -13,6 +13,7 @@ from climseg.data.format import DataError
 from climseg.data.partition import INDEX_NAME, list_files, rank_partition
 from climseg.data.stage import stage_dataset
 from climseg.data.stats import STATS_NAME
+from conftest import HUNG_S
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "validation")
@@ -81,7 +82,7 @@ def test_stage_tool_under_mpiexec(mpiexec, tiny_root, tmp_path):
     dest = tmp_path / "node"
     cmd = [mpiexec, "-n", "2", sys.executable, str(REPO / "tools/stage_data.py"),
            "--source", str(tiny_root), "--dest", str(dest), "--workers", "2", "--quiet"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=HUNG_S)
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
     assert "rank 0/2" in text and "rank 1/2" in text and "aggregate" in text

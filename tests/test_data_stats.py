@@ -16,6 +16,7 @@ from climseg.data.partition import list_files
 from climseg.data.stats import (STATS_NAME, Stats, StatsAccumulator, normalization, read_stats,
                                 write_stats)
 from climseg.data.summarize import summarize_split
+from conftest import HUNG_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,7 +194,7 @@ def test_summarize_tool_two_ranks_equals_numpy(mpiexec, tiny_root, tmp_path):
     (root / STATS_NAME).unlink()
     out = subprocess.run([mpiexec, "-n", "2", sys.executable, str(REPO / "tools/summarize_data.py"),
                           "--data", str(root), "--quiet"], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=HUNG_S)
     assert out.returncode == 0, out.stderr
     assert "(2 rank(s))" in out.stdout + out.stderr
     two = read_stats(root / STATS_NAME)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from climseg.dist import launcher_rank_size
-from conftest import require_horovod, wait_for
+from conftest import HUNG_S, require_horovod, wait_for
 
 REQUIRE_SLURM = os.environ.get("CLIMSEG_REQUIRE_SLURM") == "1"  # .ci/run sets it
 
@@ -326,7 +326,7 @@ def test_install_horovod_skips_a_matching_build():
 @needs_horovod
 def test_horovodrun_gloo_two_ranks():
     result = _run([str(HOROVODRUN), "-np", "2", "--gloo", sys.executable, "-c", HVD_PROBE],
-                  env=_env(), timeout=180)
+                  env=_env(), timeout=HUNG_S)
     assert result.returncode == 0, result.stdout + result.stderr
     probes = _probes(result.stdout)
     assert [(p["rank"], p["size"], p["local"], p["total"]) for p in probes] == \
@@ -416,7 +416,7 @@ def test_workstation_passes_a_sigterm_to_the_ranks_who_stop_with_a_checkpoint(ti
         metrics = out / "metrics.jsonl"
         wait_for(lambda: metrics.exists() and '"train"' in metrics.read_text(), proc, log)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=300) == 3, log.read_text()[-3000:]
+        assert proc.wait(timeout=HUNG_S) == 3, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -486,7 +486,7 @@ def test_srun_starts_horovod_through_mpi(slurm):
     if not _horovod_features()["mpi"]:
         pytest.skip("horovod built without MPI: srun launches need the MPI controller")
     result = _run(["srun", "--mpi=pmi2", "-n", "2", sys.executable, "-c", HVD_PROBE],
-                  env=slurm, timeout=180, cwd="/tmp")
+                  env=slurm, timeout=HUNG_S, cwd="/tmp")
     assert result.returncode == 0, result.stdout + result.stderr
     probes = _probes(result.stdout)
     assert [(p["rank"], p["size"], p["mpi"], p["total"]) for p in probes] == \
@@ -502,7 +502,7 @@ def test_launcher_rank_size_under_a_real_srun(slurm):
     for mpi in ("pmi2", "none"):
         # from /tmp: the installed package, not the checkout's folder, is what imports
         result = _run(["srun", f"--mpi={mpi}", "-n", "2", sys.executable, "-c", code],
-                      env=slurm, timeout=120, cwd="/tmp")
+                      env=slurm, timeout=HUNG_S, cwd="/tmp")
         assert result.returncode == 0, result.stdout + result.stderr
         probes = _probes(result.stdout)
         assert [(p["rank"], p["size"]) for p in probes] == [(0, 2), (1, 2)], mpi
