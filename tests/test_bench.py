@@ -61,6 +61,7 @@ def test_loader_mode_cold_with_channels(tiny_root, tmp_path):
     assert record["results"][0]["steps"] == 16 // 4   # one pass over the files
 
 
+@pytest.mark.slow   # model steps: tens of CPU seconds
 def test_step_mode(tmp_path):
     record = run(tmp_path, ["step", "--size", "32", "48", "--batch-size", "1", "--steps", "1",
                             "--warmup", "1", "--device", "cpu"])
@@ -70,6 +71,7 @@ def test_step_mode(tmp_path):
     assert row["extra"]["first_step_s"] > 0
 
 
+@pytest.mark.slow   # a trainer built and stepped
 def test_train_mode(tiny_root, tmp_path):
     record = run(tmp_path, ["train", "--config", str(REPO / "yaml" / "ci.yaml"), "--steps",
                             "1", "--warmup", "0", "--output-dir", str(tmp_path / "run"),
@@ -111,6 +113,7 @@ def test_loader_times_the_layout_the_trainer_gives_the_model(tiny_root, tmp_path
     assert seen == [(True, False, True)] * 3
 
 
+@pytest.mark.slow   # model steps in bf16 with LAMB
 def test_step_mode_layout_options(tmp_path):
     record = run(tmp_path, ["step", "--size", "32", "48", "--batch-size", "1", "--steps", "1",
                             "--warmup", "1", "--device", "cpu", "--channels-last", "on",
