@@ -84,7 +84,7 @@ if not REQUIRE_HOROVOD:
 def missing_install_part(reason: str) -> None:
     """Skip the calling test for a missing part of ``make install`` named in ``reason``; fail
     it instead where the install is required (see the module docstring)."""
-    if REQUIRE_INSTALL or (REQUIRE_HOROVOD and "horovod" in reason.lower()):
+    if REQUIRE_HOROVOD if "horovod" in reason.lower() else REQUIRE_INSTALL:
         pytest.fail(f"{reason}; a broken install under CLIMSEG_REQUIRE_INSTALL/"
                     "CLIMSEG_REQUIRE_HOROVOD (run make install)", pytrace=False)
     pytest.skip(reason)
