@@ -24,7 +24,7 @@ allows Horovod's skips in an install without it. mlperf-logging is a dependency 
 itself: its tests import it, so its absence is an error in every run.
 
 Two speeds. ``slow`` marks every test that launches ranks (``multiprocess``: horovodrun,
-mpiexec, srun, sbatch), trains beyond a step, or takes more than ~5 s on 2 loaded cores;
+mpiexec, srun, sbatch), trains beyond a step, or takes more than ~5 s of CPU time;
 ``make test-fast`` runs ``-m "not slow"``. Tests that take the ``horovod``, ``slurm`` or
 ``mpiexec`` fixture are marked here; the others carry the mark in their file, or, for files
 listed in ``SLOW_TESTS``, by name here. A test not marked ``multiprocess`` that starts a rank
