@@ -30,11 +30,13 @@ PY       := $(VENV_BIN)/python
 STAMPS   := $(VENV)/.climseg-stamps
 HOROVODRUN := horovodrun -np $(NP) --gloo
 
-.PHONY: help install horovod test test-gpu demo demo-data clean-demo
+.PHONY: help install horovod test test-fast test-gpu demo demo-data clean-demo
 
 help:
 	@echo "make demo     install, make a synthetic data set, train $(DEMO_CONFIG) with $(NP) ranks"
 	@echo "make test     install, run the whole test suite (python -m pytest -q tests)"
+	@echo "make test-fast  install, run the unit-level tests only (-m \"not slow\": no horovodrun,"
+	@echo "              mpiexec, Slurm or training beyond a step); a few minutes on 2 cores"
 	@echo "make install  virtual environment $(VENV): requirements, torch, Horovod, then climseg"
 	@echo "              itself (editable): the \`climseg\` command, \`python -m climseg.train\` anywhere"
 	@echo "make test-gpu on a GPU node: Horovod with NCCL, the CUDA tests, full-size benches, one table"
@@ -73,9 +75,15 @@ $(STAMPS)/climseg: pyproject.toml | horovod
 	@mkdir -p $(STAMPS) && touch $@
 
 # --- test -------------------------------------------------------------------------------------
-# CLIMSEG_REQUIRE_HOROVOD turns every test's "horovod not installed" skip into a failure.
+# CLIMSEG_REQUIRE_INSTALL turns every skip for a missing part of the install (Horovod, mpiexec,
+# ...) into a failure; only the GPU and Slurm skips stay (tests/conftest.py lists them).
+TEST_ENV := CLIMSEG_REQUIRE_INSTALL=1 CLIMSEG_REQUIRE_HOROVOD=1
 test: install
-	CLIMSEG_REQUIRE_HOROVOD=1 python -m pytest -q tests $(PYTEST_ARGS)
+	$(TEST_ENV) python -m pytest -q --durations=15 tests $(PYTEST_ARGS)
+
+# The tests not marked slow (the marks: pyproject.toml, tests/conftest.py).
+test-fast: install
+	$(TEST_ENV) python -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
 # On a GPU node: Horovod with NCCL, tests/test_cuda.py, full-size step/LAMB/loader/train
 # benches, one table (tools/gpu_check.sh; docs/performance.md). No install dependency: a bare

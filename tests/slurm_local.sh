@@ -83,7 +83,7 @@ export SLURM_CONF=$conf
 slurmctld -f "$conf" || { stop; die "slurmctld did not start; see $DIR/slurmctld.log"; }
 slurmd -f "$conf" || { stop; die "slurmd did not start; see $DIR/slurmd.log"; }
 
-for _ in $(seq 60); do
+for _ in $(seq 300); do   # a bound only a broken Slurm reaches
     state=$(sinfo -h -N -o '%t' 2>/dev/null | head -n1 || true)
     [[ $state == idle* || $state == mix* ]] && exit 0
     sleep 1

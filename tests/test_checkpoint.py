@@ -184,9 +184,10 @@ def small_fs(tmp_path):
 
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root (with the right to mount): {result.stderr}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 

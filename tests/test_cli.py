@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from climseg import cli
+from conftest import HUNG_S
 
 REPO = Path(__file__).resolve().parents[1]
 CLIMSEG = Path(sys.executable).parent / "climseg"   # the console script `make install` makes
 
 
-def climseg(*args, cwd="/tmp", timeout=120):
+def climseg(*args, cwd="/tmp", timeout=HUNG_S):
     if not CLIMSEG.exists():
         pytest.fail(f"{CLIMSEG} not found: climseg is not installed (make install)")
     return subprocess.run([str(CLIMSEG), *map(str, args)], capture_output=True, text=True,
@@ -36,11 +37,12 @@ def test_help_needs_no_torch():
     code = ("import sys; from climseg.cli import main; main(['--help']); "
             "print(sorted(m for m in ('torch', 'h5py', 'climseg.train') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd="/tmp", timeout=60)
+                         cwd="/tmp", timeout=HUNG_S)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.slow   # a subprocess importing the whole stack: seconds each
 @pytest.mark.parametrize("name", [n for n in cli.COMMANDS if n != "convert-climatenet"])
 def test_each_subcommand_help_exits_0(name):
     out = climseg(name, "--help")
@@ -60,10 +62,11 @@ def test_convert_climatenet_help_or_one_line():
             "no climseg.data.climatenet"]
 
 
+@pytest.mark.slow   # a subprocess importing the whole stack: seconds each
 def test_python_dash_m_works_from_another_folder():
     for module in ("climseg", "climseg.train"):
         out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
-                             text=True, cwd="/tmp", timeout=120)
+                             text=True, cwd="/tmp", timeout=HUNG_S)
         assert out.returncode == 0, out.stderr
     assert "stage" in out.stdout or "--config" in out.stdout
 
@@ -97,6 +100,7 @@ def test_no_command_prints_usage_and_status_2():
     assert out.returncode == 2 and "usage: climseg COMMAND" in out.stderr
 
 
+@pytest.mark.slow   # five climseg commands
 def test_data_pipeline_through_climseg_with_the_common_flags(tmp_path):
     raw, root, local = tmp_path / "raw", tmp_path / "cam", tmp_path / "local"
     steps = [
@@ -121,6 +125,7 @@ def test_data_pipeline_through_climseg_with_the_common_flags(tmp_path):
     assert len(list((local / "train").glob("data-*.h5"))) == 8
 
 
+@pytest.mark.slow   # climseg commands, each in a subprocess
 def test_old_flag_spellings_still_work(tmp_path):
     raw, root, local = tmp_path / "raw", tmp_path / "cam", tmp_path / "local"
     tools = REPO / "tools"
@@ -134,7 +139,7 @@ def test_old_flag_spellings_still_work(tmp_path):
     ]
     for args in run:
         out = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                             cwd="/tmp", timeout=120)
+                             cwd="/tmp", timeout=HUNG_S)
         assert out.returncode == 0, (args, out.stderr)
     assert (root / "stats.h5").is_file() and (local / "test" / "index.txt").is_file()
     # the new spelling and the old one give the same split
@@ -160,11 +165,11 @@ def test_tool_alias_works_without_the_installed_package(tiny_root):
     site = next(p for p in sys.path if p.endswith("site-packages"))
     env = {"PYTHONPATH": site, "PATH": "/usr/bin:/bin"}
     probe = subprocess.run([sys.executable, "-S", "-c", "import climseg"], env=env, cwd="/tmp",
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=HUNG_S)
     assert probe.returncode != 0, "climseg importable without its install: the test is void"
     out = subprocess.run([sys.executable, "-S", str(REPO / "tools/check_data.py"),
                           str(tiny_root / "test"), "--quiet"], env=env, cwd="/tmp",
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=HUNG_S)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"checked 2 files under {tiny_root / 'test'}: all good"
 

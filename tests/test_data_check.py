@@ -15,6 +15,7 @@ from climseg.data.check import check_tree
 from climseg.data.format import CHANNELS, DATA_KEY, LABEL_KEY, read_sample, write_sample
 from climseg.data.partition import list_files
 from climseg.data.stats import STATS_NAME, read_stats, write_stats
+from conftest import HUNG_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +83,7 @@ def test_check_reports_zero_range_stats(tiny_root, tmp_path):
 
 def run_tool(*args):
     return subprocess.run([sys.executable, str(REPO / "tools/check_data.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HUNG_S)
 
 
 def test_tool_exit_codes(tiny_root, bad_root, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from climseg.data.format import DataError
 from climseg.data.partition import INDEX_NAME, list_files, rank_partition
 from climseg.data.stage import stage_dataset
 from climseg.data.stats import STATS_NAME
+from conftest import HUNG_S
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "validation")
@@ -78,16 +78,11 @@ def test_stage_errors(tiny_root, tmp_path):
         stage_dataset(staged, tmp_path / "again", SPLITS, progress=False)
 
 
-def _mpiexec():
-    return shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-
-
-@pytest.mark.skipif(_mpiexec() is None, reason="no mpiexec")
-def test_stage_tool_under_mpiexec(tiny_root, tmp_path):
+def test_stage_tool_under_mpiexec(mpiexec, tiny_root, tmp_path):
     dest = tmp_path / "node"
-    cmd = [_mpiexec(), "-n", "2", sys.executable, str(REPO / "tools/stage_data.py"),
+    cmd = [mpiexec, "-n", "2", sys.executable, str(REPO / "tools/stage_data.py"),
            "--source", str(tiny_root), "--dest", str(dest), "--workers", "2", "--quiet"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=HUNG_S)
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
     assert "rank 0/2" in text and "rank 1/2" in text and "aggregate" in text

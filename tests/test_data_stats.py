@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from climseg.data.partition import list_files
 from climseg.data.stats import (STATS_NAME, Stats, StatsAccumulator, normalization, read_stats,
                                 write_stats)
 from climseg.data.summarize import summarize_split
+from conftest import HUNG_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,16 +188,13 @@ def test_summarize_in_process_ranks_agree(tiny_root):
     assert_equals_numpy(merged.result(), numpy_stats(files))
 
 
-@pytest.mark.skipif(shutil.which("mpiexec", path=os.path.dirname(sys.executable)) is None
-                    and shutil.which("mpiexec") is None, reason="no mpiexec")
-def test_summarize_tool_two_ranks_equals_numpy(tiny_root, tmp_path):
+def test_summarize_tool_two_ranks_equals_numpy(mpiexec, tiny_root, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(tiny_root, root, symlinks=True)
     (root / STATS_NAME).unlink()
-    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or "mpiexec"
     out = subprocess.run([mpiexec, "-n", "2", sys.executable, str(REPO / "tools/summarize_data.py"),
                           "--data", str(root), "--quiet"], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=HUNG_S)
     assert out.returncode == 0, out.stderr
     assert "(2 rank(s))" in out.stdout + out.stderr
     two = read_stats(root / STATS_NAME)

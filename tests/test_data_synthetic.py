@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from climseg.data.format import CHANNELS, NUM_CHANNELS, DataError, read_sample, validate_file
 from climseg.data.synthetic import (IVT_THRESHOLD, TARGET_FRACTIONS, detect_labels,
@@ -120,8 +121,86 @@ def test_labels_follow_the_fields_not_moisture_alone(full_size):
         tropics = np.abs(lat) < 10
         assert np.median(data[tropics][..., CH["TMQ"]]) > np.median(data[ar][:, CH["TMQ"]])
         assert not ar[tropics].any()
-        np.testing.assert_array_equal(detect_labels(data), labels)
     assert inter / union < 0.5
+
+
+# Hand-built fields for detect_labels: a calm, dry, flat atmosphere on a 192x288 grid
+# (0.94 x 1.25 degrees), with features placed by hand that the documented rules label or not.
+GRID = (192, 288)
+
+
+def _calm_fields(tmq: float) -> np.ndarray:
+    data = np.zeros((*GRID, NUM_CHANNELS), np.float32)
+    data[..., CH["TMQ"]] = tmq
+    data[..., CH["PSL"]] = 101000.0
+    data[..., CH["T500"]] = 260.0
+    return data
+
+
+def _box(lat_range, lon_range) -> np.ndarray:
+    """Mask of the grid points with latitude and longitude (degrees east) in the ranges."""
+    lat = _lat(GRID[0])[:, None]
+    lon = (np.arange(GRID[1]) * 360.0 / GRID[1])[None, :]
+    return ((lat >= lat_range[0]) & (lat <= lat_range[1])
+            & (lon >= lon_range[0]) & (lon <= lon_range[1]))
+
+
+def test_hand_placed_moisture_jets_are_labelled_by_the_ar_rule():
+    """Jets of TMQ 40 kg/m2 at 25 m/s (transport 1000 > IVT_THRESHOLD): a 40-degree band at 40 N
+    (~3400 km by ~450 km) is an AR; a 10-degree one (~900 km) is too short, a 20 x 30-degree
+    block (~2200 by ~1400 km) too wide, and the same long band on the equator is tropical."""
+    data = _calm_fields(tmq=5.0)
+    river = _box((39, 43), (50, 90))
+    others = [_box((39, 43), (130, 140)), _box((-75, -55), (180, 210)),
+              _box((-2, 2), (250, 290))]
+    for jet in [river, *others]:
+        data[jet, CH["TMQ"]] = 40.0
+        data[jet, CH["U850"]] = 25.0
+    labels = detect_labels(data)
+    assert set(np.unique(labels)) == {0, 2}
+    inner = ndi.binary_erosion(river, np.ones((3, 3), bool))
+    assert (labels[inner] == 2).all()
+    assert not labels[~ndi.binary_dilation(river, np.ones((7, 7), bool))].any()
+
+
+def _vortex(data: np.ndarray, lat0: float, lon0: float, *, wind: float = 35.0,
+            rotation: float = 1.0, warm: float = 3.0) -> np.ndarray:
+    """A Gaussian low of 3000 Pa (e-folding radius R = 2.5 degrees) with a wind ring peaking at
+    ``wind`` m/s at R, counter-clockwise for ``rotation`` 1 (cyclonic north of the equator),
+    and a T500 anomaly of ``warm`` K at its centre. Returns the mask within R."""
+    lat = _lat(GRID[0])[:, None]
+    lon = (np.arange(GRID[1]) * 360.0 / GRID[1])[None, :]
+    dy = np.broadcast_to(lat - lat0, GRID)
+    dx = (lon - lon0) * np.cos(np.deg2rad(lat0))
+    r = np.hypot(dx, dy) / 2.5
+    shape = np.exp(-r * r)
+    data[..., CH["PSL"]] -= 3000.0 * shape
+    data[..., CH["T500"]] += warm * shape
+    speed = wind * r * np.exp(0.5 * (1 - r * r)) / np.maximum(np.hypot(dx, dy), 1e-9)
+    data[..., CH["U850"]] += -rotation * speed * dy
+    data[..., CH["V850"]] += rotation * speed * dx
+    return r <= 1.0
+
+
+@pytest.mark.parametrize("lat0, kwargs, labelled", [
+    (15.0, {}, True),
+    (-15.0, {"rotation": -1.0}, True),               # clockwise: cyclonic south of the equator
+    (15.0, {"rotation": -1.0}, False),               # anticyclonic
+    (15.0, {"wind": 10.0}, False),                   # below tropical-storm strength
+    (15.0, {"warm": -3.0}, False),                   # a cold core
+    (45.0, {}, False),                               # outside 5-30 degrees
+])
+def test_a_hand_placed_vortex_is_a_tc_only_when_every_rule_holds(lat0, kwargs, labelled):
+    data = _calm_fields(tmq=5.0)
+    near = _vortex(data, lat0, 200.0, **kwargs)
+    labels = detect_labels(data)
+    assert not (labels == 2).any()
+    if labelled:
+        row = int(np.argmin(np.abs(_lat(GRID[0]) - lat0)))
+        assert labels[row, 160] == 1                 # the centre (200 E is column 160)
+        assert (labels == 1).sum() > 4 and not labels[~near].any()
+    else:
+        assert not labels.any()
 
 
 def test_weak_wind_filament_or_shallow_low_is_not_labelled(full_size):

@@ -14,6 +14,7 @@ import pytest
 from climseg.data.format import read_sample
 from climseg.data.partition import list_files
 from climseg.data.stats import read_stats
+from conftest import HUNG_S
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = ("make_synthetic", "split_data", "summarize_data", "stage_data", "check_data")
@@ -21,7 +22,7 @@ TOOLS = ("make_synthetic", "split_data", "summarize_data", "stage_data", "check_
 
 def tool(name, *args, cwd=None):
     return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120, cwd=cwd)
+                          capture_output=True, text=True, timeout=HUNG_S, cwd=cwd)
 
 
 @pytest.mark.parametrize("name", TOOLS)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from climseg.dist import launcher_rank_size
+from conftest import HUNG_S, require_horovod, wait_for
 from exact import EXACT, assert_same_losses, assert_same_weights, losses
 
 REQUIRE_SLURM = os.environ.get("CLIMSEG_REQUIRE_SLURM") == "1"  # .ci/run sets it
@@ -65,7 +66,8 @@ def _horovod_features() -> dict[str, bool] | None:
     return {"mpi": hvd.mpi_built(), "gloo": hvd.gloo_built()}
 
 
-# conftest's `horovod` fixture: a skip without Horovod, a failure under CLIMSEG_REQUIRE_HOROVOD=1
+# conftest's `horovod` fixture: a skip without Horovod, a failure under make test; the test is
+# marked multiprocess (and slow)
 needs_horovod = pytest.mark.usefixtures("horovod")
 
 
@@ -196,6 +198,24 @@ def test_make_demo_reuses_finished_steps(tmp_path):
     assert "horovodrun -np 4 --gloo python tools/stage_data.py" in result.stdout
 
 
+def test_make_test_fast_leaves_out_the_slow_tests_and_make_test_none():
+    fast = _run(["make", "-n", "test-fast"])
+    assert fast.returncode == 0, fast.stderr
+    (pytest_line,) = [line for line in fast.stdout.splitlines() if "-m pytest" in line]
+    assert '-m "not slow"' in pytest_line and "CLIMSEG_REQUIRE_INSTALL=1" in pytest_line
+    full = _run(["make", "-n", "test"])
+    assert full.returncode == 0, full.stderr
+    (pytest_line,) = [line for line in full.stdout.splitlines() if "-m pytest" in line]
+    assert " -m " not in pytest_line.split("-m pytest", 1)[1] and "--durations=15" in pytest_line
+    assert "CLIMSEG_REQUIRE_INSTALL=1" in pytest_line
+    # what -m "not slow" collects here: the unit tests, none that launches ranks
+    collected = _run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow",
+                      "tests/test_launch.py"], env=_env()).stdout
+    assert "test_launcher_rank_size_under_srun_pmi2" in collected
+    assert "test_horovodrun_gloo_two_ranks" not in collected
+    assert "test_workstation_stages_and_trains" not in collected
+
+
 @pytest.mark.parametrize("args, message", [
     (["NP=0"], "NP=0: expected a positive number of ranks"),
     (["NP=two"], "NP=two: expected a positive number of ranks"),
@@ -306,8 +326,9 @@ def test_install_horovod_gpu_build_names_missing_nccl(tmp_path):
     assert "no NCCL was found" in result.stderr.strip().splitlines()[-1]
 
 
-@needs_horovod
+@pytest.mark.slow   # imports horovod.torch twice
 def test_install_horovod_skips_a_matching_build():
+    require_horovod()
     try:
         import horovod._climseg_build  # noqa: F401
     except ImportError:
@@ -323,7 +344,7 @@ def test_install_horovod_skips_a_matching_build():
 @needs_horovod
 def test_horovodrun_gloo_two_ranks():
     result = _run([str(HOROVODRUN), "-np", "2", "--gloo", sys.executable, "-c", HVD_PROBE],
-                  env=_env(), timeout=180)
+                  env=_env(), timeout=HUNG_S)
     assert result.returncode == 0, result.stdout + result.stderr
     probes = _probes(result.stdout)
     assert [(p["rank"], p["size"], p["local"], p["total"]) for p in probes] == \
@@ -410,13 +431,10 @@ def test_workstation_passes_a_sigterm_to_the_ranks_who_stop_with_a_checkpoint(ti
                              "train.log_frequency=1"], cwd=REPO, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while '"train"' not in ((out / "metrics.jsonl").read_text()
-                                if (out / "metrics.jsonl").exists() else ""):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        metrics = out / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and '"train"' in metrics.read_text(), proc, log)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=300) == 3, log.read_text()[-3000:]
+        assert proc.wait(timeout=HUNG_S) == 3, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -486,7 +504,7 @@ def test_srun_starts_horovod_through_mpi(slurm):
     if not _horovod_features()["mpi"]:
         pytest.skip("horovod built without MPI: srun launches need the MPI controller")
     result = _run(["srun", "--mpi=pmi2", "-n", "2", sys.executable, "-c", HVD_PROBE],
-                  env=slurm, timeout=180, cwd="/tmp")
+                  env=slurm, timeout=HUNG_S, cwd="/tmp")
     assert result.returncode == 0, result.stdout + result.stderr
     probes = _probes(result.stdout)
     assert [(p["rank"], p["size"], p["mpi"], p["total"]) for p in probes] == \
@@ -502,7 +520,7 @@ def test_launcher_rank_size_under_a_real_srun(slurm):
     for mpi in ("pmi2", "none"):
         # from /tmp: the installed package, not the checkout's folder, is what imports
         result = _run(["srun", f"--mpi={mpi}", "-n", "2", sys.executable, "-c", code],
-                      env=slurm, timeout=120, cwd="/tmp")
+                      env=slurm, timeout=HUNG_S, cwd="/tmp")
         assert result.returncode == 0, result.stdout + result.stderr
         probes = _probes(result.stdout)
         assert [(p["rank"], p["size"]) for p in probes] == [(0, 2), (1, 2)], mpi

@@ -36,8 +36,16 @@ def test_second_run_is_refused_naming_the_holder_and_a_killed_holder_does_not_bl
 
 
 def test_released_lock_can_be_taken_again(tmp_path):
-    RunLock(tmp_path).acquire().release()
-    RunLock(tmp_path).acquire().release()
+    # flock locks belong to the open file: two RunLocks conflict even in one process.
+    first = RunLock(tmp_path).acquire()
+    with pytest.raises(RunLockError, match="in use by another run"):
+        RunLock(tmp_path).acquire()
+    first.release()
+    with RunLock(tmp_path) as second:
+        assert f"pid {os.getpid()}" in second.path.read_text()
+        with pytest.raises(RunLockError, match="in use by another run"):
+            RunLock(tmp_path).acquire()
+    RunLock(tmp_path).acquire().release()   # released again on leaving the with block
 
 
 def test_uncreatable_output_dir_names_the_key(tmp_path):
