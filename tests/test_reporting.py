@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from climseg.config import load_config
-from climseg.reporting import (CLOSED_EVAL_SAMPLES, CLOSED_TRAIN_SAMPLES, DataWait, MLPerfLog,
-                               TensorBoard, hparams_of, launch_topology, mlperf_division,
-                               mlperf_log_path, run_name)
+from climseg.mlperf import (CLOSED_EVAL_SAMPLES, CLOSED_TRAIN_SAMPLES, MLPerfLog,
+                            launch_topology, mlperf_division, mlperf_log_path)
+from climseg.monitor import DataWait
+from climseg.tensorboard import TensorBoard, hparams_of, run_name
 
 pytest.importorskip("mlperf_logging")
 
