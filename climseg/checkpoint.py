@@ -1,4 +1,5 @@
-"""Checkpoints: what one holds, how a run is restored from it, and where files go.
+"""Checkpoints: what one holds, how a run is restored from it, where files go, and the run's
+policy over them (:class:`CheckpointManager`: resume, save, best).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, loadable with
 ``torch.load(weights_only=True)`` (see docs/design.md). :func:`training_state` builds it from a
@@ -21,7 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from climseg import dist
 from climseg.atomic import atomic_path
+from climseg.control import every_rank_agrees
+from climseg.errors import CheckpointError, DivergenceError
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +91,6 @@ def restore_training_state(state: dict[str, Any], *, model, optimizer, scheduler
 def progress_of(state: dict[str, Any]) -> Progress:
     return Progress(state["step"], state["epoch"], state["batch_in_epoch"], state["best_iou"],
                     state["validations"])
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read; the message names the file."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -252,3 +252,137 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((state["python_version"], tuple(int(v) for v in state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+class CheckpointManager:
+    """A run's policy over its checkpoints: where it resumes from and whether it may, when a
+    step is saved, which checkpoint is best, and that no broken model is ever saved.
+
+    Built on every rank over the run's model, optimizer, scheduler and scaler; only rank 0's
+    saver writes. ``plan`` (a :class:`climseg.plan.RunPlan`) is the launch the run is on now.
+    """
+
+    def __init__(self, plan, *, model, optimizer, scheduler, scaler):
+        cfg = plan.config
+        self.plan = plan
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.every = cfg.train.save_frequency
+        self.saver = CheckpointSaver(cfg.output_dir, cfg.train.keep_checkpoints,
+                                     enabled=dist.is_primary())
+        self.resumed_from: Path | None = None
+
+    def follow(self, plan) -> None:
+        """The ranks changed (elastic): the new launch, and rank 0 may be another process."""
+        self.plan = plan
+        self.saver.enabled = dist.is_primary()
+
+    def path(self, step: int) -> Path:
+        return self.saver.path(step)
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is one of ``train.save_frequency``'s (the final one is saved too)."""
+        return bool(self.every) and step % self.every == 0
+
+    # -- save ------------------------------------------------------------------------------
+    def state_dict(self, progress: Progress) -> dict[str, Any]:
+        """What a checkpoint holds; a collective (every rank's RNG state goes into it)."""
+        rng = dist.allgather_object(rng_state(), name="rng_state")
+        return training_state(model=self.model, optimizer=self.optimizer,
+                              scheduler=self.scheduler, scaler=self.scaler, progress=progress,
+                              rng=rng, config=self.plan.config.to_dict())
+
+    def save(self, progress: Progress, last_eval: dict[str, Any], monitor) -> None:
+        """A checkpoint of this step (a collective); best.pt follows it when this step's
+        validation (``last_eval``) is the best so far. The caller has checked the steps'
+        health; the weights themselves are checked here (identical on every rank, so every
+        rank agrees)."""
+        finite = torch.stack([torch.isfinite(v).all() for v in self.model.state_dict().values()
+                              if v.is_floating_point()]).all().item()
+        if not finite:
+            raise DivergenceError(f"training diverged at step {progress.step}: the model's "
+                                  "weights hold NaN/inf; no checkpoint written")
+        # NaN compares False: a broken evaluation never becomes best.pt.
+        is_best = (last_eval.get("step") == progress.step
+                   and last_eval["mean_iou"] > progress.best_iou)
+        if is_best:  # counted before the state is taken, so the checkpoint knows it
+            progress.best_iou = last_eval["mean_iou"]
+        monitor.save_start(progress.epoch, progress.step)
+        state = self.state_dict(progress)
+        monitor.saved(progress.epoch, progress.step,
+                      self.saver.save(state, progress.step, is_best))
+
+    # -- resume ----------------------------------------------------------------------------
+    def resume(self) -> Progress:
+        """Where the run starts: ``resume`` (none | auto | a path) read by rank 0, its contents
+        sent to every rank by broadcast, so that only rank 0 needs to see ``output_dir``. A
+        collective; ``resumed_from`` names the file."""
+        cfg = self.plan.config
+        path = state = None
+        with every_rank_agrees("resume"):
+            if dist.is_primary():
+                # Loaded on the CPU: each object moves its tensors to its own device, and the
+                # RNG states must stay on the CPU.
+                found = load_resume(cfg.resume, cfg.output_dir)
+                if found is not None:
+                    path, state = found
+                    self.check_resumable(path, state)
+        path = dist.broadcast_object(path, name="resume_path")
+        if path is None:
+            # A fresh model: its initialisation differs by rank only if seeding does, but
+            # this makes it certain.
+            dist.broadcast_training_state(self.model)
+            return Progress()
+        meta = self._restore_primary(state) if dist.is_primary() else None
+        del state
+        meta = dist.broadcast_object(meta, name="resume_meta")
+        dist.broadcast_training_state(self.model, self.optimizer)
+        if not dist.is_primary():
+            self.scheduler.load_state_dict(meta["scheduler"])
+            if self.scaler is not None and meta["scaler"] is not None:
+                self.scaler.load_state_dict(meta["scaler"])
+        rngs = meta["rng"]
+        set_rng_state(rngs[dist.rank()] if len(rngs) == self.plan.world_size else rngs[0])
+        self.resumed_from = path
+        return Progress(**meta["progress"])
+
+    def _restore_primary(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0 loads ``state``; returns what the other ranks need of it."""
+        restore_training_state(state, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, scaler=self.scaler)
+        progress = progress_of(state)
+        # Micro-batches into the epoch, counted with the accumulation of the run that wrote
+        # the checkpoint (elastic runs change it with the rank count).
+        accum = self.plan.accumulation
+        then = state["config"].get("train", {}).get("gradient_accumulation", accum)
+        progress.batch_in_epoch = progress.batch_in_epoch // then * accum
+        return {"rng": state["rng"], "scheduler": self.scheduler.state_dict(),
+                "scaler": state["scaler"], "progress": asdict(progress)}
+
+    def check_resumable(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose run would not continue with the same data: each rank
+        shuffles its own files[r::n], so another rank count (or another per-rank batch) draws
+        a different global order, and the losses would silently differ from the run's."""
+        t = state["config"].get("train", {})
+        now_t = self.plan.config.train
+        if now_t.elastic or t.get("elastic"):
+            # An elastic run's order depends only on the global batch, not on the ranks.
+            then = (t.get("elastic", False), t.get("global_batch_size"), t.get("local_batch_size"))
+            now = (now_t.elastic, now_t.global_batch_size, now_t.local_batch_size)
+            if then != now:
+                raise CheckpointError(
+                    f"{path}: written with train.elastic={then[0]} train.global_batch_size="
+                    f"{then[1]} train.local_batch_size={then[2]}, this run has {now[0]}, "
+                    f"{now[1]}, {now[2]}: the data order would change and the run would not "
+                    "continue; resume with the checkpoint's values, or start a new run "
+                    "(resume=none, another output_dir)")
+            return
+        then = (world_size_of(state), t.get("local_batch_size"), t.get("gradient_accumulation"))
+        now = (self.plan.world_size, now_t.local_batch_size, self.plan.accumulation)
+        if then != now:
+            raise CheckpointError(
+                f"{path}: written by {then[0]} rank(s) x train.local_batch_size={then[1]} x "
+                f"train.gradient_accumulation={then[2]}, this run has {now[0]} x {now[1]} x "
+                f"{now[2]}: each rank shuffles its own files[rank::ranks], so the data order "
+                f"would change and the run would not continue; resume on {then[0]} rank(s) "
+                f"with train.local_batch_size={then[1]} train.gradient_accumulation={then[2]}, "
+                "or start a new run (resume=none, another output_dir)")

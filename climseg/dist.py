@@ -4,9 +4,10 @@ Everything here works unchanged in a plain single process: ``rank()`` is 0, ``si
 the collectives return their input. Under ``horovodrun`` or ``srun`` (with a Horovod built with
 MPI) :func:`init` starts Horovod and the same calls become collectives over all ranks.
 
-The rest of the package never imports Horovod or mpi4py: wrapping the optimizer, converting
-batch norm, broadcasting the training state and the synchronise/skip-synchronise recipe of
-Horovod's ``DistributedOptimizer`` are all here.
+The rest of the package never imports Horovod or mpi4py: wrapping the optimizer, the process
+sets that batch-norm groups reduce over (:mod:`climseg.batchnorm` converts the layers),
+broadcasting the training state and the synchronise/skip-synchronise recipe of Horovod's
+``DistributedOptimizer`` are all here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The training step and the evaluation loop, shared by ``train``, ``evaluate`` and ``bench``.
+"""The training step and the evaluation loop, shared by ``train``, ``evaluate`` and ``bench``;
+the torch settings of a run (:func:`configure_torch`) and the cost of a sample
+(:func:`tflop_per_sample`).
 
 Nothing here imports Horovod: the synchronise/skip-synchronise recipe of a
 ``DistributedOptimizer`` and every collective go through :mod:`climseg.dist`, and do nothing
@@ -8,16 +10,28 @@ to a plain optimizer in a single process.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
 from climseg import dist
-from climseg.config import PRECISIONS
+from climseg.config import PRECISIONS, Config
+from climseg.data.format import HEIGHT, WIDTH
 from climseg.metrics import confusion_matrix, iou_from_confusion, mlperf_iou
+
+# Forward + backward cost of one training sample of a full 768x1152 field with DeepLabv3+, as
+# the project counted it when the trainer first reported TFLOP/s; train and bench both use it.
+FULL_SAMPLE_TFLOP = 1.97
+
+
+def tflop_per_sample(height: int, width: int) -> float:
+    """Forward + backward TFLOP of one training sample; a crop costs its share of pixels."""
+    return FULL_SAMPLE_TFLOP * height * width / (HEIGHT * WIDTH)
 
 
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -186,3 +200,18 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     if keep_first:
         result["first"] = first
     return result
+
+
+def configure_torch(cfg: Config, device: torch.device) -> None:
+    """Threads, kernel choice and seeds: process-wide settings, made once per run."""
+    if device.type == "cpu":  # ranks sharing a node share its cores
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(cfg.train.cpu_threads or max(1, cores // dist.local_size()))
+    else:
+        # Input shapes are fixed for a run, so cuDNN's autotuning pays for itself after the
+        # first steps; it picks kernels by timing, so it is off for deterministic runs.
+        torch.backends.cudnn.benchmark = not cfg.train.deterministic
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)

@@ -1,5 +1,7 @@
-"""What a training run reports, and where: the console, TensorBoard, ``metrics.jsonl`` and the
-MLPerf log (the writers themselves are in :mod:`climseg.reporting`).
+"""What a training run reports, and where: the console, TensorBoard (:mod:`climseg.tensorboard`),
+the MLPerf log (:mod:`climseg.mlperf`) and ``metrics.jsonl`` (:class:`MetricsFile`, here), with the
+sums of a training window (:class:`TrainWindow`) and the time spent waiting for data
+(:class:`DataWait`) that they report.
 
 :class:`RunMonitor` is built on every rank. Rank 0 owns the writers; on the other ranks every
 method only logs to the console (which :mod:`climseg.logs` filters to warnings there), so the
@@ -12,6 +14,8 @@ Epochs are 0-based here, as the trainer counts them, and 1-based in what is repo
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
@@ -20,13 +24,58 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import torch
 import yaml
 
 from climseg.config import Config, save_config
-from climseg.reporting import (MetricsFile, MLPerfLog, TensorBoard, Topology, hparams_of,
-                               mlperf_log_path, run_name)
+from climseg.data.format import CHANNELS
+from climseg.mlperf import MLPerfLog, Topology, mlperf_log_path
+from climseg.tensorboard import TensorBoard, hparams_of, run_name
 
 log = logging.getLogger("climseg.train")
+
+
+class MetricsFile:
+    """``output_dir/metrics.jsonl``: one JSON object per logged event, appended and flushed."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "a")
+
+    def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        self._f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class DataWait:
+    """Wall time spent waiting for batches, on the rank that measures it.
+
+    ``with wait.waiting(): micro = [next(batches) ...]`` around each fetch; at a log step,
+    ``wait.take()`` returns (seconds waited, seconds elapsed) since the previous ``take`` and
+    starts a new window. Pass them to :meth:`TensorBoard.timing`.
+    """
+
+    def __init__(self, clock=time.perf_counter):
+        self._clock = clock
+        self._waited = 0.0
+        self._window_start = clock()
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._waited += self._clock() - start
+
+    def take(self) -> tuple[float, float]:
+        now = self._clock()
+        result = (self._waited, now - self._window_start)
+        self._waited, self._window_start = 0.0, now
+        return result
 
 
 class RunMonitor:
@@ -185,3 +234,35 @@ def duration(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class TrainWindow:
+    """Device-side sums over the steps between two log steps (no host sync per step)."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.confusion.zero_()
+        self.steps = 0
+        self.grad_norm = None
+        self.start = time.perf_counter()
+
+
+def validation_sample(first, channels: list[int] | None, shift, scale, full_shape,
+                      step: int) -> tuple:
+    """(field, truth, prediction, title, window) for :meth:`RunMonitor.eval_result`'s map from
+    ``first`` (input, truth, prediction of the first validation sample): the TMQ field (or the
+    first channel used) in its own units, drawn where its crop lies."""
+    from climseg.plot import centre_window
+
+    x, y, pred = first
+    channels = channels or list(range(len(CHANNELS)))
+    column = channels.index(0) if 0 in channels else 0
+    field = x[column].float().numpy() / scale[column] + shift[column]
+    title = f"{CHANNELS[channels[column]]}, validation, step {step}"
+    window = centre_window(full_shape[:2], tuple(field.shape))
+    return field, y.numpy(), pred.numpy(), title, window

@@ -39,14 +39,7 @@ class LAMB(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.01, max_grad_norm: float = 1.0,
                  bias_correction: bool = True):
-        if not lr >= 0:
-            raise ValueError(f"optimizer.lr: must be non-negative, got {lr}")
-        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"optimizer.betas: must be two numbers in [0, 1), got {betas}")
-        if not eps > 0:
-            raise ValueError(f"optimizer.eps: must be positive, got {eps}")
-        if not weight_decay >= 0:
-            raise ValueError(f"optimizer.weight_decay: must be non-negative, got {weight_decay}")
+        # The values were validated with the config (climseg.config.OptimizerConfig).
         # max_grad_norm is kept in the groups (so that it survives state_dict() and Horovod's
         # re-construction of the optimizer) but clipping is global: the first group's value
         # applies to all.
@@ -215,8 +208,6 @@ def build_optimizer(params: Iterable, name: str = "lamb", lr: float = 1e-3,
                          f"choose one of {sorted(OPTIMIZERS)}")
     for key in kwargs:
         raise ValueError(f"optimizer.{key}: unknown option")
-    if len(betas) != 2:
-        raise ValueError(f"optimizer.betas: must be two numbers, got {list(betas)}")
     params = list(params)
     device = _first_device(params)
     fused = True if device is not None and device.type == "cuda" else None

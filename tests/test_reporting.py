@@ -2,7 +2,7 @@
 per-segment log files, and the TensorBoard run (hyperparameters at start, a named run).
 
 The oracle for the log is ``python -m mlperf_logging.compliance_checker --usage hpc``: a key
-list here would only repeat what reporting.py believes the rules are.
+list here would only repeat what climseg.mlperf believes the rules are.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import mlperf_logging  # noqa: F401  (a dependency of climseg: missing, the modu
 import pytest
 
 from climseg.config import load_config
-from climseg.reporting import (CLOSED_EVAL_SAMPLES, CLOSED_TRAIN_SAMPLES, DataWait, MLPerfLog,
-                               TensorBoard, hparams_of, launch_topology, mlperf_division,
-                               mlperf_log_path, run_name)
+from climseg.mlperf import (CLOSED_EVAL_SAMPLES, CLOSED_TRAIN_SAMPLES, MLPerfLog,
+                            launch_topology, mlperf_division, mlperf_log_path)
+from climseg.monitor import DataWait
+from climseg.tensorboard import TensorBoard, hparams_of, run_name
 from conftest import HUNG_S
 
 REPO = Path(__file__).resolve().parent.parent

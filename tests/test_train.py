@@ -13,6 +13,7 @@ import torch
 from climseg import train as train_module
 from climseg.checkpoint import load_checkpoint, step_checkpoints
 from climseg.config import load_config
+from climseg.health import FP16_SKIP_LIMIT, Health
 from conftest import require_horovod
 from exact import (EXACT, assert_same_losses, assert_same_training_across_ranks,
                    assert_same_weights, losses)
@@ -221,7 +222,7 @@ def test_resume_matches_uninterrupted_run(tiny_root, tmp_path):
 
 
 def test_mlperf_log_can_be_opened_twice_in_one_process(tmp_path):
-    from climseg.reporting import MLPerfLog
+    from climseg.mlperf import MLPerfLog
 
     for name in ("a.log", "b.log"):
         log = MLPerfLog(tmp_path / name)
@@ -306,20 +307,20 @@ def test_batchnorm_group_that_does_not_divide_the_ranks_exits_2(tiny_root, tmp_p
 def test_fp16_divergence_only_after_a_streak_of_skipped_steps():
     # GradScaler skips a non-finite step by design; only FP16_SKIP_LIMIT in a row is divergence.
     nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
-    health = train_module._Health(torch.device("cpu"), fp16=True)
+    health = Health(torch.device("cpu"), fp16=True)
     step = 0
-    for _ in range(train_module.FP16_SKIP_LIMIT - 1):
+    for _ in range(FP16_SKIP_LIMIT - 1):
         step += 1
         health.update(step, nan, None)
     step += 1
     health.update(step, one, None)  # a good step ends the streak
     assert health.first.tolist() == [1, 0, 0]
-    for _ in range(train_module.FP16_SKIP_LIMIT):
+    for _ in range(FP16_SKIP_LIMIT):
         step += 1
         health.update(step, one, torch.tensor(float("inf")))
-    assert health.first.tolist() == [1, step - train_module.FP16_SKIP_LIMIT + 1, step]
+    assert health.first.tolist() == [1, step - FP16_SKIP_LIMIT + 1, step]
     # fp32: the first non-finite step is fatal.
-    health = train_module._Health(torch.device("cpu"), fp16=False)
+    health = Health(torch.device("cpu"), fp16=False)
     health.update(1, one, None)
     health.update(2, nan, None)
     assert health.first.tolist() == [2, 0, 2]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from climseg.bench import Result, format_table  # noqa: E402
+from climseg.bench.common import Result, format_table  # noqa: E402
 
 # The issue's targets on one H100, full 768x1152 samples, bf16 (issue 9, "Needs a GPU").
 STEP_TARGET = 110.0       # samples/s, data already on the GPU, batch 8

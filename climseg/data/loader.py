@@ -180,10 +180,6 @@ class BatchLoader:
             raise ValueError(f"shift and scale need {self.out_channels} values (one per "
                              f"selected channel), got {shift.shape} and {scale.shape}")
         self.shift, self.scale = shift, scale
-        # Per-row copies of (shift, scale): numpy broadcasting over a last axis of 16 runs
-        # ~3x slower than over a whole row.
-        self._shift_row = np.tile(shift, crop[1])
-        self._scale_row = np.tile(scale, crop[1])
 
         self._cuda = self.device.type == "cuda"
         if self._cuda:
@@ -192,10 +188,9 @@ class BatchLoader:
             self._scale_dev = torch.from_numpy(scale).to(self.device)
             self._channels_dev = (None if self.channels is None else
                                   torch.tensor(self.channels, device=self.device))
-        self._layouts: dict[Path, _Layout] = {}
-        self._layout_lock = threading.Lock()
+        self._reader = _SampleReader(self.full_shape, crop, self.channels, shift, scale,
+                                     self._cuda)
         self._slots: list[_Slot] = []
-        self._local = threading.local()
 
     # ----------------------------------------------------------------------------- planning
     def __len__(self) -> int:
@@ -321,9 +316,7 @@ class BatchLoader:
     # ----------------------------------------------------------------------------- reading
     def _load(self, batch: _Batch, i: int, path: Path, top: int, left: int) -> None:
         try:
-            layout = self._layout(path)
-            self._read_data(batch.slot.xnp[i], path, layout.data_offset, top, left)
-            self._read_labels(batch.slot.ynp[i], path, layout.label_offset, top, left)
+            self._reader.read(batch.slot.xnp[i], batch.slot.ynp[i], path, top, left)
         except fmt.DataError:
             raise
         except Exception as err:  # an I/O error, a file changed under us, ...
@@ -334,6 +327,48 @@ class BatchLoader:
                 last = batch.remaining == 0
             if last:
                 self._to_device(batch)
+
+    # ----------------------------------------------------------------------------- CUDA
+    def _to_device(self, batch: _Batch) -> None:
+        """Copy a filled pinned slot to the GPU on the side stream, and normalize it there."""
+        n = batch.size
+        slot = batch.slot
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            x = slot.x[:n].to(self.device, non_blocking=True)
+            y = slot.y[:n].to(self.device, non_blocking=True)
+            slot.event = torch.cuda.Event()
+            slot.event.record(self._stream)  # the slot may be refilled once this completes
+            if self._channels_dev is not None:
+                x = x.index_select(3, self._channels_dev)
+            x.sub_(self._shift_dev).mul_(self._scale_dev)
+            batch.x = x.permute(0, 3, 1, 2)
+            batch.y = y.to(torch.int64)
+            batch.event = torch.cuda.Event()
+            batch.event.record(self._stream)
+        batch.done.set()
+
+
+class _SampleReader:
+    """Reads one sample's crop into a batch slot, for any of the loader's threads: straight
+    from the file's bytes where its layout allows (contiguous float32 data, uint8 labels),
+    else through h5py; the data normalized on the CPU, raw (all channels) for CUDA."""
+
+    def __init__(self, full_shape, crop: tuple[int, int], channels: list[int] | None,
+                 shift: np.ndarray, scale: np.ndarray, cuda: bool):
+        self.full_shape, self.file_channels = full_shape, full_shape[2]
+        self.crop, self.channels, self._cuda = crop, channels, cuda
+        # Per-row copies of (shift, scale): numpy broadcasting over a last axis of 16 runs
+        # ~3x slower than over a whole row.
+        self._shift_row = np.tile(shift, crop[1])
+        self._scale_row = np.tile(scale, crop[1])
+        self._layouts: dict[Path, _Layout] = {}
+        self._layout_lock = threading.Lock()
+        self._local = threading.local()
+
+    def read(self, x: np.ndarray, y: np.ndarray, path: Path, top: int, left: int) -> None:
+        layout = self._layout(path)
+        self._read_data(x, path, layout.data_offset, top, left)
+        self._read_labels(y, path, layout.label_offset, top, left)
 
     def _layout(self, path: Path) -> _Layout:
         layout = self._layouts.get(path)
@@ -419,25 +454,6 @@ class BatchLoader:
                                           path)
         if raw is not out:
             np.copyto(out, raw, casting="unsafe")
-
-    # ----------------------------------------------------------------------------- CUDA
-    def _to_device(self, batch: _Batch) -> None:
-        """Copy a filled pinned slot to the GPU on the side stream, and normalize it there."""
-        n = batch.size
-        slot = batch.slot
-        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            x = slot.x[:n].to(self.device, non_blocking=True)
-            y = slot.y[:n].to(self.device, non_blocking=True)
-            slot.event = torch.cuda.Event()
-            slot.event.record(self._stream)  # the slot may be refilled once this completes
-            if self._channels_dev is not None:
-                x = x.index_select(3, self._channels_dev)
-            x.sub_(self._shift_dev).mul_(self._scale_dev)
-            batch.x = x.permute(0, 3, 1, 2)
-            batch.y = y.to(torch.int64)
-            batch.event = torch.cuda.Event()
-            batch.event.record(self._stream)
-        batch.done.set()
 
 
 def _pread_rows(fd: int, out: np.ndarray, start: int, stride: int, path: Path) -> None:

@@ -364,10 +364,8 @@ def generate_fields(rng: np.random.Generator, height: int = HEIGHT,
     f = col(2.0 * _OMEGA * np.sin(np.deg2rad(lat1)))
 
     ch: dict[str, np.ndarray] = {}
-    u850 = col(u1) + eddy * u_w + feat.u
-    v850 = eddy * v_w + feat.v
-    ch["U850"] = u850
-    ch["V850"] = v850
+    ch["U850"] = u850 = col(u1) + eddy * u_w + feat.u
+    ch["V850"] = v850 = eddy * v_w + feat.v
     # Surface winds: weaker and turned towards low pressure by friction (left in the north).
     turn_c, turn_s = np.float32(np.cos(0.35)), np.float32(np.sin(0.35))
     ch["UBOT"] = 0.72 * (u850 * turn_c - sign * v850 * turn_s)
@@ -485,18 +483,26 @@ def detect_labels(data: np.ndarray) -> np.ndarray:
     """
     height, width = data.shape[:2]
     lat = np.linspace(-90.0, 90.0, height)
-    alat = np.abs(lat)
-    coslat = np.cos(np.deg2rad(lat))
     labels = np.zeros((height, width), np.uint8)
-    u, v = data[..., _CH["U850"]], data[..., _CH["V850"]]
-    dlat_km = 180.0 / (height - 1) * _KM_PER_DEG
-    dlon_km = 360.0 / width * _KM_PER_DEG
 
     # Local sea-level-pressure depression: below the mean of a ~12-degree box around.
     psl = data[..., _CH["PSL"]]
     size_r = max(3, int(round(0.07 * height)))
     size_c = max(3, int(round(size_r * width / (2.0 * height))))
     depression = ndi.uniform_filter(psl, size=(size_r, size_c), mode=("nearest", "wrap")) - psl
+    _label_rivers(data, lat, depression, labels)
+    _label_cyclones(data, lat, depression, labels)
+    return labels
+
+
+def _label_rivers(data: np.ndarray, lat: np.ndarray, depression: np.ndarray,
+                  labels: np.ndarray) -> None:
+    """Mark detect_labels' atmospheric rivers (2) in ``labels``."""
+    height, width = data.shape[:2]
+    alat = np.abs(lat)
+    coslat = np.cos(np.deg2rad(lat))
+    dlat_km = 180.0 / (height - 1) * _KM_PER_DEG
+    dlon_km = 360.0 / width * _KM_PER_DEG
     # Atmospheric rivers.
     ivt = transport(data)
     # The ring of strong wind around a deep (sub)tropical low is a cyclone's, not a river's.
@@ -535,6 +541,13 @@ def detect_labels(data: np.ndarray) -> np.ndarray:
         keep[0] = False
         labels[keep[comp]] = 2
 
+
+def _label_cyclones(data: np.ndarray, lat: np.ndarray, depression: np.ndarray,
+                    labels: np.ndarray) -> None:
+    """Mark detect_labels' tropical cyclones (1) in ``labels``, over any river there."""
+    height, width = data.shape[:2]
+    alat = np.abs(lat)
+    u, v = data[..., _CH["U850"]], data[..., _CH["V850"]]
     # Tropical cyclones.
     band = (alat >= TC_LAT_RANGE[0]) & (alat <= TC_LAT_RANGE[1])
     comp, n = _components((depression >= TC_MIN_DEPRESSION) & band[:, None])
@@ -568,7 +581,6 @@ def detect_labels(data: np.ndarray) -> np.ndarray:
                 continue
             inner = region & (dep >= max(TC_MIN_DEPRESSION, _TC_LABEL_FRACTION * peak))
             labels[sl][inner] = 1
-    return labels
 
 
 def generate_sample(rng: np.random.Generator, height: int = HEIGHT,

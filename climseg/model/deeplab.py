@@ -7,8 +7,8 @@ parameter count or on what the layers compute at the reference tile size:
 
 - The image-pooling branch of ASPP is broadcast to the size of the feature map it is
   concatenated with; the reference tiles it to a fixed 48x72 (a 768x1152 input only).
-- No `rank`, no printing, no process group: batch norm layers are plain `nn.BatchNorm2d`, and
-  whoever wants synchronized batch norm converts them (`hvd.SyncBatchNorm`, ...).
+- No `rank`, no printing, no process group: batch norm layers are plain `nn.BatchNorm2d`;
+  `climseg.batchnorm.convert_batchnorm` swaps them for group batch norm when a run asks.
 - Only output stride 16 exists: the reference's deconvolution decoder is built for it
   (two stride-2 deconvolutions from 1/16 to the 1/4 low-level features).
 

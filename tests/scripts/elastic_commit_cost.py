@@ -3,8 +3,8 @@
 Usage: python tests/scripts/elastic_commit_cost.py DATA_ROOT [REPEATS] [optimizer.name=adamw ...]
 Builds the trainer of yaml/ci.yaml (the full DeepLabv3+, whatever the crop) with
 train.elastic=true on DATA_ROOT, takes one training step so that the optimizer holds its
-state, then times Trainer.elastic_save (a commit, without the host-update broadcast) and
-Trainer.elastic_restore, and prints the median and range in seconds.
+state, then times ElasticDriver.save (a commit, without the host-update broadcast) and
+ElasticDriver.restore, and prints the median and range in seconds.
 """
 
 import logging
@@ -17,6 +17,7 @@ from pathlib import Path
 from climseg import dist
 from climseg.config import load_config
 from climseg.logs import setup_logging
+from climseg.elastic import ElasticDriver
 from climseg.train import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,16 +43,17 @@ def main() -> None:
             f"data.root={root}", f"output_dir={out}", "train.elastic=true",
             "train.global_batch_size=2", "train.max_steps=1", "train.validation_frequency=0",
             *sys.argv[3:]])
-        trainer = Trainer(cfg)
-        trainer.enter_elastic()
+        trainer = Trainer(cfg, start=False)
+        driver = ElasticDriver(trainer)
+        driver.enter()
         batches = trainer.data.train.epoch(0)
         trainer.train_step([next(batches) for _ in range(trainer.accum)])
         batches.close()
         params = sum(p.numel() for p in trainer.model.parameters())
         state = sum(v.numel() for s in trainer.optimizer.state.values() for v in s.values()
                     if hasattr(v, "numel"))
-        saves = timed(trainer.elastic_save, repeats)
-        restores = timed(trainer.elastic_restore, repeats)
+        saves = timed(driver.save, repeats)
+        restores = timed(driver.restore, repeats)
         trainer.close()
     print(f"{cfg.optimizer.name}: {params / 1e6:.2f} M parameters, {state / 1e6:.2f} M optimizer "
           f"values, {repeats} repeats")

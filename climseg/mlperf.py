@@ -1,41 +1,19 @@
-"""Rank 0's reporters: TensorBoard, the MLPerf log, and a JSON-lines metrics file.
-
-Each is built only on the primary rank; elsewhere the trainer holds ``None``. None of them
-runs a collective, so a rank-0 branch around them can never deadlock the other ranks. What
-needs every rank (the launch topology from all hostnames) is gathered by the trainer first and
-passed in as plain values.
+"""The MLPerf HPC DeepCAM log: the launch topology it reports, the division a run belongs to
+(closed or open, with the reasons), and :class:`MLPerfLog`, rank 0's writer of one run
+segment's ``mlperf.log`` with ``mlperf-logging``'s mllog. Nothing here runs a collective: the
+topology is gathered from every rank by the caller and passed in as plain values.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
-
-import numpy as np
+from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
-
-
-class MetricsFile:
-    """``output_dir/metrics.jsonl``: one JSON object per logged event, appended and flushed."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._f = open(self.path, "a")
-
-    def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
-        self._f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
 
 
 # ----------------------------------------------------------------------------------- launch
@@ -343,158 +321,9 @@ class MLPerfLog:
             self.event("scheduler_eta_min", sched.eta_min)
         return self.division
 
-
-# ------------------------------------------------------------------------------ TensorBoard
-# The scalar tags the HParams table shows as metric columns (logged by the trainer later).
-HPARAM_METRICS = ("eval/eval_accuracy", "eval/mean_iou", "eval/loss", "train/loss")
-
-
-def run_name(output_dir: str | Path) -> str:
-    """The name a run has in TensorBoard's runs list: its output directory's name."""
-    return Path(output_dir).resolve().name or "run"
-
-
-def hparams_of(cfg, topology: Topology, global_batch: int, batchnorm_group_size: int,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The flat hyperparameters shown in TensorBoard: every config key (dotted) plus the launch
-    (ranks, nodes, GPUs per node, global batch, batch-norm group)."""
-    flat = _flatten(cfg.to_dict())
-    flat.update({"launch.ranks": topology.number_of_ranks,
-                 "launch.nodes": topology.number_of_nodes,
-                 "launch.accelerators_per_node": topology.accelerators_per_node,
-                 "launch.device": topology.device_type,
-                 "launch.global_batch_size": int(global_batch),
-                 "launch.batchnorm_group_size": int(batchnorm_group_size)})
-    flat.update(extra or {})
-    return flat
-
-
-class TensorBoard:
-    """Scalars, the validation map and the hyperparameters of one run.
-
-    Events go to ``log_dir/<name>`` so that ``tensorboard --logdir log_dir`` lists the run
-    under ``name`` (a writer at ``log_dir`` itself is listed as "."). The hyperparameters are
-    written when the writer opens, so a killed run is in the HParams table too; its metric
-    columns are the scalars of :data:`HPARAM_METRICS`, which the HParams plugin reads from this
-    same run as they are logged. A resumed segment writes into the same run directory.
-    """
-
-    def __init__(self, log_dir: Path, name: str, hparams: dict[str, Any],
-                 metrics: Iterable[str] = HPARAM_METRICS):
-        from torch.utils.tensorboard import SummaryWriter
-        from torch.utils.tensorboard.summary import hparams as hparams_summaries
-
-        self.run_dir = Path(log_dir) / name
-        self.writer = SummaryWriter(log_dir=str(self.run_dir))
-        values = {k: _hparam_value(v) for k, v in hparams.items()}
-        # The metric values passed here are not written anywhere (only their tags are): the
-        # plugin takes each metric's value from the run's scalars of that tag.
-        experiment, session_start, self._session_end = hparams_summaries(
-            values, {tag: 0.0 for tag in metrics})
-        file_writer = self.writer._get_file_writer()
-        file_writer.add_summary(experiment)
-        file_writer.add_summary(session_start)
-        self.writer.flush()
-
-    def scalars(self, prefix: str, values: dict[str, float | None], step: int) -> None:
-        for name, value in values.items():
-            if value is not None and math.isfinite(value):
-                self.writer.add_scalar(f"{prefix}/{name}", value, step)
-
-    def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
-        self.writer.add_image(tag, rgb, step, dataformats="HWC")
-
-    def validation_map(self, field: np.ndarray, truth, prediction, step: int, title: str,
-                       window=None, tag: str = "validation/map") -> None:
-        """The map of one validation sample, drawn at its place on the globe (``window``:
-        :class:`climseg.plot.GridWindow`, e.g. ``centre_window(full_shape, crop)``)."""
-        from climseg.plot import figure_to_array, plot_sample
-
-        fig = plot_sample(field, prediction=prediction, truth=truth, title=title, window=window)
-        self.image(tag, figure_to_array(fig), step)
-
-    def timing(self, step: int, *, step_seconds: float, data_wait_seconds: float) -> None:
-        """``perf/data_wait_share``: the part of the steps' wall time spent waiting for batches
-        (0: the loader keeps up; near 1: the accelerator starves)."""
-        if step_seconds > 0:
-            self.scalars("perf", {"data_wait_share": data_wait_seconds / step_seconds}, step)
-
-    def validation_time(self, step: int, seconds: float) -> None:
-        self.scalars("eval", {"seconds": seconds}, step)
-
-    def epoch(self, step: int, epoch_num: int) -> None:
-        self.scalars("train", {"epoch": float(epoch_num)}, step)
-
-    def peak_memory(self, step: int, device) -> None:
-        """``perf/peak_gpu_memory_gib``: rank 0's peak allocated GPU memory since the last call
-        (the peak is reset after reading); nothing on a CPU device."""
-        import torch
-
-        if getattr(device, "type", str(device)) != "cuda":
-            return
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-        torch.cuda.reset_peak_memory_stats(device)
-        self.scalars("perf", {"peak_gpu_memory_gib": peak}, step)
-
-    def close(self) -> None:
-        """Ends the HParams session (a killed run, which never gets here, has no end there)."""
-        self.writer._get_file_writer().add_summary(self._session_end)
-        self.writer.close()
-
-
-class DataWait:
-    """Wall time spent waiting for batches, on the rank that measures it.
-
-    ``with wait.waiting(): micro = [next(batches) ...]`` around each fetch; at a log step,
-    ``wait.take()`` returns (seconds waited, seconds elapsed) since the previous ``take`` and
-    starts a new window. Pass them to :meth:`TensorBoard.timing`.
-    """
-
-    def __init__(self, clock=time.perf_counter):
-        self._clock = clock
-        self._waited = 0.0
-        self._window_start = clock()
-
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
-        start = self._clock()
-        try:
-            yield
-        finally:
-            self._waited += self._clock() - start
-
-    def take(self) -> tuple[float, float]:
-        now = self._clock()
-        result = (self._waited, now - self._window_start)
-        self._waited, self._window_start = 0.0, now
-        return result
-
-
 def _platform(t: Topology) -> str:
     """A platform description from the launch when the submitter gives none."""
     nodes = f"{t.number_of_nodes} node{'s' if t.number_of_nodes != 1 else ''}"
     if t.accelerators_per_node:
         return f"{nodes} x {t.accelerators_per_node} GPU"
     return f"{nodes}, CPU"
-
-
-def _hparam_value(value: Any) -> int | float | str:
-    """TensorBoard's HParams take numbers and strings; booleans (which torch would turn into
-    0/1), lists and None become text."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float, str)):
-        return value
-    if value is None:
-        return "null"
-    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

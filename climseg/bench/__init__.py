@@ -1,0 +1,56 @@
+"""``python -m climseg.bench {step,loader,train}``: how fast the step, the loader, the trainer run.
+
+* ``step``: forward + backward + optimizer step on a synthetic batch resident on the device
+  (bf16 autocast and channels_last on CUDA by default; ``--compile`` reports compile time).
+* ``loader``: climseg's :class:`BatchLoader` and the reference-style read path (a torch
+  DataLoader whose worker processes do h5py read, transpose to CHW and normalize per sample,
+  collated by the default collate) on the same files, side by side and interleaved, several
+  thread/worker counts each; the reference is scored by its best worker count.
+* ``train``: the real trainer (:func:`climseg.train.train`) for N steps on staged files, with
+  the time each step waits on the loader measured from outside.
+
+Each prints one table (samples/s, ms per step, MB/s read, data-wait share, peak memory,
+TFLOP/s) and, with ``--json PATH``, writes it as JSON. Tiny sizes run in seconds on a CPU, so
+CI smoke-tests every mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from climseg.atomic import atomic_path
+from climseg.bench.common import environment, format_table, log, parse_args
+from climseg.bench.loader import loader_mode
+from climseg.bench.step import step_mode
+from climseg.bench.train import train_mode
+from climseg.config import ConfigError
+from climseg.data.format import DataError
+
+MODES = {"step": step_mode, "loader": loader_mode, "train": train_mode}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        results, summary = MODES[args.mode](args)
+    except (ConfigError, DataError) as err:
+        log.error("error: %s", err)
+        return 2
+    print(format_table(results))
+    if args.mode == "loader" and "speedup" in summary:
+        print(f"climseg best ({summary['climseg_best']}) / reference best "
+              f"({summary['reference_best']}): {summary['speedup']:.2f}x (medians); per repeat: "
+              + ", ".join(f"{s:.2f}x" for s in summary["speedup_per_repeat"]))
+    if args.json:
+        record = {"mode": args.mode, "argv": sys.argv if argv is None else argv,
+                  "environment": environment(), "summary": summary,
+                  "results": [asdict(r) for r in results]}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(Path(args.json)) as tmp:
+            tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return 0

@@ -1,0 +1,5 @@
+import sys
+
+from climseg.bench import main
+
+sys.exit(main())
