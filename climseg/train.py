@@ -305,7 +305,8 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.accum = t.gradient_accumulation
         self.progress = Progress() if t.elastic else self.resume()
-        self.step_model = torch.compile(self.model) if t.compile else self.model
+        step_model = dist.wrap_model(self.model, t.gradient_compression)  # self.model: unwrapped
+        self.step_model = torch.compile(step_model) if t.compile else step_model
         # LAMB clips inside its own step; the others clip the global norm in train_step.
         self.clip_norm = cfg.optimizer.max_grad_norm if cfg.optimizer.name != "lamb" else 0.0
         self.health = _Health(self.device, fp16=self.prec.scaler is not None)
@@ -805,8 +806,14 @@ def parse_args(argv: list[str] | None = None):
         epilog="Overrides are dotted keys, e.g. optimizer.lr=0.002 data.root=/dev/shm/cam "
                "train.max_steps=100. See README.md for every key.")
     parser.add_argument("--config", required=True, help="YAML file, e.g. yaml/demo.yaml")
+    parser.add_argument("--engine", choices=dist.ENGINES, default=None,
+                        help="the dist.engine override: horovod (horovodrun, srun with MPI) or "
+                             "torch (torchrun, srun); see docs/engines.md")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.engine is not None:
+        args.overrides.append(f"dist.engine={args.engine}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -814,12 +821,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     SIGNALS.install()  # before Horovod starts: a signal during start-up is a stop, not a death
     try:
-        dist.init()
-    except RuntimeError as err:
+        cfg = load_config(args.config, args.overrides)  # first: it names the engine
+        dist.init(cfg.dist.engine)
+    except (ConfigError, RuntimeError) as err:
         return cli.fail("train", str(err))
     setup_logging(dist.rank(), dist.size())
     try:
-        summary = train(load_config(args.config, args.overrides))
+        summary = train(cfg)
     except RUN_ERRORS + (RunError, DivergenceError) as err:
         log.error("error: %s", err)
         return EXIT_ERROR
