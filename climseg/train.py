@@ -810,7 +810,7 @@ def parse_args(argv: list[str] | None = None):
                         help="the dist.engine override: horovod (horovodrun, srun with MPI) or "
                              "torch (torchrun, srun); see docs/engines.md")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # --engine may follow overrides
     if args.engine is not None:
         args.overrides.append(f"dist.engine={args.engine}")
     return args
