@@ -272,3 +272,26 @@ def test_slurm_rendezvous_from_srun_variables():
                         LOCAL_WORLD_SIZE="2")
     assert rendezvous(torchrun_env) == ("env://", 1, 2, 1, 2)
     assert rendezvous({}) is None
+
+
+# -- launch scripts ----------------------------------------------------------------------------
+
+def test_workstation_script_with_engine_torch_stages_and_trains(tiny_root, tmp_path):
+    # torchrun for both steps: `climseg stage` reads torchrun's rank variables, the trainer
+    # runs the torch engine; no horovodrun involved.
+    out, staged = tmp_path / "run", tmp_path / "staged"
+    env = _env(DATA=str(tiny_root), NGPUS="2", CONFIG="yaml/ci.yaml", STAGE_DIR=str(staged),
+               OUTPUT=str(out), ENGINE="torch")
+    proc = subprocess.run(["bash", "jobs/workstation.sh", "train.max_steps=2"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=900)
+    _ok(proc)
+    assert (staged / "train" / "index.txt").is_file()
+    assert sorted(losses(out)) == [1, 2]
+    assert "dist:\n  engine: torch" in (out / "config.yaml").read_text()
+
+
+def test_workstation_script_rejects_an_unknown_engine(tmp_path):
+    proc = subprocess.run(["bash", "jobs/workstation.sh"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=_env(DATA=str(tmp_path), ENGINE="mpi"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "workstation.sh: ENGINE=mpi: expected horovod or torch"
