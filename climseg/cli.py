@@ -96,7 +96,8 @@ def _usage() -> str:
              "", "commands:"]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, _, desc) in COMMANDS.items()]
     lines += ["", "`climseg COMMAND --help` shows a command's options. Several ranks: "
-              "horovodrun -np N --gloo climseg COMMAND ... (or srun)."]
+              "horovodrun -np N --gloo climseg COMMAND ... (or srun); with dist.engine=torch, "
+              "torchrun --nproc_per_node N -m climseg COMMAND ... (docs/engines.md)."]
     return "\n".join(lines)
 
 

@@ -38,7 +38,7 @@ else:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
 def _common(root: Path, out: Path) -> list[str]:
@@ -295,3 +295,39 @@ def test_workstation_script_rejects_an_unknown_engine(tmp_path):
                           text=True, timeout=60, env=_env(DATA=str(tmp_path), ENGINE="mpi"))
     assert proc.returncode == 2
     assert proc.stderr.strip() == "workstation.sh: ENGINE=mpi: expected horovod or torch"
+
+
+# -- the tools under torchrun ------------------------------------------------------------------
+
+def test_evaluate_under_torchrun_matches_one_process(runs, tiny_root, tmp_path):
+    from climseg import evaluate
+
+    _, path = step_checkpoints(runs["torch"])[-1]
+    out = tmp_path / "two.json"
+    _ok(_run(TORCHRUN + ["2", "-m", "climseg.evaluate", "--checkpoint", str(path), "--data",
+                         str(tiny_root), "--batch-size", "1", "--output", str(out)]))
+    two = json.loads(out.read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' kernels, for bit-identical logits
+    try:
+        one = evaluate.score(path, tiny_root, batch_size=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert two["ranks"] == 2 and two["samples"] == one["samples"]
+    assert two["confusion"] == one["confusion"]
+
+
+def test_summarize_under_torchrun_matches_one_process(tiny_root, tmp_path):
+    import h5py
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_root / "train", root / "train")
+    _ok(_run(TORCHRUN + ["2", "-m", "climseg", "summarize", "--data", str(root)], timeout=300))
+    with h5py.File(tiny_root / "stats.h5") as one, h5py.File(root / "stats.h5") as two:
+        names = []
+        one.visit(names.append)
+        datasets = [n for n in names if isinstance(one[n], h5py.Dataset)]
+        assert datasets
+        for name in datasets:
+            a, b = one[name][()], two[name][()]
+            assert a.shape == b.shape and ((a == b) | (abs(a - b) <= 1e-9 * abs(a))).all(), name
