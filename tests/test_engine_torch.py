@@ -84,11 +84,17 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True, mmap=True)["model"]
 
 
-def max_weight_diff(a: Path, b: Path) -> float:
+RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def max_weight_diff(a: Path, b: Path, buffers: bool = True) -> float:
+    """The largest difference between two runs' final model tensors; ``buffers=False`` leaves
+    out batch-norm running statistics (one process accumulating micro-batches updates them
+    once per micro-batch, ranks once per step and then average them)."""
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
-    return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa
-               if wa[k].is_floating_point())
+    keys = [k for k in wa if buffers or not k.endswith(RUNNING_STATS)]
+    return max((wa[k].double() - wb[k].double()).abs().max().item() for k in keys)
 
 
 @pytest.fixture(scope="module")
@@ -104,16 +110,16 @@ def runs(tiny_root, tmp_path_factory):
     return out
 
 
-def _assert_same_run(a: Path, b: Path, steps=range(1, STEPS + 1)) -> None:
+def _assert_same_run(a: Path, b: Path, steps=range(1, STEPS + 1), buffers: bool = True) -> None:
     la, lb = losses(a), losses(b)
     for step in steps:
         assert abs(la[step] - lb[step]) <= TOL, (step, la[step], lb[step])
-    assert max_weight_diff(a, b) <= TOL
+    assert max_weight_diff(a, b, buffers) <= TOL
 
 
 def test_two_torch_ranks_match_one_process_with_accumulation(runs):
     assert sorted(losses(runs["torch"])) == list(range(1, STEPS + 1))
-    _assert_same_run(runs["torch"], runs["single"])
+    _assert_same_run(runs["torch"], runs["single"], buffers=False)
 
 
 def test_two_torch_ranks_match_two_horovod_ranks(runs):
