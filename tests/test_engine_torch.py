@@ -153,8 +153,10 @@ def test_accumulation_and_fp16_compression_under_torch(tiny_root, tmp_path):
                  "train.gradient_compression=fp16"))
     lp, lc = losses(plain), losses(packed)
     assert lp[1] == lc[1]  # the first loss comes before any reduced gradient
-    assert abs(lp[2] - lc[2]) <= 1e-2 * abs(lp[2])
-    assert 0 < max_weight_diff(plain, packed) <= 1e-2
+    # fp16 gradients move the step-2 loss (the hook is on) by rounding only: measured 2e-6
+    # relative, parameters 3e-3 apart after 2 AdamW steps of lr 0.002.
+    assert 0 < abs(lp[2] - lc[2]) <= 1e-4 * abs(lp[2])
+    assert 0 < max_weight_diff(plain, packed, buffers=False) <= 1e-2
 
 
 def _wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float = 600) -> None:
