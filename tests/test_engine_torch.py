@@ -209,7 +209,10 @@ def test_sigterm_to_one_rank_stops_all_and_resume_crosses_engines(tiny_root, tmp
     _ok(horovodrun(2, *_common(tiny_root, other), "resume=auto"))
     for resumed in (stopped, other):
         assert sorted(losses(resumed)) == list(range(1, STEPS + 1))
-        _assert_same_run(resumed, runs["torch"], steps=range(step + 1, STEPS + 1))
+        # Parameters only: a resume broadcasts rank 0's batch-norm running statistics (the
+        # stopped run saved them unaveraged), under either engine; the losses show the rest.
+        _assert_same_run(resumed, runs["torch"], steps=range(step + 1, STEPS + 1),
+                         buffers=False)
 
 
 def test_batchnorm_groups_of_two_on_four_torch_ranks(tmp_path):
