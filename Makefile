@@ -18,6 +18,7 @@ DEMO_CONFIG  ?= yaml/demo.yaml
 RUN_DIR      ?= runs/demo
 TRAIN_ARGS   ?=
 PYTEST_ARGS  ?=
+HOROVOD      ?= 1
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -38,12 +39,21 @@ help:
 	@echo "make test-fast  install, run the unit-level tests only (-m \"not slow\": no horovodrun,"
 	@echo "              mpiexec, Slurm or training beyond a step); a few minutes on 2 cores"
 	@echo "make install  virtual environment $(VENV): requirements, torch, Horovod, then climseg"
+	@echo "              HOROVOD=0: no Horovod build, for the torch engine only (docs/engines.md)"
 	@echo "              itself (editable): the \`climseg\` command, \`python -m climseg.train\` anywhere"
 	@echo "make test-gpu on a GPU node: Horovod with NCCL, the CUDA tests, full-size benches, one table"
 	@echo "make clean-demo  remove $(DEMO_DIR) and $(RUN_DIR)"
 
 # --- install ----------------------------------------------------------------------------------
-install: horovod $(STAMPS)/climseg
+# HOROVOD=0 skips the Horovod build (for clusters where it cannot be built): climseg then runs
+# with dist.engine=torch under torchrun or srun (docs/engines.md). `make test` still needs it.
+ifeq ($(HOROVOD),0)
+HOROVOD_DEP := $(STAMPS)/requirements $(STAMPS)/torch
+else
+HOROVOD_DEP := horovod
+endif
+
+install: $(HOROVOD_DEP) $(STAMPS)/climseg
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV_ARGS) $(VENV)
@@ -70,7 +80,7 @@ horovod: $(STAMPS)/requirements $(STAMPS)/torch
 
 # climseg itself, editable (the checkout is what runs), last: --no-deps so that pip never
 # replaces the torch kept above, --no-build-isolation so that no package index is needed.
-$(STAMPS)/climseg: pyproject.toml | horovod
+$(STAMPS)/climseg: pyproject.toml | $(HOROVOD_DEP)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@mkdir -p $(STAMPS) && touch $@
 

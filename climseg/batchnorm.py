@@ -9,10 +9,10 @@ works on any device Horovod runs on (Gloo on CPU included).
 Group size: 1 = plain batch norm (nothing changes), N = groups of N consecutive ranks
 (ranks 0..N-1, N..2N-1, ...), 0 or None = all ranks.
 
-The groups are Horovod process sets made by :func:`climseg.dist.rank_group` (``dist.init``
-starts Horovod with dynamic process sets, so they can be added once the config is known);
-:func:`convert_batchnorm` must be called on every rank, in the same order, since adding a
-process set is itself a collective.
+The groups are made by :func:`climseg.dist.rank_group`: Horovod process sets (``dist.init``
+starts Horovod with dynamic process sets, so they can be added once the config is known) or
+torch.distributed ``new_group``s; :func:`convert_batchnorm` must be called on every rank, in
+the same order, since making a group is itself a collective.
 """
 
 from __future__ import annotations

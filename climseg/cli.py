@@ -19,7 +19,7 @@ from typing import NoReturn
 
 # name -> (module, function, one-line description); the order is the order of --help.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("climseg.train", "main",
+    "train": ("climseg.train_cli", "main",
               "train from a YAML config (alone, under horovodrun or srun)"),
     "evaluate": ("climseg.evaluate", "main", "score a checkpoint on a data split (IoU)"),
     "predict": ("climseg.predict", "main", "segment sample files with a checkpoint"),
@@ -112,7 +112,8 @@ def _usage() -> str:
              "", "commands:"]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, _, desc) in COMMANDS.items()]
     lines += ["", "`climseg COMMAND --help` shows a command's options. Several ranks: "
-              "horovodrun -np N --gloo climseg COMMAND ... (or srun)."]
+              "horovodrun -np N --gloo climseg COMMAND ... (or srun); with dist.engine=torch, "
+              "torchrun --nproc_per_node N -m climseg COMMAND ... (docs/engines.md)."]
     return "\n".join(lines)
 
 

@@ -229,6 +229,18 @@ class TrainConfig:
                      "must be 1 with train.elastic (rank groups cannot follow a change of ranks)")
 
 
+# Engines behind climseg.dist (docs/engines.md); kept here so a config needs no torch import.
+ENGINES = ("horovod", "torch")
+
+
+@dataclass
+class DistConfig:
+    engine: str = "horovod"              # horovod (horovodrun, srun+MPI) | torch (torchrun, srun)
+
+    def __post_init__(self):
+        _choice(self.engine, "dist.engine", ENGINES)
+
+
 @dataclass
 class Config:
     output_dir: str = "runs/default"
@@ -240,8 +252,13 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def __post_init__(self):
+        _require(not (self.train.elastic and self.dist.engine != "horovod"), "train.elastic",
+                 f"is Horovod-only (horovodrun --min-np/--max-np); dist.engine="
+                 f"{self.dist.engine} runs a fixed set of ranks: set train.elastic=false or "
+                 "dist.engine=horovod")
         _require(bool(self.data.root), "data.root", "is required (e.g. data.root=/dev/shm/cam)")
         _require(bool(self.output_dir), "output_dir", "is required")
         _require(self.seed > 0, "seed", "must be positive (MLPerf requires it)")

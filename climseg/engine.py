@@ -100,12 +100,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.M
     optimizer.zero_grad()  # set_to_none by default; Horovod 0.28 takes no argument
     loss_sum = torch.zeros((), device=prec.device)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=prec.device)
-    for x, y in micro_batches:
-        with prec.autocast():
-            logits = model(prec.prepare(x))
-            loss = loss_fn(logits, y)
-        scaled = loss / len(micro_batches)
-        (prec.scaler.scale(scaled) if prec.scaler is not None else scaled).backward()
+    for i, (x, y) in enumerate(micro_batches):
+        # Only the last micro-batch's backward communicates (torch's DDP; Horovod counts).
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else dist.no_sync(model):
+            with prec.autocast():
+                logits = model(prec.prepare(x))
+                loss = loss_fn(logits, y)
+            scaled = loss / len(micro_batches)
+            (prec.scaler.scale(scaled) if prec.scaler is not None else scaled).backward()
         loss_sum += loss.detach().float()
         with torch.no_grad():
             cm += confusion_matrix(logits.argmax(1), y, num_classes)

@@ -17,19 +17,17 @@ from typing import Any, Callable
 
 import torch
 
-from climseg import cli, dist
+from climseg import dist
 from climseg.batchnorm import convert_batchnorm
 from climseg.checkpoint import CheckpointManager, Progress
-from climseg.config import Config, ConfigError, load_config
+from climseg.config import Config, ConfigError
 from climseg.control import SIGNALS, StopVote, every_rank_agrees
 from climseg.data.build import Data, build_data
 from climseg.elastic import ElasticDriver
 from climseg.engine import (Precision, average_batchnorm_stats, configure_torch, evaluate,
                             grad_norm, tflop_per_sample, train_step)
-from climseg.errors import RUN_ERRORS, DivergenceError, RunError
 from climseg.health import Health
 from climseg.inference import select_device
-from climseg.logs import setup_logging
 from climseg.losses import build_loss
 from climseg.metrics import iou_from_confusion
 from climseg.mlperf import launch_topology, this_rank
@@ -60,8 +58,6 @@ def build_training(plan: RunPlan, device: torch.device):
                                     backward_passes_per_step=plan.accumulation)
     scheduler = build_scheduler(optimizer, **dataclasses.asdict(cfg.scheduler))
     return model, loss_fn, optimizer, scheduler
-
-
 
 
 class Trainer:
@@ -112,7 +108,10 @@ class Trainer:
                                              scaler=self.prec.scaler)
         self.accum = self.plan.accumulation  # the unit of progress.batch_in_epoch
         self.progress = Progress()
-        self.step_model = torch.compile(self.model) if t.compile else self.model
+        # DDP under the torch engine (Horovod: the model itself); self.model stays unwrapped, so
+        # checkpoints hold the same keys under either engine.
+        step_model = dist.wrap_model(self.model, t.gradient_compression)
+        self.step_model = torch.compile(step_model) if t.compile else step_model
         # LAMB clips inside its own step; the others clip the global norm in train_step.
         self.clip_norm = cfg.optimizer.max_grad_norm if cfg.optimizer.name != "lamb" else 0.0
         self.health = Health(self.device, self.prec.scaler is not None, self.step_inputs)
@@ -363,38 +362,6 @@ def train(cfg: Config, on_data: Callable[[Data], Data] | None = None) -> dict[st
     return Trainer(cfg, on_data).fit()
 
 
-def parse_args(argv: list[str] | None = None):
-    parser = cli.ArgumentParser(
-        "train", description="Train DeepLabv3+ on CAM5 climate data (single process, horovodrun or srun).",
-        epilog="Overrides are dotted keys, e.g. optimizer.lr=0.002 data.root=/dev/shm/cam "
-               "train.max_steps=100. See README.md for every key.")
-    parser.add_argument("--config", required=True, help="YAML file, e.g. yaml/demo.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 an error (one line), 3 stopped by a signal with a checkpoint."""
-    args = parse_args(argv)
-    SIGNALS.install()  # before Horovod starts: a signal during start-up is a stop, not a death
-    try:
-        dist.init()
-    except RuntimeError as err:
-        return cli.fail("train", str(err))
-    setup_logging(dist.rank(), dist.size())
-    try:
-        summary = train(load_config(args.config, args.overrides))
-    except RUN_ERRORS + (RunError, DivergenceError) as err:
-        log.error("error: %s", err)
-        return EXIT_ERROR
-    except Exception as err:
-        if not dist.is_shutdown_error(err):
-            raise
-        # Another rank ended (its own error is its one line); this one was only told to stop.
-        log.error("error: stopped because another rank failed; its error is above")
-        return EXIT_ERROR
-    return EXIT_STOPPED if summary["stop_reason"].startswith("stopped") else EXIT_OK
-
-
 if __name__ == "__main__":
+    from climseg.train_cli import main
     sys.exit(main())

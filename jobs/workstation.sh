@@ -11,9 +11,11 @@
 #   STAGE_DIR   local copy the ranks read from          ${TMPDIR:-/tmp}/climseg-staged
 #   STAGE       1: stage DATA to STAGE_DIR first; 0: train straight from DATA         1
 #   OUTPUT      run folder (checkpoints, TensorBoard)                runs/workstation
+#   ENGINE      horovod (horovodrun) or torch (torchrun, torch.distributed; no Horovod
+#               needed: docs/engines.md)                                          horovod
 #   HOROVOD_CONTROLLER  gloo or mpi: how horovodrun starts the ranks                 gloo
 #   HOROVODRUN_ARGS  extra horovodrun options                                    (none)
-# Each rank uses the GPU of its Horovod local rank (the trainer binds cuda:<local_rank>).
+# Each rank uses the GPU of its local rank (the trainer binds cuda:<local_rank>).
 # The Gloo controller is built by every `make install` (horovodrun's MPI mode does not
 # recognise the PyPI MPICH it installs); it only starts the ranks and coordinates them:
 # on GPUs the gradient allreduce still goes through NCCL.
@@ -34,36 +36,46 @@ OUTPUT=${OUTPUT:-runs/workstation}
 HOROVOD_CONTROLLER=${HOROVOD_CONTROLLER:-gloo}
 [[ $HOROVOD_CONTROLLER == gloo || $HOROVOD_CONTROLLER == mpi ]] || {
     echo "workstation.sh: HOROVOD_CONTROLLER=$HOROVOD_CONTROLLER: expected gloo or mpi" >&2; exit 2; }
-# shellcheck disable=SC2206
-HOROVODRUN=(horovodrun -np "$NGPUS" -H "localhost:$NGPUS" "--$HOROVOD_CONTROLLER"
-            ${HOROVODRUN_ARGS:-})
+ENGINE=${ENGINE:-horovod}
+# LAUNCH runs a Python module on every rank: LAUNCH+(climseg stage ...).
+case $ENGINE in
+    horovod)
+        # shellcheck disable=SC2206
+        LAUNCH=(horovodrun -np "$NGPUS" -H "localhost:$NGPUS" "--$HOROVOD_CONTROLLER"
+                ${HOROVODRUN_ARGS:-} python -m) ;;
+    torch)
+        LAUNCH=(python -m torch.distributed.run --standalone --nproc_per_node "$NGPUS" -m) ;;
+    *)
+        echo "workstation.sh: ENGINE=$ENGINE: expected horovod or torch" >&2; exit 2 ;;
+esac
 
 root=$DATA
 if [[ $STAGE == 1 ]]; then
-    "${HOROVODRUN[@]}" python -m climseg stage --data "$DATA" --output "$STAGE_DIR" \
+    "${LAUNCH[@]}" climseg stage --data "$DATA" --output "$STAGE_DIR" \
         --splits train validation
     root=$STAGE_DIR
 fi
 
 # horovodrun answers a signal to itself by freezing its ranks and killing them 5 s later, with
-# no checkpoint. So it runs in its own session, out of reach of the terminal's Ctrl-C, and
+# no checkpoint (torchrun kills them 30 s after a SIGTERM). So the launcher runs in its own session, out of reach of the terminal's Ctrl-C, and
 # SIGINT/SIGTERM/SIGUSR1 to this script are passed to the ranks as SIGUSR1 instead: they finish
 # their step, rank 0 writes a checkpoint, they exit 3 (resume=auto goes on). A second signal
 # stops horovodrun at once.
-setsid "${HOROVODRUN[@]}" python -m climseg.train --config "$CONFIG" \
+setsid "${LAUNCH[@]}" climseg.train --config "$CONFIG" --engine "$ENGINE" \
     data.root="$root" output_dir="$OUTPUT" "$@" &
 launcher=$!
 asked=0
 stop_ranks() {
     if (( asked )); then
-        echo "workstation.sh: stopping horovodrun now (no checkpoint)" >&2
+        echo "workstation.sh: stopping $ENGINE's launcher now (no checkpoint)" >&2
         kill -TERM "$launcher" 2>/dev/null || true
         return
     fi
     asked=1
     echo "workstation.sh: asking the ranks to stop after their step, with a checkpoint" >&2
-    # The ranks, not horovodrun: a process whose program is python -m climseg.train.
-    pkill -USR1 -f "^[^ ]*python[^ ]* -m climseg.train .*output_dir=$OUTPUT( |\$)" || true
+    # The ranks, not the launcher: a process whose program is python [-u] -m climseg.train
+    # (torchrun starts its workers with -u).
+    pkill -USR1 -f "^[^ ]*python[^ ]*( -u)? -m climseg.train .*output_dir=$OUTPUT( |\$)" || true
 }
 trap stop_ranks INT TERM USR1
 status=0
@@ -72,7 +84,7 @@ while :; do
     kill -0 "$launcher" 2>/dev/null || break  # wait was only interrupted by a signal
 done
 if (( asked && status != 0 )); then
-    echo "workstation.sh: stopped on request (horovodrun status $status; the ranks' lines above" \
+    echo "workstation.sh: stopped on request (launcher status $status; the ranks' lines above" \
          "name the checkpoint); run again with resume=auto to go on" >&2
     exit 3
 fi

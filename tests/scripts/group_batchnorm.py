@@ -1,4 +1,5 @@
-"""Run under ``horovodrun -np 4 --gloo``: group batch norm against one BatchNorm2d per group.
+"""Run under ``horovodrun -np 4 --gloo`` or ``torchrun --nproc_per_node 4`` (the launcher picks
+the engine): group batch norm against one BatchNorm2d per group.
 
 ``python group_batchnorm.py OUT_DIR`` writes OUT_DIR/rank<r>.json with, for each group size
 tried (2, 1 and 0 = all ranks), the largest differences between this rank's converted model
@@ -104,8 +105,8 @@ def compare(group_arg: int) -> dict:
 def main() -> int:
     out = Path(sys.argv[1])
     dist.init()
-    if dist.horovod() is None or dist.size() != 4:
-        print(f"needs 4 Horovod ranks, got {dist.size()}", file=sys.stderr)
+    if dist.size() != 4:
+        print(f"needs 4 ranks, got {dist.size()}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
     results = {str(g): compare(g) for g in (2, 1, 0)}

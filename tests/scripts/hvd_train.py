@@ -15,7 +15,8 @@ import torch
 from climseg import dist
 from climseg.config import load_config
 from climseg.logs import setup_logging
-from climseg.train import Trainer, parse_args
+from climseg.train import Trainer
+from climseg.train_cli import parse_args
 
 
 def main() -> None:

@@ -1,18 +1,21 @@
-"""The one place that knows about Horovod (and MPI).
+"""The one place that knows how ranks talk to each other: a small interface over two engines.
 
-Everything here works unchanged in a plain single process: ``rank()`` is 0, ``size()`` is 1 and
-the collectives return their input. Under ``horovodrun`` or ``srun`` (with a Horovod built with
-MPI) :func:`init` starts Horovod and the same calls become collectives over all ranks.
+``dist.engine: horovod`` (the default, :mod:`climseg.dist.horovod_engine`) runs under
+``horovodrun`` or ``srun`` with an MPI-built Horovod; ``dist.engine: torch``
+(:mod:`climseg.dist.torch_engine`) runs ``torch.distributed`` (NCCL on CUDA, Gloo on CPU) under
+``torchrun`` or a plain ``srun``. Nothing outside this package imports either engine, Horovod or
+``torch.distributed``.
 
-The rest of the package never imports Horovod or mpi4py: wrapping the optimizer, the process
-sets that batch-norm groups reduce over (:mod:`climseg.batchnorm` converts the layers),
-broadcasting the training state and the synchronise/skip-synchronise recipe of Horovod's
-``DistributedOptimizer`` are all here.
+Everything here works unchanged in a plain single process, before or without :func:`init`:
+``rank()`` is 0, ``size()`` is 1 and the collectives return their input. Wrapping the optimizer
+and the model, the process sets that batch-norm groups reduce over (:mod:`climseg.batchnorm`
+converts the layers) and broadcasting the training state are all here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from typing import Any, Callable
 
@@ -20,7 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-_hvd = None  # the horovod.torch module once init() has started it
+from climseg.config import ENGINES
+
+_MODULES = {"horovod": "climseg.dist.horovod_engine", "torch": "climseg.dist.torch_engine"}
+
+_engine = None  # the engine module once init() has started it (it may still be one process)
 
 # Launcher variables, most specific first: (rank, size, local rank, local size).
 _LAUNCHER_VARS = (
@@ -28,15 +35,17 @@ _LAUNCHER_VARS = (
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
      "OMPI_COMM_WORLD_LOCAL_SIZE"),
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    # torchrun (it sets TORCHELASTIC_RUN_ID too); after MPI's, which never set these.
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
     ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
 )
 
 
 def launcher_rank_size(environ: dict[str, str] | None = None) -> tuple[int, int, int]:
-    """(rank, size, local_rank) from the launcher's environment, without starting Horovod.
+    """(rank, size, local_rank) from the launcher's environment, without starting an engine.
 
-    Reads horovodrun (Gloo), Open MPI, MPICH/PMI and Slurm variables, in that order. Tools that
-    need no collective (stage_data) use this so that they run under any launcher.
+    Reads horovodrun (Gloo), Open MPI, MPICH/PMI, torchrun and Slurm variables, in that order.
+    Tools that need no collective (stage_data) use this so that they run under any launcher.
     """
     env = os.environ if environ is None else environ
     for rank_key, size_key, local_key, _ in _LAUNCHER_VARS:
@@ -56,60 +65,74 @@ def launcher_rank_size(environ: dict[str, str] | None = None) -> tuple[int, int,
     return 0, 1, 0
 
 
-def _launched_multi() -> bool:
-    return launcher_rank_size()[1] > 1
+def torchrun_launch(environ: dict[str, str] | None = None) -> bool:
+    """Whether torchrun (torch.distributed.run) started this process."""
+    env = os.environ if environ is None else environ
+    return "TORCHELASTIC_RUN_ID" in env and "RANK" in env and "WORLD_SIZE" in env
 
 
-def init() -> None:
-    """Start Horovod when launched as several ranks; otherwise stay single-process.
-
-    A single process with Horovod installed still starts it (size 1), so that the training
-    code path is the same everywhere.
-    """
-    global _hvd
-    if _hvd is not None:
-        return
+def _auto_engine() -> str:
+    """The engine a tool without a config uses: the launcher's (torchrun: torch, horovodrun:
+    horovod), else Horovod where it is installed, else torch."""
+    if torchrun_launch():
+        return "torch"
+    if "HOROVOD_RANK" in os.environ:
+        return "horovod"
     try:
-        import horovod.torch as hvd
-    except ImportError as err:
-        if _launched_multi():
-            raise RuntimeError(
-                "launched as several ranks but horovod.torch cannot be imported "
-                f"({err}); run tools/install_horovod.sh") from err
+        import horovod.torch  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "horovod"
+
+
+def init(engine: str | None = None) -> None:
+    """Start ``engine`` (``horovod`` or ``torch``; None: the launcher's, see
+    :func:`_auto_engine`). Several ranks become collectives; one process stays one process.
+    RuntimeError with one line when the engine cannot start (not installed, a launch it does
+    not know); calling it again with the same engine does nothing."""
+    global _engine
+    engine = engine or (_engine.NAME if _engine is not None else _auto_engine())
+    if engine not in ENGINES:
+        raise RuntimeError(f"dist.engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    if _engine is not None:
+        if _engine.NAME != engine:
+            raise RuntimeError(f"dist.engine: {_engine.NAME} already runs in this process, "
+                               f"{engine} cannot start beside it")
         return
-    # Dynamic process sets: batch-norm groups (climseg.batchnorm) are added once the config
-    # is known, after init.
-    hvd.init(process_sets="dynamic")
-    launched = launcher_rank_size()[1]
-    if launched > 1 and hvd.size() != launched:
-        # e.g. srun starting a Horovod built without MPI: every task would train alone.
-        raise RuntimeError(
-            f"the launcher started {launched} ranks but Horovod sees {hvd.size()}: under srun or "
-            "mpirun Horovod needs its MPI controller (horovodrun --check-build must list MPI); "
-            "rebuild with tools/install_horovod.sh CLIMSEG_HOROVOD_MPI=1")
-    _hvd = hvd
+    module = importlib.import_module(_MODULES[engine])
+    module.init(launcher_rank_size()[1])
+    _engine = module
+
+
+def engine_name() -> str | None:
+    """The running engine's name, None before :func:`init`."""
+    return None if _engine is None else _engine.NAME
 
 
 def horovod():
-    """The horovod.torch module when Horovod is running, else None."""
-    return _hvd
+    """The horovod.torch module when the Horovod engine is running, else None."""
+    return _engine.module() if _engine is not None and _engine.NAME == "horovod" else None
+
+
+def _multi() -> bool:
+    return _engine is not None and _engine.size() > 1
 
 
 def rank() -> int:
-    return _hvd.rank() if _hvd is not None else 0
+    return _engine.rank() if _engine is not None else 0
 
 
 def size() -> int:
-    return _hvd.size() if _hvd is not None else 1
+    return _engine.size() if _engine is not None else 1
 
 
 def local_rank() -> int:
-    return _hvd.local_rank() if _hvd is not None else 0
+    return _engine.local_rank() if _engine is not None else 0
 
 
 def local_size() -> int:
     """Ranks on this node."""
-    return _hvd.local_size() if _hvd is not None else 1
+    return _engine.local_size() if _engine is not None else 1
 
 
 def is_primary() -> bool:
@@ -118,17 +141,17 @@ def is_primary() -> bool:
 
 def allreduce_sum(tensor: torch.Tensor, name: str | None = None) -> torch.Tensor:
     """Sum of ``tensor`` over all ranks (a new tensor; the input is left unchanged)."""
-    if size() == 1:
+    if not _multi():
         return tensor.clone()
-    return _hvd.allreduce(tensor, op=_hvd.Sum, name=name)
+    return _engine.allreduce_sum(tensor, name)
 
 
 def allreduce_mean_(tensors: list[torch.Tensor], name: str = "mean") -> None:
     """Average ``tensors`` in place over ranks with one grouped allreduce."""
-    if size() == 1 or not tensors:
+    if not _multi() or not tensors:
         return
     flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-    flat = _hvd.allreduce(flat, op=_hvd.Average, name=name)
+    flat = _engine.allreduce_sum(flat, name) / size()
     offset = 0
     for t in tensors:
         n = t.numel()
@@ -138,16 +161,16 @@ def allreduce_mean_(tensors: list[torch.Tensor], name: str = "mean") -> None:
 
 def broadcast_object(obj: Any, root: int = 0, name: str = "object") -> Any:
     """Rank ``root``'s ``obj`` on every rank (pickled; for small control data only)."""
-    if size() == 1:
+    if not _multi():
         return obj
-    return _hvd.broadcast_object(obj, root_rank=root, name=name)
+    return _engine.broadcast_object(obj, root, name)
 
 
 def allgather_object(obj: Any, name: str = "gather") -> list[Any]:
     """Every rank's ``obj``, in rank order, on every rank."""
-    if size() == 1:
+    if not _multi():
         return [obj]
-    return _hvd.allgather_object(obj, name=name)
+    return _engine.allgather_object(obj, name)
 
 
 class AnyRankPoll:
@@ -155,8 +178,9 @@ class AnyRankPoll:
     :meth:`exchange` returns the sums of the flags given at the previous call (None at the
     first) and starts the next vote with ``flags``. Every rank must call it at the same points.
 
-    Started with Horovod's asynchronous allreduce, it completes during the next training step;
-    a blocking allreduce at every step would cost a full Horovod cycle instead."""
+    Started as an asynchronous allreduce (Horovod's, or ``torch.distributed``'s with
+    ``async_op``), it completes during the next training step; a blocking allreduce at every
+    step would cost a full round trip instead."""
 
     def __init__(self, name: str):
         self.name = name
@@ -165,17 +189,16 @@ class AnyRankPoll:
 
     def exchange(self, flags: list[int]) -> list[int] | None:
         previous = self._take()
-        tensor = torch.tensor(flags, dtype=torch.int32)
-        if size() == 1:
+        if not _multi():
             self._local = flags
         else:
-            self._handle = _hvd.allreduce_async(tensor, op=_hvd.Sum, name=self.name)
+            self._handle = _engine.start_sum(torch.tensor(flags, dtype=torch.int32), self.name)
         return previous
 
     def _take(self) -> list[int] | None:
         if self._handle is not None:
             handle, self._handle = self._handle, None
-            return [int(v) for v in _hvd.synchronize(handle).tolist()]
+            return [int(v) for v in _engine.wait_sum(handle).tolist()]
         local, self._local = self._local, None
         return local
 
@@ -183,60 +206,62 @@ class AnyRankPoll:
         """Finish a vote still in flight (at the end of a run), discarding it."""
         try:
             self._take()
-        except Exception:  # noqa: BLE001  Horovod already shut down by another rank's failure
+        except Exception:  # noqa: BLE001  the engine already shut down by another rank's failure
             self._handle = None
 
 
 def is_shutdown_error(err: BaseException) -> bool:
-    """Whether ``err`` is Horovod telling this rank that another rank has gone (so the run
+    """Whether ``err`` is the engine telling this rank that another rank has gone (so the run
     ended there, with that rank's own error)."""
-    if _hvd is None:
-        return False
-    from horovod.common.exceptions import HorovodInternalError
-
-    return isinstance(err, HorovodInternalError) or "has been shut down" in str(err)
+    return _engine is not None and _engine.is_shutdown_error(err)
 
 
-# -- training: the model and optimizer meet Horovod only here --------------------------------
+# -- training: the model and optimizer meet the engine only here -------------------------------
+
+def wrap_model(model: nn.Module, compression: str = "none") -> nn.Module:
+    """The module the training step calls: ``model`` itself under Horovod (it reduces in the
+    optimizer), DistributedDataParallel under torch (it reduces during backward, with
+    ``compression`` "fp16" as a communication hook). Keep the unwrapped ``model`` for state
+    dicts: checkpoints hold no engine's wrapper."""
+    if not _multi():
+        return model
+    return _engine.wrap_model(model, compression)
+
+
+def no_sync(model: nn.Module):
+    """Context for a backward pass whose gradients only accumulate (all micro-batches of a step
+    but the last): no communication. Nothing under Horovod (its optimizer counts the passes)."""
+    if not _multi():
+        return contextlib.nullcontext()
+    return _engine.no_sync(model)
+
 
 def wrap_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, *,
                    compression: str = "none",
                    backward_passes_per_step: int = 1) -> torch.optim.Optimizer:
     """Horovod's ``DistributedOptimizer`` around ``optimizer`` (allreduce of the gradients
-    inside ``step()``); the optimizer itself in a single process."""
-    if _hvd is None:
+    inside ``step()``); the optimizer itself in a single process and under torch, where
+    :func:`wrap_model` reduces."""
+    if _engine is None:
         return optimizer
-    codecs = {"none": _hvd.Compression.none, "fp16": _hvd.Compression.fp16}
-    return _hvd.DistributedOptimizer(
-        optimizer, named_parameters=model.named_parameters(), compression=codecs[compression],
-        backward_passes_per_step=backward_passes_per_step)
-
-
-_GROUPS: dict[tuple[int, ...], Any] = {}  # Horovod refuses to add the same process set twice
+    # Horovod wraps even one rank: an elastic run that starts alone may grow.
+    return _engine.wrap_optimizer(optimizer, model, compression=compression,
+                                  backward_passes_per_step=backward_passes_per_step)
 
 
 def rank_group(group_size: int) -> Any:
     """A handle for collectives over this rank's group of ``group_size`` consecutive ranks
     (ranks 0..N-1, N..2N-1, ...), for :func:`group_allreduce_sum`; None in a single process.
 
-    A collective itself: every rank must call it with the same size, since Horovod adds every
-    group on every rank.
+    A collective itself: every rank must call it with the same size, since every group is
+    made on every rank.
     """
-    if _hvd is None:
+    if not _multi():
         return None
     world = size()
     if world % group_size:
         raise ValueError(f"{group_size} ranks per group do not divide {world} ranks")
-    if group_size == world:
-        return _hvd.global_process_set
-    mine = None
-    for first in range(0, world, group_size):
-        ranks = tuple(range(first, first + group_size))
-        if ranks not in _GROUPS:
-            _GROUPS[ranks] = _hvd.add_process_set(list(ranks))
-        if rank() in ranks:
-            mine = _GROUPS[ranks]
-    return mine
+    return _engine.rank_group(group_size)
 
 
 def group_allreduce_sum(tensor: torch.Tensor, group: Any, name: str) -> torch.Tensor:
@@ -244,49 +269,39 @@ def group_allreduce_sum(tensor: torch.Tensor, group: Any, name: str) -> torch.Te
     the gradient of the sum is the sum of the gradients over the group. Identity for None."""
     if group is None:
         return tensor
-    return _hvd.allreduce(tensor, op=_hvd.Sum, process_set=group, name=name)
+    return _engine.group_allreduce_sum(tensor, group, name)
 
 
 def broadcast_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                              root: int = 0) -> None:
     """Rank ``root``'s parameters, buffers and (when given) optimizer state on every rank."""
-    if size() == 1:
+    if not _multi():
         return
-    if optimizer is not None:
-        # Order matters: broadcast_optimizer_state may take a zero-gradient step on ranks whose
-        # optimizer is still empty, so the parameters are broadcast after it.
-        _hvd.broadcast_optimizer_state(optimizer, root_rank=root)
-    _hvd.broadcast_parameters(model.state_dict(), root_rank=root)
-
-
-def _reduces_in_step(optimizer) -> bool:
-    # Horovod's DistributedOptimizer is a dynamically made subclass of the wrapped optimizer;
-    # these two methods are what tell it apart.
-    return hasattr(optimizer, "synchronize") and hasattr(optimizer, "skip_synchronize")
+    _engine.broadcast_training_state(model, optimizer, root)
 
 
 def synchronize(optimizer: torch.optim.Optimizer) -> None:
     """Finish the gradient allreduce now, so gradients can be unscaled or clipped before
-    ``step()``; a no-op for a plain optimizer."""
-    if _reduces_in_step(optimizer):
-        optimizer.synchronize()
+    ``step()``; a no-op for a plain optimizer (and under torch, where backward reduced)."""
+    if _engine is not None:
+        _engine.synchronize(optimizer)
 
 
 def skip_synchronize(optimizer: torch.optim.Optimizer):
     """Context for the ``step()`` that follows :func:`synchronize`: no second allreduce."""
-    if _reduces_in_step(optimizer):
-        return optimizer.skip_synchronize()
+    if _engine is not None:
+        return _engine.skip_synchronize(optimizer)
     return contextlib.nullcontext()
 
 
 def set_accumulation(optimizer: torch.optim.Optimizer, passes: int) -> None:
     """Change how many backward passes Horovod's optimizer accumulates before it reduces
     (elastic runs, when the rank count changes); nothing for a plain optimizer."""
-    if hasattr(optimizer, "set_backward_passes_per_step"):
-        optimizer.set_backward_passes_per_step(passes)
+    if _engine is not None:
+        _engine.set_accumulation(optimizer, passes)
 
 
-# -- Horovod elastic ---------------------------------------------------------------------------
+# -- Horovod elastic (Horovod only: train.elastic requires dist.engine=horovod) ----------------
 
 def elastic_launch() -> bool:
     """Whether ``horovodrun`` started this process in elastic mode (--min-np/--max-np or
@@ -305,24 +320,13 @@ class Elastic:
 
     def __init__(self, save: Callable[[], None], restore: Callable[[], None],
                  sync: Callable[[], None]):
-        self._save, self._restore, self._sync = save, restore, sync
+        self._save, self._sync = save, sync
+        hvd = horovod()
         self._state = None
-        if _hvd is not None:
-            from horovod.common.elastic import State
+        if hvd is not None:
+            from climseg.dist.horovod_engine import elastic_state
 
-            outer = self
-
-            class _State(State):
-                def save(self):
-                    outer._save()
-
-                def restore(self):
-                    outer._restore()
-
-                def sync(self):
-                    outer._sync()
-
-            self._state = _State(bcast_object=_hvd.broadcast_object, get_rank=_hvd.rank)
+            self._state = elastic_state(save, restore, sync)
 
     @property
     def active(self) -> bool:
@@ -346,12 +350,12 @@ class Elastic:
             self._sync()
             return body()
         self._save()  # something to roll back to before the first commit
-        import horovod.torch.elastic as hvd_elastic
+        from climseg.dist.horovod_engine import elastic_run
 
-        return hvd_elastic.run(lambda state: body())(self._state)
+        return elastic_run(self._state, body)
 
 
-# -- numpy reductions for the data tools (mpi4py or Horovod) -----------------------------------
+# -- numpy reductions for the data tools (mpi4py or an engine) ---------------------------------
 
 # Reduces an array over all ranks elementwise with op 'sum', 'min' or 'max'.
 ArrayReducer = Callable[[np.ndarray, str], np.ndarray]
@@ -375,18 +379,22 @@ def _mpi_reducer() -> tuple[int, int, ArrayReducer]:
     return comm.Get_rank(), comm.Get_size(), reduce
 
 
-def _horovod_reducer() -> tuple[int, int, ArrayReducer]:
-    init()
+def _engine_reducer(engine: str) -> Callable[[], tuple[int, int, ArrayReducer]]:
+    def make() -> tuple[int, int, ArrayReducer]:
+        init(engine)
 
-    def reduce(values: np.ndarray, op: str) -> np.ndarray:
-        if op == "sum":
-            t = torch.from_numpy(np.ascontiguousarray(values, np.float64))
-            return allreduce_sum(t, name="array_sum").numpy()
-        # min/max through an allgather of the small per-rank vectors.
-        gathered = np.stack(allgather_object(values, name=f"array_{op}"))
-        return gathered.min(axis=0) if op == "min" else gathered.max(axis=0)
+        def reduce(values: np.ndarray, op: str) -> np.ndarray:
+            if op == "sum":
+                t = torch.from_numpy(np.ascontiguousarray(values, np.float64))
+                return allreduce_sum(t, name="array_sum").numpy()
+            # min/max through an allgather of the small per-rank vectors.
+            gathered = np.stack(allgather_object(values, name=f"array_{op}"))
+            return gathered.min(axis=0) if op == "min" else gathered.max(axis=0)
 
-    return rank(), size(), reduce
+        return rank(), size(), reduce
+
+    make.__name__ = f"_{engine}_reducer"
+    return make
 
 
 def array_reducer(expected_size: int,
@@ -394,15 +402,20 @@ def array_reducer(expected_size: int,
     """(rank, size, reduce) for a launch of ``expected_size`` ranks, for tools that need a
     reduction but not a training run (``summarize``).
 
-    One rank: no communication. Several: Horovod first under horovodrun (it sets
-    HOROVOD_RANK), mpi4py first otherwise (mpirun, srun with PMI); the first communicator that
-    spans all the ranks is used. RuntimeError with one line when none does.
+    One rank: no communication. Several: torch.distributed under torchrun, Horovod first under
+    horovodrun (it sets HOROVOD_RANK), mpi4py first otherwise (mpirun, srun with PMI); the
+    first communicator that spans all the ranks is used. RuntimeError with one line when none
+    does.
     """
     if expected_size == 1:
         return 0, 1, _no_reduce
     env = os.environ if environ is None else environ
-    order = ((_horovod_reducer, _mpi_reducer) if "HOROVOD_RANK" in env
-             else (_mpi_reducer, _horovod_reducer))
+    if torchrun_launch(env):
+        order = (_engine_reducer("torch"),)
+    elif "HOROVOD_RANK" in env:
+        order = (_engine_reducer("horovod"), _mpi_reducer)
+    else:
+        order = (_mpi_reducer, _engine_reducer("horovod"))
     tried = []
     for make in order:
         name = make.__name__.strip("_").replace("_reducer", "")
