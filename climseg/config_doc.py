@@ -34,11 +34,16 @@ SECTIONS: dict[str, str] = {
     "optimizer": "The optimizer and its gradient clipping.",
     "scheduler": "The learning-rate schedule, stepped every optimizer step.",
     "train": "Batch layout, budgets, validation, checkpoints, precision and distribution.",
+    "dist": "How the ranks talk to each other (docs/engines.md).",
 }
 
 # Dotted key -> one paragraph of Markdown. Every key of Config needs one; tests/test_docs.py
 # says which are missing after a key is added.
 DESCRIPTIONS: dict[str, str] = {
+    "dist.engine": "`horovod` (the default: `horovodrun`, or `srun` with an MPI-built Horovod) "
+                   "or `torch` (`torch.distributed`: NCCL on CUDA, Gloo on CPU; `torchrun`, or "
+                   "a plain `srun`). `climseg train --engine` sets it too. `train.elastic` "
+                   "needs `horovod`.",
     "output_dir": "Where the run writes everything: `config.yaml`, checkpoints, `mlperf.log`, "
                   "`metrics.jsonl`, `tensorboard/`. One run at a time may use it (a lock).",
     "seed": "Seeds model initialization, data order and crops; must be > 0. MLPerf forbids "

@@ -15,6 +15,10 @@ from torch import nn
 
 from climseg.batchnorm import GroupBatchNorm2d, convert_batchnorm, group_ranks, resolve_group_size
 
+# Ranks or training in (nearly) every test: out of make test-fast, and the launcher guard's
+# multiprocess mark (tests/conftest.py).
+pytestmark = pytest.mark.multiprocess
+
 REPO = Path(__file__).resolve().parent.parent
 HOROVODRUN = Path(sys.executable).parent / "horovodrun"
 TOL = 1e-5   # float32 arithmetic in a different order than one BatchNorm2d

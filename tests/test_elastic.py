@@ -27,6 +27,10 @@ from climseg.data.partition import list_files
 from conftest import require_horovod, wait_for
 from exact import EXACT, assert_same_training_across_ranks
 
+# Ranks or training in (nearly) every test: out of make test-fast, and the launcher guard's
+# multiprocess mark (tests/conftest.py).
+pytestmark = pytest.mark.multiprocess
+
 REPO = Path(__file__).resolve().parent.parent
 CI = REPO / "yaml" / "ci.yaml"
 ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

@@ -25,6 +25,10 @@ from climseg.dist.torch_engine import _first_host, rendezvous
 from climseg.optim import OPTIMIZERS
 from conftest import HOROVODRUN, require_horovod
 
+# Ranks or training in (nearly) every test: out of make test-fast, and the launcher guard's
+# multiprocess mark (tests/conftest.py).
+pytestmark = pytest.mark.multiprocess
+
 REPO = Path(__file__).resolve().parent.parent
 CI = REPO / "yaml" / "ci.yaml"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 CI = REPO / "yaml" / "ci.yaml"
 HOROVODRUN = Path(sys.executable).parent / "horovodrun"
 # Every test runs the trainer in a subprocess (the two-rank ones are also marked multiprocess).
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # every test here launches ranks or trains
 REFERENCE_STEPS = 8
 # Validation every 4 steps on 2 samples: evaluations (and so best.pt) on both sides of a resume.
 COMMON = ["train.log_frequency=1", "train.validation_frequency=4"]

@@ -18,6 +18,10 @@ from conftest import require_horovod
 from exact import (EXACT, assert_same_losses, assert_same_training_across_ranks,
                    assert_same_weights, losses)
 
+# Ranks or training in (nearly) every test: out of make test-fast, and the launcher guard's
+# multiprocess mark (tests/conftest.py).
+pytestmark = pytest.mark.multiprocess
+
 REPO = Path(__file__).resolve().parent.parent
 CI = REPO / "yaml" / "ci.yaml"
 HOROVODRUN = Path(sys.executable).parent / "horovodrun"
