@@ -252,7 +252,7 @@ def test_elastic_run_survives_losing_rank_0_and_takes_a_rank_back(survived, unin
 
 
 def test_a_rank_lost_before_the_first_commit_rolls_back_to_the_resumed_step(
-        tiny_root, survived, tmp_path):
+        tiny_root, survived, uninterrupted, tmp_path):
     """A resumed elastic run whose rank is lost before it commits goes back to the checkpoint
     it resumed from, not to the fresh model it was built with."""
     out, _, returncode = survived

@@ -104,7 +104,10 @@ def _assert_continues(resumed: Path, reference: Path, from_step: int) -> None:
     steps = range(from_step + 1, REFERENCE_STEPS + 1)
     assert steps, "stopped too late to compare"
     assert_same_losses(_losses(resumed), _losses(reference), steps)
-    assert_same_weights(resumed, reference)
+    # The parameters to REL; not the batch-norm running statistics: each rank keeps its own,
+    # a checkpoint holds rank 0's, and a resume gives every rank rank 0's (measured in a
+    # fresh-clone CI run: 0.1-0.9 % apart after the resume, the parameters within REL).
+    assert_same_weights(resumed, reference, buffers=False)
 
 
 def _assert_first_exit_is(returncode: int, text: str, code: str) -> None:

@@ -239,8 +239,9 @@ def test_mlperf_log_can_be_opened_twice_in_one_process(tmp_path):
 
 LAUNCHER_MISMATCH = (
     "climseg train: error: the launcher started 2 ranks but Horovod sees 1: under srun or "
-    "mpirun Horovod needs its MPI controller (horovodrun --check-build must list MPI); "
-    "rebuild with tools/install_horovod.sh CLIMSEG_HOROVOD_MPI=1")
+    "mpirun Horovod needs its MPI controller (horovodrun --check-build must list MPI; "
+    "rebuild with tools/install_horovod.sh CLIMSEG_HOROVOD_MPI=1); under torchrun or a plain "
+    "srun use dist.engine=torch")
 
 
 def test_launcher_ranks_without_matching_horovod_exit_2(tiny_root, tmp_path):
@@ -285,7 +286,8 @@ def test_two_ranks_batchnorm_group_of_two_on_cpu(tiny_root, tmp_path):
     # batches of two. Unshuffled whole fields make the data the same: rank r reads
     # files[r::2] in order, so step k is files 2k and 2k + 1 either way, and no random crop
     # depends on the position. SGD (exact.EXACT); the group's sums are added in another order
-    # than one BatchNorm2d's: exact on steps 1-2, within the measured noise after.
+    # than one BatchNorm2d's: exact on step 1 (the forward), within the measured noise after
+    # (step 2 was 4.2e-5 apart in a fresh-clone CI run: the backward through the group's sums).
     common = [f"data.root={tiny_root}", "train.max_steps=3", "train.validation_frequency=0",
               "train.log_frequency=1", "data.shuffle=false", "data.crop=null", *EXACT]
     ranks, one = tmp_path / "ranks", tmp_path / "one"
@@ -297,7 +299,7 @@ def test_two_ranks_batchnorm_group_of_two_on_cpu(tiny_root, tmp_path):
     assert '"key": "batchnorm_group_size", "value": 2' in log
     proc = _train_cli(*common, f"output_dir={one}", "train.local_batch_size=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_training_across_ranks(losses(ranks), losses(one), (1, 2, 3))
+    assert_same_training_across_ranks(losses(ranks), losses(one), (1, 2, 3), exact_steps=1)
 
 
 def test_batchnorm_group_that_does_not_divide_the_ranks_exits_2(tiny_root, tmp_path):
