@@ -588,9 +588,14 @@ def test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses(s
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
     metrics = out / "metrics.jsonl"
-    deadline, signalled = time.monotonic() + 900, False
-    while (state := _job_field(env, job, "JobState")) not in ("COMPLETED", "FAILED",
-                                                                "CANCELLED", "TIMEOUT"):
+    deadline, signalled, ended = time.monotonic() + 900, False, 0
+    # A job that requeues itself passes through an ended state (its batch step is cancelled
+    # by the requeue) on its way back to PENDING: an ended state counts once it was read 10
+    # times in a row, a second apart (seen once: FAILED read mid-requeue, the segment after
+    # it never waited for).
+    while ended < 10:
+        state = _job_field(env, job, "JobState")
+        ended = ended + 1 if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else 0
         assert time.monotonic() < deadline, log.read_text()[-4000:] if log.exists() else state
         if not signalled and metrics.exists() and '"train"' in metrics.read_text():
             _run(["scancel", "--signal=USR1", job], env=env, timeout=30)
