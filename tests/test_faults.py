@@ -234,7 +234,12 @@ def test_a_fault_on_one_rank_mid_training_ends_every_rank_with_one_line(horovod,
     try:
         wait_for(lambda: _train_rows(out) >= 1, proc, log)
         for path in list_files(root / "train")[1::2]:  # every file of rank 1's partition
-            path.write_bytes(path.read_bytes()[:4000])
+            # Swapped in whole: a reader holding the old file keeps reading it, a new open sees
+            # the truncated one; rewritten in place, a reader caught mid-file saw a half-gone
+            # file and reported the first dataset it missed instead of the truncation.
+            cut = path.with_name(path.name + ".cut")
+            cut.write_bytes(path.read_bytes()[:4000])
+            os.replace(cut, path)
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:

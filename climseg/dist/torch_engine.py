@@ -11,6 +11,7 @@ published DeepCAM submission runs, and the one NCCL is tuned for.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -76,12 +77,21 @@ def init(launched: int) -> None:
     except (RuntimeError, ValueError) as err:
         raise RuntimeError(f"dist.engine=torch: the process group did not start at {method} "
                            f"({' '.join(str(err).split())[:300]}); " + LAUNCH_HINT) from None
+    # Tear the group down before the interpreter does: a Gloo group left to static destruction
+    # can abort the process ("terminate called without an active exception", SIGABRT) when the
+    # peer has already closed its sockets, which turns a finished run into a failed one.
+    atexit.register(_destroy)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     _state.update(size=world, rank=rank, local_rank=local, device=device)
     if not local_world:  # srun: count the ranks on this host
         hosts = allgather_object(os.uname().nodename, "hosts")
         local_world = hosts.count(os.uname().nodename)
     _state["local_size"] = local_world
+
+
+def _destroy() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def rank() -> int:
