@@ -54,6 +54,9 @@ chmod +x "$DISCOVER"
 
 echo "elastic.sh: $NP ranks (at least $MIN_NP, at most $SLOTS) on: $HOSTS" >&2
 # shellcheck disable=SC2086
+# Ctrl-C or SIGTERM to horovodrun: the ranks get this long to stop at a step boundary and save
+# (climseg's Horovod build, tools/patch_horovod.py); a second signal kills them at once.
+export HOROVOD_GRACEFUL_TERMINATION_TIME_S=${HOROVOD_GRACEFUL_TERMINATION_TIME_S:-120}
 exec horovodrun -np "$NP" --min-np "$MIN_NP" --max-np "$SLOTS" --host-discovery-script "$DISCOVER" \
     --gloo ${HOROVODRUN_ARGS:-} \
     python -m climseg.train --config "$CONFIG" data.root="$DATA" output_dir="$OUTPUT" \

@@ -56,11 +56,13 @@ if [[ $STAGE == 1 ]]; then
     root=$STAGE_DIR
 fi
 
-# horovodrun answers a signal to itself by freezing its ranks and killing them 5 s later, with
-# no checkpoint (torchrun kills them 30 s after a SIGTERM). So the launcher runs in its own session, out of reach of the terminal's Ctrl-C, and
-# SIGINT/SIGTERM/SIGUSR1 to this script are passed to the ranks as SIGUSR1 instead: they finish
-# their step, rank 0 writes a checkpoint, they exit 3 (resume=auto goes on). A second signal
-# stops horovodrun at once.
+# climseg's Horovod build (tools/patch_horovod.py) gives its ranks HOROVOD_GRACEFUL_TERMINATION_TIME_S
+# after a signal to horovodrun (Horovod's own is 5 s: too short for a checkpoint); torchrun
+# gives 30 s. Rather than rely on either, the launcher runs in its own session, out of reach of
+# the terminal's Ctrl-C, and SIGINT/SIGTERM/SIGUSR1 to this script are passed to the ranks as
+# SIGUSR1: they finish their step, rank 0 writes a checkpoint, they exit 3 (resume=auto goes
+# on). A second signal stops the launcher at once.
+export HOROVOD_GRACEFUL_TERMINATION_TIME_S=${HOROVOD_GRACEFUL_TERMINATION_TIME_S:-120}
 setsid "${LAUNCH[@]}" climseg.train --config "$CONFIG" --engine "$ENGINE" \
     data.root="$root" output_dir="$OUTPUT" "$@" &
 launcher=$!
@@ -68,6 +70,10 @@ asked=0
 stop_ranks() {
     if (( asked )); then
         echo "workstation.sh: stopping $ENGINE's launcher now (no checkpoint)" >&2
+        # Twice: the first asks the launcher to stop its ranks within the grace period, the
+        # second (horovodrun patched by tools/patch_horovod.py) kills them at once.
+        kill -TERM "$launcher" 2>/dev/null || true
+        sleep 0.2
         kill -TERM "$launcher" 2>/dev/null || true
         return
     fi

@@ -199,6 +199,32 @@ def test_kill_9_of_one_rank_then_resume_auto_continues_identically(tiny_root, tm
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
 
 
+def test_ctrl_c_on_horovodrun_saves_and_the_run_resumes_identically(tiny_root, tmp_path,
+                                                                    reference):
+    """SIGINT to horovodrun itself (a Ctrl-C): it sends each rank SIGTERM and waits for them
+    (tools/patch_horovod.py); every rank stops at the same step, rank 0 saves, exit 3."""
+    out, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
+    proc = _hvd_start(tiny_root, out, log, "train.max_steps=200", *EXACT)
+    try:
+        wait_for(lambda: _train_rows(out) >= 1, proc, log)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    ((step, path),) = step_checkpoints(out)
+    line = f"stopped by SIGTERM (2 of 2 ranks) at step {step}; checkpoint {path}"
+    assert sorted(r[:3] for r in _rank_lines(text) if line in r) == ["[0]", "[1]"], text[-3000:]
+    # horovodrun prints the status of the ranks it saw end (not always both): all were 3.
+    assert set(re.findall(r"Process \d exit with status code (-?\d+)\.", text)) == {"3"}, \
+        text[-3000:]
+    proc = _hvd_train(tiny_root, out, f"train.max_steps={REFERENCE_STEPS}", "resume=auto",
+                      *EXACT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _assert_continues(out, reference, step)
+
+
 # -- checkpoints and output folders ---------------------------------------------------------
 
 def test_resume_on_another_rank_count_is_refused(horovod, tiny_root, stopped, tmp_path):

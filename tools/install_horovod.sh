@@ -6,7 +6,8 @@
 #
 # Horovod's last release (0.28.1, 2023) ships no wheels and does not compile against
 # PyTorch >= 2.1 as released; this script applies the fixes from docs we trust
-# (C++17, GCC 13 headers, CMake 4 policy), builds a wheel once, caches it, and installs it.
+# (C++17, GCC 13 headers, CMake 4 policy) and climseg's launcher patch (a grace period that
+# lets a stopped run save: tools/patch_horovod.py), builds a wheel once, caches it, and installs it.
 #
 # Features, each decided here and recorded in the wheel (horovod/_climseg_build.py):
 #   Gloo  always (what `horovodrun --gloo` uses).
@@ -105,7 +106,9 @@ if [[ $WANT_NCCL == 1 && $TORCH_CUDA == none ]]; then
 fi
 
 # The signature names everything the installed build depends on; a change in any of it rebuilds.
-signature="horovod=$HOROVOD_VERSION python=$PYTAG torch=$TORCH_VERSION cuda=$TORCH_CUDA gloo=1 mpi=$with_mpi:$mpi_id nccl=$with_nccl"
+# launcher=N: the version of tools/patch_horovod.py's launcher patch; bump it when that changes.
+LAUNCHER_PATCH=1
+signature="horovod=$HOROVOD_VERSION python=$PYTAG torch=$TORCH_VERSION cuda=$TORCH_CUDA gloo=1 mpi=$with_mpi:$mpi_id nccl=$with_nccl launcher=$LAUNCHER_PATCH"
 
 installed_signature() {
     "$PYTHON" -c 'import horovod._climseg_build as b; print(b.SIGNATURE)' 2>/dev/null || true
@@ -232,6 +235,9 @@ for cml in "$SRC/CMakeLists.txt" "$SRC/horovod/torch/CMakeLists.txt"; do
     grep -q 'set(CMAKE_CXX_STANDARD 14)' "$cml" || die "$cml: expected 'set(CMAKE_CXX_STANDARD 14)' to patch; is this horovod $HOROVOD_VERSION?"
     sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$cml"
 done
+# Fix 5: stopping horovodrun lets the ranks save (a grace period from
+# HOROVOD_GRACEFUL_TERMINATION_TIME_S, default 120 s, instead of 5 s; a second signal kills).
+"$PYTHON" "$ROOT/tools/patch_horovod.py" "$SRC/horovod" || die "cannot patch the horovod launcher (above)"
 # The signature travels in the wheel, so "is the installed build the one we want" is one import.
 cat > "$SRC/horovod/_climseg_build.py" <<EOF
 """Written by climseg's tools/install_horovod.sh: what this Horovod build was made for."""
@@ -264,7 +270,7 @@ if ! build_wheel "$with_mpi"; then
         say "the MPI build with $MPICXX failed; falling back to Gloo only (horovodrun --gloo works, srun launches will not)"
         cp "$CACHE/build-$slug.log" "$CACHE/mpi-failed-$mpi_id"
         with_mpi=0
-        signature="horovod=$HOROVOD_VERSION python=$PYTAG torch=$TORCH_VERSION cuda=$TORCH_CUDA gloo=1 mpi=0:none nccl=$with_nccl"
+        signature="horovod=$HOROVOD_VERSION python=$PYTAG torch=$TORCH_VERSION cuda=$TORCH_CUDA gloo=1 mpi=0:none nccl=$with_nccl launcher=$LAUNCHER_PATCH"
         sed -i "s/^SIGNATURE = .*/SIGNATURE = \"$signature\"/" "$SRC/horovod/_climseg_build.py"
         slug=$(echo "$signature" | sha1sum | cut -c1-12)
         WHEELDIR=$CACHE/wheels/$slug

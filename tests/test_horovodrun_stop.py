@@ -1,0 +1,106 @@
+"""Stopping ``horovodrun`` itself (Ctrl-C, SIGTERM) against climseg's launcher patch
+(tools/patch_horovod.py, applied by tools/install_horovod.sh).
+
+Unpatched, Horovod 0.28.1 gives its ranks 5 s after a stop signal and then kills them, and
+ignores every later signal. The ranks here are a small script that takes longer than 5 s to
+stop, so each test fails on an unpatched Horovod; the trainer itself is stopped this way in
+tests/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import HUNG_S, require_horovod, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+HOROVODRUN = Path(sys.executable).parent / "horovodrun"
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+# A rank that says when it is up, and on SIGTERM takes SLOW_STOP_S to "save", writes a
+# marker, and exits 3 (climseg's "stopped, resumable" status).
+SLOW_STOP_S = 8
+RANK = f"""
+import os, signal, sys, time
+out = sys.argv[1]
+def stop(signum, frame):
+    time.sleep({SLOW_STOP_S})
+    open(os.path.join(out, "saved-" + os.environ["HOROVOD_RANK"]), "w").close()
+    os._exit(3)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(out, "up-" + os.environ["HOROVOD_RANK"]), "w").close()
+time.sleep({HUNG_S})
+"""
+
+
+def _start(tmp_path: Path, grace: str | None = None) -> tuple[subprocess.Popen, Path]:
+    """horovodrun with two RANKs, once both are up; ``grace`` its grace period setting
+    (None: unset, the patched default)."""
+    require_horovod()
+    env = dict(os.environ)
+    env.pop("HOROVOD_GRACEFUL_TERMINATION_TIME_S", None)
+    if grace is not None:
+        env["HOROVOD_GRACEFUL_TERMINATION_TIME_S"] = grace
+    script, log = tmp_path / "rank.py", tmp_path / "run.log"
+    script.write_text(RANK)
+    proc = subprocess.Popen([str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo",
+                             sys.executable, str(script), str(tmp_path)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO,
+                            env=env)
+    wait_for(lambda: all((tmp_path / f"up-{r}").exists() for r in (0, 1)), proc, log)
+    return proc, log
+
+
+def _statuses(log: Path) -> list[str]:
+    return sorted(re.findall(r"Process \d exit with status code (-?\d+)\.", log.read_text()))
+
+
+def _stop(proc: subprocess.Popen, *signals: int) -> float:
+    """Send ``signals`` to horovodrun a second apart; seconds until it ended."""
+    start = time.monotonic()
+    try:
+        for i, sig in enumerate(signals):
+            if i:
+                time.sleep(1)
+            proc.send_signal(sig)
+        proc.wait(timeout=HUNG_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_gives_the_ranks_the_default_grace_period(tmp_path, sig):
+    proc, log = _start(tmp_path)
+    took = _stop(proc, sig)
+    assert (tmp_path / "saved-0").exists() and (tmp_path / "saved-1").exists(), log.read_text()
+    assert _statuses(log) == ["3", "3"], log.read_text()
+    assert "the ranks have 120 s to stop" in log.read_text()
+    assert SLOW_STOP_S <= took < 120, took
+
+
+def test_the_grace_period_comes_from_the_environment(tmp_path):
+    proc, log = _start(tmp_path, grace="2")
+    took = _stop(proc, signal.SIGINT)
+    assert not (tmp_path / "saved-0").exists(), log.read_text()
+    assert "the ranks have 2 s to stop" in log.read_text()
+    assert took < SLOW_STOP_S, took
+
+
+def test_a_second_signal_kills_the_ranks_at_once(tmp_path):
+    proc, log = _start(tmp_path)
+    took = _stop(proc, signal.SIGINT, signal.SIGINT)
+    text = log.read_text()
+    assert "second stop signal: killing every rank now" in text
+    assert not list(tmp_path.glob("saved-*")), text
+    assert _statuses(log) == ["-9", "-9"], text
+    assert took < SLOW_STOP_S, took

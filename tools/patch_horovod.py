@@ -1,0 +1,111 @@
+"""Patch Horovod 0.28.1's launcher so that stopping ``horovodrun`` lets a run save.
+
+    python tools/patch_horovod.py SRC/horovod     # the package folder of the unpacked source
+
+tools/install_horovod.sh runs it on the source before building the wheel. Two changes, both
+in pure-Python launcher code (the compiled core is untouched):
+
+1. The grace period. On Ctrl-C or SIGTERM, horovodrun sends each rank SIGTERM and kills it
+   5 s later (``GRACEFUL_TERMINATION_TIME_S``). A climseg rank needs longer: it finishes its
+   step, the ranks vote, rank 0 writes a checkpoint (hundreds of MB). The period now comes
+   from ``HOROVOD_GRACEFUL_TERMINATION_TIME_S`` (seconds), default ``DEFAULT_GRACE_S``.
+2. A second signal kills at once. Horovod ignored every signal after the first, so an
+   impatient user had no way out but ``kill -9``; now the second Ctrl-C or SIGTERM kills every
+   rank's process group immediately.
+
+Each edit checks the text it replaces, so a Horovod other than 0.28.1 fails loudly instead of
+building unpatched. Exit 1 with one line on such a mismatch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+DEFAULT_GRACE_S = 120
+
+GRACE_OLD = "GRACEFUL_TERMINATION_TIME_S = 5\n"
+GRACE_NEW = f'''
+
+def _grace_seconds():
+    # climseg: the ranks' grace period after a stop signal, long enough for a checkpoint.
+    value = os.environ.get("HOROVOD_GRACEFUL_TERMINATION_TIME_S", "")
+    try:
+        return float(value) if value.strip() else {DEFAULT_GRACE_S}.0
+    except ValueError:
+        sys.stderr.write("horovodrun: HOROVOD_GRACEFUL_TERMINATION_TIME_S=%r is not a number "
+                         "of seconds; using {DEFAULT_GRACE_S}\\n" % value)
+        return {DEFAULT_GRACE_S}.0
+
+
+GRACEFUL_TERMINATION_TIME_S = _grace_seconds()
+
+# climseg: the middlemen alive now; each leads the process group of one rank's command.
+_MIDDLEMEN = set()
+
+
+def kill_all_now():
+    """Kill every running command's process group at once (a second stop signal)."""
+    for pid in list(_MIDDLEMEN):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+'''
+
+START_OLD = "    middleman.start()\n"
+START_NEW = "    middleman.start()\n    _MIDDLEMEN.add(middleman.pid)\n"
+
+FINALLY_OLD = "    finally:\n        stop.set()\n"
+FINALLY_NEW = "    finally:\n        stop.set()\n        _MIDDLEMEN.discard(middleman.pid)\n"
+
+HANDLER_OLD = """    def set_event_on_signal(signum, frame):
+        event.set()
+"""
+HANDLER_NEW = """    def set_event_on_signal(signum, frame):
+        # climseg: the first signal asks the ranks to stop within the grace period; a second
+        # one kills them now.
+        if event.is_set():
+            sys.stderr.write("horovodrun: second stop signal: killing every rank now\\n")
+            safe_shell_exec.kill_all_now()
+            return
+        sys.stderr.write("horovodrun: stop signal: the ranks have %g s to stop (a second "
+                         "signal kills them now)\\n" % safe_shell_exec.GRACEFUL_TERMINATION_TIME_S)
+        event.set()
+"""
+
+EDITS = {
+    "runner/common/util/safe_shell_exec.py": [(GRACE_OLD, GRACE_NEW), (START_OLD, START_NEW),
+                                              (FINALLY_OLD, FINALLY_NEW)],
+    "runner/gloo_run.py": [(HANDLER_OLD, HANDLER_NEW)],
+}
+
+
+def patch(package: Path) -> None:
+    """Apply :data:`EDITS` to the horovod package folder ``package``; ValueError naming the
+    file when a text to replace is not there exactly once."""
+    for name, edits in EDITS.items():
+        path = package / name
+        text = path.read_text()
+        for old, new in edits:
+            if text.count(old) != 1:
+                raise ValueError(f"{path}: expected the text {old.strip()[:60]!r} once, found it "
+                                 f"{text.count(old)} times; is this horovod 0.28.1?")
+            text = text.replace(old, new)
+        path.write_text(text)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python tools/patch_horovod.py HOROVOD_PACKAGE_DIR", file=sys.stderr)
+        return 2
+    try:
+        patch(Path(argv[0]))
+    except (OSError, ValueError) as err:
+        print(f"patch_horovod: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
