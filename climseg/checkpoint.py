@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,12 @@ class CheckpointManager:
         self.plan = plan
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.every = cfg.train.save_frequency
+        self.interval_s = cfg.train.save_interval_minutes * 60
+        self.save_best = cfg.train.save_best
+        self.saves = 0  # checkpoints written by this run: the same count on every rank
+        self._saves_at_vote = self._saves_at_read = 0
+        self.saved_step: int | None = None  # the step of the last one
+        self.last_save_time = time.monotonic()
         self.saver = CheckpointSaver(cfg.output_dir, cfg.train.keep_checkpoints,
                                      enabled=dist.is_primary())
         self.resumed_from: Path | None = None
@@ -279,9 +286,31 @@ class CheckpointManager:
     def path(self, step: int) -> Path:
         return self.saver.path(step)
 
-    def due(self, step: int) -> bool:
-        """Whether ``step`` is one of ``train.save_frequency``'s (the final one is saved too)."""
-        return bool(self.every) and step % self.every == 0
+    def due(self, progress: Progress, last_eval: dict[str, Any]) -> bool:
+        """Whether to save after this step: one of ``train.save_frequency``'s (the final one is
+        saved too), or a better validation (:meth:`improves`)."""
+        return ((bool(self.every) and progress.step % self.every == 0)
+                or self.improves(progress, last_eval))
+
+    def improves(self, progress: Progress, last_eval: dict[str, Any]) -> bool:
+        """Whether ``train.save_best`` asks for a checkpoint now: this step's validation beats
+        every one before (the same on every rank: the scores are reduced over ranks)."""
+        return (self.save_best and last_eval.get("step") == progress.step
+                and last_eval["mean_iou"] > progress.best_iou)
+
+    def cast_time_vote(self) -> bool:
+        """This rank's vote at a step boundary on "``train.save_interval_minutes`` have passed
+        since the last save": rank 0's clock decides (the others say no), and the stop vote,
+        which carries it, makes its answer every rank's one boundary later."""
+        self._saves_at_read, self._saves_at_vote = self._saves_at_vote, self.saves
+        return (dist.is_primary() and self.interval_s > 0
+                and time.monotonic() - self.last_save_time >= self.interval_s)
+
+    def time_voted(self, voted: bool) -> bool:
+        """Whether to save on the vote just read (``voted``: some rank said due when it was
+        cast): not if a checkpoint was written since the cast. Every rank counts the same
+        saves, so all decide alike."""
+        return voted and self.saves == self._saves_at_read
 
     # -- save ------------------------------------------------------------------------------
     def state_dict(self, progress: Progress) -> dict[str, Any]:
@@ -295,7 +324,10 @@ class CheckpointManager:
         """A checkpoint of this step (a collective); best.pt follows it when this step's
         validation (``last_eval``) is the best so far. The caller has checked the steps'
         health; the weights themselves are checked here (identical on every rank, so every
-        rank agrees)."""
+        rank agrees). A step already saved (its validation improved, then the run ended
+        there) is not written twice."""
+        if self.saved_step == progress.step:
+            return
         finite = torch.stack([torch.isfinite(v).all() for v in self.model.state_dict().values()
                               if v.is_floating_point()]).all().item()
         if not finite:
@@ -310,6 +342,9 @@ class CheckpointManager:
         state = self.state_dict(progress)
         monitor.saved(progress.epoch, progress.step,
                       self.saver.save(state, progress.step, is_best))
+        self.saves += 1
+        self.saved_step = progress.step
+        self.last_save_time = time.monotonic()
 
     # -- resume ----------------------------------------------------------------------------
     def resume(self) -> Progress:

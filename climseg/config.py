@@ -190,6 +190,9 @@ class TrainConfig:
     log_frequency: int = 10              # steps between progress lines and train scalars
     save_frequency: int = 0              # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 3            # newest step checkpoints kept (best.pt is kept apart)
+    save_interval_minutes: float = 30.0  # also a checkpoint once this long since the last; 0 = off
+    save_best: bool = True               # a validation better than all before saves at once (best.pt)
+    stall_timeout: float = 300.0         # seconds without a finished step before a rank ends itself; 0 = off
     precision: str = "auto"              # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, fp32 on CPU)
     channels_last: bool | None = None    # null: on for CUDA, off on CPU
     compile: bool = False                # torch.compile the model
@@ -216,6 +219,10 @@ class TrainConfig:
         _require(self.global_batch_size is None or self.global_batch_size >= 1,
                  "train.global_batch_size", "must be positive or null")
         _require(0.0 <= self.target_iou <= 1.0, "train.target_iou", "must be in [0, 1]")
+        _require(self.save_interval_minutes >= 0, "train.save_interval_minutes",
+                 "must be 0 (off) or a positive number of minutes")
+        _require(self.stall_timeout >= 0, "train.stall_timeout",
+                 "must be 0 (off) or a positive number of seconds")
         _choice(self.precision, "train.precision", PRECISIONS)
         _choice(self.gradient_compression, "train.gradient_compression", ("none", "fp16"))
         if self.elastic:

@@ -114,6 +114,19 @@ DESCRIPTIONS: dict[str, str] = {
                            "syncs in the loop).",
     "train.save_frequency": "Steps between checkpoints; `0` = only at the end.",
     "train.keep_checkpoints": "Newest step checkpoints kept (`best.pt` is kept apart).",
+    "train.save_interval_minutes": "Also write a checkpoint once this many minutes have passed "
+                                   "since the last one (rank 0's clock, agreed through the stop "
+                                   "vote, so one step late); `0` = off. With the default a run "
+                                   "stopped by a kill loses at most half an hour.",
+    "train.stall_timeout": "Seconds without a finished step (or validation batch, or "
+                           "checkpoint) after which a rank ends itself with one line naming "
+                           "what it waits in, exit status 2: a hung or cut-off peer would "
+                           "otherwise hold the job until its time limit. Never less than 10x "
+                           "the longest gap seen so far; `0` = off "
+                           "([reliability.md](reliability.md)).",
+    "train.save_best": "A validation whose mean IoU beats every earlier one writes a checkpoint "
+                       "at once and points `best.pt` at it; `false`: `best.pt` only moves at the "
+                       "save points (for timed benchmark runs).",
     "train.precision": "`auto` (bf16 on CUDA, fp32 on CPU), `fp32`, `bf16`, `fp16` "
                        "(GradScaler, the Horovod way).",
     "train.channels_last": "channels_last model and input; `null` = on for CUDA, off on CPU.",

@@ -48,14 +48,21 @@ class StopVote:
     def reset(self) -> None:
         """A new vote (after an elastic reset: a vote in flight died with it)."""
         self._poll = dist.AnyRankPoll("stop_poll")
+        self.save_voted = False
 
-    def poll(self, size: int) -> str | None:
-        """Why the run must stop (e.g. ``stopped by SIGTERM (1 of 2 ranks)``), or None."""
-        votes = self._poll.exchange(self.signals.flags())
-        if votes is None or not any(votes):
+    def poll(self, size: int, save_due: bool = False) -> str | None:
+        """Why the run must stop (e.g. ``stopped by SIGTERM (1 of 2 ranks)``), or None.
+
+        The same vote carries ``save_due`` (rank 0's clock says a checkpoint is due): after the
+        call, ``save_voted`` tells whether any rank said so at the previous call, the same on
+        every rank, so the ranks agree on a time-based save without a collective of its own."""
+        votes = self._poll.exchange(self.signals.flags() + [int(save_due)])
+        self.save_voted = bool(votes and votes[-1])
+        stops = (votes or [])[:len(STOP_SIGNALS)]
+        if not any(stops):
             return None
         names = [f"{signal.Signals(sig).name} ({n} of {size} ranks)"
-                 for sig, n in zip(STOP_SIGNALS, votes) if n]
+                 for sig, n in zip(STOP_SIGNALS, stops) if n]
         return "stopped by " + ", ".join(names)
 
     def drain(self) -> None:

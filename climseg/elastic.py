@@ -82,6 +82,7 @@ class ElasticDriver:
         dist.set_accumulation(t.optimizer, plan.accumulation)
         t.checkpoints.follow(plan)
         t.stop.reset()  # a vote in flight died with the reset
+        t.watchdog.pause()  # waiting for hosts is not a hang
         if first:
             t.begin()
         else:
@@ -113,8 +114,8 @@ class ElasticDriver:
         t.model.load_state_dict(c["model"])
         t.optimizer.load_state_dict(c["optimizer"])
         self._load(c)
-        t.health = Health(t.device, t.prec.scaler is not None, t.step_inputs)
-        t.step_batches.clear()
+        t.health = Health(t.device, t.prec.scaler is not None, t.step_files)
+        t.step_files.clear()
         log.warning("elastic: a rank was lost; back to the commit at step %d", t.progress.step)
 
     def sync(self) -> None:

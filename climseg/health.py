@@ -17,6 +17,30 @@ from climseg.errors import DivergenceError
 FP16_SKIP_LIMIT = 20
 
 
+class StepFiles:
+    """The input files of the last few steps on this rank, for a diverged run's report:
+    ``record`` each step's place in its epoch's plan (``plan(epoch)``: the rank's (path, ...)
+    entries in order), call with a step to get its files; cleared at each log step."""
+
+    def __init__(self, plan: Callable[[int], list], batch_size: int):
+        self.plan, self.batch_size = plan, batch_size
+        self.where: dict[int, tuple[int, int, int]] = {}  # step -> epoch, first micro, micros
+
+    def record(self, step: int, epoch: int, first: int, micro_batches: int) -> None:
+        self.where[step] = (epoch, first, micro_batches)
+
+    def clear(self) -> None:
+        self.where.clear()
+
+    def __call__(self, step: int) -> list[str]:
+        found = self.where.get(step)
+        if found is None:
+            return []
+        epoch, first, count = found
+        size = self.batch_size
+        return [entry[0] for entry in self.plan(epoch)[first * size:(first + count) * size]]
+
+
 class Health:
     """Device-side record of non-finite steps, updated every step without a host sync; read
     where the loop synchronises anyway (log steps, validation, checkpoints).

@@ -26,7 +26,7 @@ from climseg.data.build import Data, build_data
 from climseg.elastic import ElasticDriver
 from climseg.engine import (Precision, average_batchnorm_stats, configure_torch, evaluate,
                             grad_norm, tflop_per_sample, train_step)
-from climseg.health import Health
+from climseg.health import Health, StepFiles
 from climseg.inference import select_device
 from climseg.losses import build_loss
 from climseg.metrics import iou_from_confusion
@@ -36,6 +36,7 @@ from climseg.monitor import DataWait, RunMonitor, TrainWindow, validation_sample
 from climseg.optim import build_optimizer, build_scheduler
 from climseg.plan import RunPlan, plan_run
 from climseg.runlock import RunLock
+from climseg.watchdog import Watchdog
 
 log = logging.getLogger("climseg.train")
 
@@ -74,6 +75,7 @@ class Trainer:
                  start: bool = True):
         self.lock: RunLock | None = None
         self.stop = StopVote(SIGNALS)
+        self.watchdog = Watchdog(cfg.train.stall_timeout, dist.rank()).start()
         self.on_data = on_data
         try:
             self.adopt(plan_run(cfg, dist.size(), dist.elastic_launch()))
@@ -114,8 +116,8 @@ class Trainer:
         self.step_model = torch.compile(step_model) if t.compile else step_model
         # LAMB clips inside its own step; the others clip the global norm in train_step.
         self.clip_norm = cfg.optimizer.max_grad_norm if cfg.optimizer.name != "lamb" else 0.0
-        self.health = Health(self.device, self.prec.scaler is not None, self.step_inputs)
-        self.step_batches: dict[int, tuple[int, int]] = {}  # step -> (epoch, first micro-batch)
+        self.step_files = StepFiles(lambda epoch: self.data.train.plan(epoch), t.local_batch_size)
+        self.health = Health(self.device, self.prec.scaler is not None, self.step_files)
         self.last_eval: dict[str, Any] = {}
         self.window = TrainWindow(cfg.model.num_classes, self.device)
         self.data_wait = DataWait()
@@ -139,11 +141,9 @@ class Trainer:
 
     def begin(self) -> None:
         """Resume (or start fresh), then open the reports. A collective."""
-        self.progress = self.checkpoints.resume()
-        p = self.progress
+        p = self.progress = self.checkpoints.resume()
         if self.checkpoints.resumed_from is not None:
-            self.monitor.resumed(self.checkpoints.resumed_from, p.step, p.epoch,
-                                 p.batch_in_epoch)
+            self.monitor.resumed(self.checkpoints.resumed_from, p.step, p.epoch, p.batch_in_epoch)
         self.start_run()
 
     def start_run(self) -> None:
@@ -191,6 +191,8 @@ class Trainer:
                 if stop is None and not self.evaluated_now():
                     if self.target_reached(self.validate()):
                         stop = "target_reached"
+                    elif self.checkpoints.improves(p, self.last_eval):
+                        self.save()
             if stop is None:
                 p.epoch, p.batch_in_epoch = p.epoch + 1, 0
         return self.finish(stop or "max_epochs", start)
@@ -204,6 +206,7 @@ class Trainer:
         stop = None
         try:
             while stop is None and p.batch_in_epoch + self.accum <= batches_per_epoch:
+                self.watchdog.beat(p.step, f"step {p.step + 1} (its batch, gradient allreduce)")
                 with self.data_wait.waiting():
                     micro = [next(batches) for _ in range(self.accum)]
                 self.train_step(micro)
@@ -214,10 +217,10 @@ class Trainer:
                 if t.validation_frequency and p.step % t.validation_frequency == 0:
                     if self.target_reached(self.validate()):
                         stop = "target_reached"
-                if self.checkpoints.due(p.step) and stop is None:
+                if stop is None and self.checkpoints.due(p, self.last_eval):
                     self.save()
                 if stop is None:
-                    stop = self.stop.poll(self.size)
+                    stop = self.poll()
                 if stop is None:
                     self.after_step(p.step)
         finally:
@@ -225,12 +228,19 @@ class Trainer:
         self.monitor.epoch_stop(p.epoch, p.step)
         return stop
 
+    def poll(self) -> str | None:
+        """The stop vote of this step boundary, and the time-based checkpoint it carries."""
+        stop = self.stop.poll(self.size, save_due=self.checkpoints.cast_time_vote())
+        if stop is None and self.checkpoints.time_voted(self.stop.save_voted):
+            self.save()
+        return stop
+
     def train_step(self, micro_batches) -> None:
         result = train_step(self.step_model, self.optimizer, self.loss_fn, micro_batches,
                             self.prec, self.clip_norm, self.cfg.model.num_classes)
         self.scheduler.step()
-        self.step_batches[self.progress.step + 1] = (self.progress.epoch,
-                                                     self.progress.batch_in_epoch)
+        self.step_files.record(self.progress.step + 1, self.progress.epoch,
+                               self.progress.batch_in_epoch, self.accum)
         self.progress.step += 1
         self.progress.batch_in_epoch += self.accum
         self.health.update(self.progress.step, result.loss_sum, result.grad_norm)
@@ -239,16 +249,6 @@ class Trainer:
         w.confusion += result.confusion
         w.grad_norm = result.grad_norm
         w.steps += 1
-
-    def step_inputs(self, step: int) -> list[str]:
-        """The input files of step ``step`` on this rank (for a diverged run's report)."""
-        where = self.step_batches.get(step)
-        if where is None:
-            return []
-        epoch, first = where
-        size = self.cfg.train.local_batch_size
-        return [entry[0] for entry in
-                self.data.train.plan(epoch)[first * size:(first + self.accum) * size]]
 
     def log_window(self) -> None:
         """Average the steps since the last log step over ranks and report them: the loop's
@@ -277,7 +277,7 @@ class Trainer:
                                   data_wait_seconds=waited, window_seconds=elapsed,
                                   device=self.device)
         w.reset()
-        self.step_batches.clear()
+        self.step_files.clear()
 
     def validate(self) -> dict[str, Any]:
         """Score the validation partition (a collective); the result also goes to the
@@ -288,8 +288,8 @@ class Trainer:
         average_batchnorm_stats(self.model)
         want_image = (cfg.train.image_frequency > 0
                       and p.validations % cfg.train.image_frequency == 0)
-        batches = self.monitor.eval_progress(self.data.validation.epoch(0),
-                                             len(self.data.validation))
+        batches = self.watchdog.watched(self.monitor.eval_progress(
+            self.data.validation.epoch(0), len(self.data.validation)), p.step, "validation")
         result = evaluate(self.step_model, batches, self.loss_fn,
                           self.prec, cfg.model.num_classes,
                           keep_first=dist.is_primary() and want_image)
@@ -317,6 +317,7 @@ class Trainer:
     def save(self) -> None:
         """A checkpoint of this step (a collective), never of a broken model: the steps since
         the last check first, then (in the manager) the weights."""
+        self.watchdog.beat(self.progress.step, f"the checkpoint of step {self.progress.step}")
         self.health.check()
         self.checkpoints.save(self.progress, self.last_eval, self.monitor)
 
@@ -349,6 +350,7 @@ class Trainer:
         return summary
 
     def close(self) -> None:
+        self.watchdog.stop()
         self.stop.drain()
         if self.lock is not None:
             self.lock.release()

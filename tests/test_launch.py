@@ -250,6 +250,28 @@ def test_install_horovod_names_missing_torch(tmp_path):
     assert "torch is not importable" in result.stderr
 
 
+def test_horovod_launcher_patch_refuses_text_it_does_not_know(tmp_path):
+    """tools/patch_horovod.py on another Horovod (here: the launcher files of a patched one,
+    whose texts are no longer the originals): exit 1 naming the file, nothing half-done."""
+    installed = Path(sys.executable).parent.parent / "lib"
+    sources = sorted(installed.glob("python3*/site-packages/horovod/runner/gloo_run.py"))
+    if not sources:
+        pytest.skip("no installed horovod to take the launcher files from")
+    package = tmp_path / "horovod"
+    (package / "runner" / "common" / "util").mkdir(parents=True)
+    (package / "runner" / "gloo_run.py").write_text(sources[0].read_text())
+    safe = sources[0].parent / "common" / "util" / "safe_shell_exec.py"
+    (package / "runner" / "common" / "util" / "safe_shell_exec.py").write_text(
+        safe.read_text().replace("GRACEFUL_TERMINATION_TIME_S = _grace_seconds()", "")
+        .replace("GRACEFUL_TERMINATION_TIME_S = 5\n", ""))
+    result = _run([sys.executable, str(REPO / "tools/patch_horovod.py"), str(package)])
+    assert result.returncode == 1
+    assert result.stderr.startswith("patch_horovod: error: ")
+    assert "safe_shell_exec.py: expected the text 'GRACEFUL_TERMINATION_TIME_S = 5'" \
+        in result.stderr
+    assert (package / "runner" / "gloo_run.py").read_text() == sources[0].read_text()
+
+
 def test_install_horovod_cuda_build_needs_cuda_torch():
     import torch
 

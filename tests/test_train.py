@@ -123,6 +123,36 @@ def test_checkpoint_records_its_own_evaluation_as_best(single_run):
     assert load_checkpoint(step_checkpoints(out)[-1][1])["best_iou"] >= final_eval["mean_iou"]
 
 
+def test_every_better_validation_is_saved_at_once_as_best(tiny_root, tmp_path):
+    """train.save_best: a checkpoint at each validation that beats all before it, best.pt at
+    the best one, not only at save points (here there are none but the end)."""
+    cfg = load_config(CI, [f"data.root={tiny_root}", f"output_dir={tmp_path}",
+                           "train.save_best=true", "train.validation_frequency=1",
+                           "train.keep_checkpoints=10"])
+    train_module.train(cfg)
+    evals = [(r["step"], r["mean_iou"]) for r in _metrics(tmp_path) if r["kind"] == "eval"]
+    better, best = [], float("-inf")
+    for step, iou in evals:
+        if iou > best:
+            better.append(step)
+            best = iou
+    saved = [step for step, _ in step_checkpoints(tmp_path)]
+    assert saved == sorted(set(better) | {6}), (evals, saved)
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == better[-1]
+    assert len(better) >= 2  # the oracle must have something to tell apart from "at the end"
+
+
+def test_checkpoints_by_the_clock_follow_the_vote_one_step_late(tiny_root, tmp_path):
+    """train.save_interval_minutes: rank 0's clock says "due" at every step boundary (the
+    interval is 6 ms, a step longer); the vote brings it one step later, and a vote cast
+    before a save is not obeyed after it: so steps 2, 4, then the final 6."""
+    cfg = load_config(CI, [f"data.root={tiny_root}", f"output_dir={tmp_path}",
+                           "train.save_interval_minutes=0.0001", "train.keep_checkpoints=10",
+                           "train.validation_frequency=0"])
+    train_module.train(cfg)
+    assert [step for step, _ in step_checkpoints(tmp_path)] == [2, 4, 6]
+
+
 def test_epoch_budget_is_reported_as_such(tiny_root, tmp_path):
     # 16 training files, local batch 2, one rank: 8 steps per epoch, stopped by the epochs.
     cfg = load_config(CI, [f"data.root={tiny_root}", f"output_dir={tmp_path}",

@@ -83,7 +83,8 @@ EDITS = {
 
 def patch(package: Path) -> None:
     """Apply :data:`EDITS` to the horovod package folder ``package``; ValueError naming the
-    file when a text to replace is not there exactly once."""
+    file when a text to replace is not there exactly once, and then no file is changed."""
+    patched = {}
     for name, edits in EDITS.items():
         path = package / name
         text = path.read_text()
@@ -92,6 +93,8 @@ def patch(package: Path) -> None:
                 raise ValueError(f"{path}: expected the text {old.strip()[:60]!r} once, found it "
                                  f"{text.count(old)} times; is this horovod 0.28.1?")
             text = text.replace(old, new)
+        patched[path] = text
+    for path, text in patched.items():
         path.write_text(text)
 
 
