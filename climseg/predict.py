@@ -33,7 +33,7 @@ from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, NUM
 from climseg.engine import Precision
 from climseg.inference import (InputSpec, add_model_arguments, class_names, input_spec,
                                load_model, predict_probabilities, prepare, run_field,
-                               select_device)
+                               scored_region, select_device)
 from climseg.logs import setup_logging
 from climseg.plot import plot_sample, save_map
 
@@ -107,7 +107,8 @@ def predict_file(model, spec: InputSpec, path: Path, out_dir: Path, prec: Precis
         save_map(fig, png)
         target = mask
         write_mask(mask, prediction, probs.permute(1, 2, 0).numpy() if probabilities else None,
-                   {"source": str(path), "checkpoint": checkpoint}, names)
+                   {"source": str(path), "checkpoint": checkpoint,
+                    "region": scored_region(prediction.shape, None, tile)["region"]}, names)
     except OSError as err:
         raise DataError(write_failure(target, err)) from None
     except DataError:  # the mask (hdf5_writer says why)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from climseg import dist, evaluate, inference, predict
 from climseg.engine import Precision
 from climseg.checkpoint import CheckpointError, save_checkpoint
 from climseg.config import load_config
-from climseg.data.format import CLASS_NAMES, DATA_KEY, LABEL_KEY
+from climseg.data.format import CLASS_NAMES, DATA_KEY, LABEL_KEY, read_sample, write_sample
 from climseg.data.partition import list_files
 from climseg.model import build_model, deeplab
 from climseg.plot import DPI, PANEL_SIZE
@@ -81,6 +82,7 @@ def test_predict_writes_masks_probabilities_and_maps(tiny_root, tiny_model, tmp_
         with h5py.File(out / f"{f.stem}-mask.h5", "r") as h:
             pred = h[predict.PREDICTION_KEY][...]
             probs = h[predict.PROBABILITIES_KEY][...]
+            assert h["climate"].attrs["region"] == "the whole 64x96 field, in one piece"
         assert pred.shape == (64, 96) and pred.dtype == np.uint8
         assert probs.shape == (64, 96, 3) and probs.dtype == np.float16
         assert set(np.unique(pred)) <= {0, 1, 2}
@@ -98,8 +100,11 @@ def _confusion(truths, preds, k=3):
     return cm
 
 
-def test_evaluate_matches_iou_of_saved_masks(tiny_root, tiny_model, tmp_path):
-    ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root)
+@pytest.mark.parametrize("overrides", [(), ("data.crop=[32, 48]",)], ids=["whole", "tiled"])
+def test_evaluate_matches_iou_of_saved_masks(tiny_root, tiny_model, tmp_path, overrides):
+    # A crop-trained run: evaluate's tiles (TiledModel in the trainer's loop) and predict's
+    # (predict_probabilities) must give the same masks over the whole field.
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root, overrides=overrides)
     files = list_files(tiny_root / "test")
     out = tmp_path / "pred"
     assert predict.main(["--checkpoint", str(ckpt), "--output", str(out), *map(str, files)]) == 0
@@ -314,15 +319,67 @@ def test_evaluate_under_horovodrun_matches_one_process(real_checkpoint, tiny_roo
     assert two["eval_accuracy"] == pytest.approx(one["eval_accuracy"])
 
 
-def test_evaluate_defaults_to_the_runs_validation_size(tiny_root, tiny_model, tmp_path):
-    # A run trained on 32x48 crops is scored on 32x48 centre crops unless told otherwise.
+def test_evaluate_scores_the_whole_field_and_names_any_crop(tiny_root, tiny_model, tmp_path):
+    # A run trained on 32x48 crops is scored on the whole 64x96 field, in tiles of its own size.
     ckpt = make_checkpoint(tmp_path / "crop.pt", tiny_root, overrides=["data.crop=[32, 48]"])
-    assert evaluate.score(ckpt, tiny_root, "test")["field"] == [32, 48]
-    assert evaluate.score(ckpt, tiny_root, "test", full_field=True)["field"] == [64, 96]
-    assert evaluate.score(ckpt, tiny_root, "test", crop=(48, 64))["field"] == [48, 64]
+    whole = evaluate.score(ckpt, tiny_root, "test")
+    assert (whole["field"], whole["full_field"], whole["tile"]) == ([64, 96], [64, 96], [32, 48])
+    assert whole["fraction"] == 1 and whole["region"] == "the whole 64x96 field, in 32x48 tiles"
+    one = evaluate.score(ckpt, tiny_root, "test", full_field=True)
+    assert (one["field"], one["tile"]) == ([64, 96], None)
+    assert one["region"] == "the whole 64x96 field, in one piece"
+    crop = evaluate.score(ckpt, tiny_root, "test", crop=(48, 64))
+    assert (crop["field"], crop["tile"]) == ([48, 64], [32, 48])
+    assert crop["fraction"] == pytest.approx(0.5)
+    assert crop["region"] == ("only the centred 48x64 crop of the 64x96 field (50.0 % of it), "
+                              "in 32x48 tiles")
     ckpt = make_checkpoint(tmp_path / "val.pt", tiny_root,
                            overrides=["data.crop=[32, 48]", "data.validation_crop=[48, 96]"])
-    assert evaluate.score(ckpt, tiny_root, "test")["field"] == [48, 96]
+    assert evaluate.score(ckpt, tiny_root, "test")["tile"] == [48, 96]
+
+
+class Background(nn.Module):
+    """Predicts background everywhere: a 1x1 convolution with zero weights, bias (4, 0, 0)."""
+
+    def __init__(self, in_channels: int = 16, num_classes: int = 3):
+        super().__init__()
+        self.head = nn.Conv2d(in_channels, num_classes, 1)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.copy_(torch.tensor([4.0] + [0.0] * (num_classes - 1)))
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def test_a_crop_and_the_whole_field_score_what_each_covers(tiny_root, tmp_path, monkeypatch,
+                                                           capsys):
+    # Hand-made truth: cyclone pixels only in the 8 southernmost rows, outside the centred
+    # 32x48 crop (rows 16-47). A model that predicts background everywhere is perfect on the
+    # crop and misses every cyclone on the whole field: IoU 1 there, 0 here.
+    monkeypatch.setitem(deeplab.MODELS, "background", Background)
+    monkeypatch.setattr(config_module, "MODEL_NAMES", (*config_module.MODEL_NAMES, "background"))
+    root = tmp_path / "root"
+    (root / "test").mkdir(parents=True)
+    shutil.copy(tiny_root / "stats.h5", root / "stats.h5")
+    for f in list_files(tiny_root / "test"):
+        data, _ = read_sample(f)
+        labels = np.zeros(data.shape[:2], np.uint8)
+        labels[:8] = 1
+        write_sample(root / "test" / f.name, data, labels)
+    ckpt = make_checkpoint(tmp_path / "bg.pt", root, name="background",
+                           overrides=["data.crop=[32, 48]"])
+    out = tmp_path / "crop.json"
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(root), "--crop", "32", "48",
+                          "--output", str(out)]) == 0
+    crop = json.loads(out.read_text())
+    assert crop["confusion"] == [[2 * 32 * 48, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert crop["per_class_iou"] == [1.0, None, None]
+    assert ("scored: only the centred 32x48 crop of the 64x96 field (25.0 % of it), in one "
+            "piece") in capsys.readouterr().out
+    whole = evaluate.score(ckpt, root, "test")
+    assert whole["confusion"] == [[2 * 56 * 96, 0, 0], [2 * 8 * 96, 0, 0], [0, 0, 0]]
+    assert whole["per_class_iou"] == [pytest.approx(56 / 64), 0.0, None]
 
 
 def test_tile_offsets_cover_the_field_with_half_overlap():
