@@ -9,6 +9,8 @@ defaults of this version for keys an older run did not write), never used as a r
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -130,6 +132,13 @@ def load_model(checkpoint_path: str | os.PathLike,
     """The checkpoint's model in eval mode on ``device``, and its run's config."""
     ckpt, cfg = read_checkpoint(checkpoint_path, device)
     return model_from_checkpoint(ckpt, cfg, str(checkpoint_path), device), cfg
+
+
+def config_hash(cfg: Config) -> str:
+    """sha256 of a run's config as climseg reads it back (JSON, keys sorted): equal for two
+    checkpoints of the same settings, whatever their paths or file layout."""
+    text = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def class_names(cfg: Config) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ test loads a real DeepLabv3+ checkpoint stored in bf16.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -19,8 +20,9 @@ import pytest
 import torch
 from torch import nn
 
+import climseg
 from climseg import config as config_module
-from climseg import dist, evaluate, inference, predict
+from climseg import dist, evaluate, grid, inference, netcdf, predict
 from climseg.engine import Precision
 from climseg.checkpoint import CheckpointError, save_checkpoint
 from climseg.config import load_config
@@ -415,3 +417,65 @@ def test_a_failed_distributed_start_is_one_line(command, tiny_root, tmp_path, mo
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == (f"climseg {command.__name__.split('.')[-1]}: error: the launcher started "
                     "2 ranks but Horovod sees 1: rebuild")
+
+
+def test_netcdf_masks_open_in_xarray_on_the_grid_and_match_the_hdf5_masks(
+        tiny_root, tiny_model, tmp_path):
+    xr = pytest.importorskip("xarray")  # a test dependency (requirements.txt, "# tests")
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root, overrides=["data.crop=[32, 48]"])
+    dated = list_files(tiny_root / "test")[0]
+    undated = tmp_path / "field.h5"  # a name without a time: no time axis
+    shutil.copy(dated, undated)
+    files = [str(dated), str(undated)]
+    h5_out, nc_out = tmp_path / "h5", tmp_path / "nc"
+    assert predict.main(["--checkpoint", str(ckpt), "--output", str(h5_out),
+                         "--probabilities", *files]) == 0
+    assert predict.main(["--checkpoint", str(ckpt), "--output", str(nc_out), "--format",
+                         "netcdf", "--probabilities", *files]) == 0
+    for f, time in ((dated, netcdf.sample_time(dated)), (undated, None)):
+        with h5py.File(h5_out / f"{f.stem}-mask.h5", "r") as h:
+            mask, probs = h[predict.PREDICTION_KEY][...], h[predict.PROBABILITIES_KEY][...]
+        with xr.open_dataset(nc_out / f"{f.stem}-mask.nc") as ds:
+            ds.load()
+        cm = ds["class_mask"]
+        assert cm.dtype == np.int8 and cm.dims == ((("time",) if time else ()) + ("lat", "lon"))
+        np.testing.assert_array_equal(cm.values.reshape(mask.shape), mask)
+        assert list(cm.attrs["flag_values"]) == [0, 1, 2]
+        assert cm.attrs["flag_meanings"] == "background tropical_cyclone atmospheric_river"
+        prob = ds["probability"].values.reshape(3, 64, 96)
+        np.testing.assert_allclose(prob, np.moveaxis(probs.astype(np.float32), -1, 0),
+                                   atol=1e-3)
+        # centred cells: row 0 is 180/64 degrees wide from the south pole; column 0 from 0°E
+        np.testing.assert_allclose(ds["lat"], -90 + (np.arange(64) + 0.5) * 180 / 64)
+        np.testing.assert_allclose(ds["lon"], (np.arange(96) + 0.5) * 360 / 96)
+        assert ds["lat"].attrs["units"] == "degrees_north"
+        assert ds["lon"].attrs["units"] == "degrees_east"
+        np.testing.assert_allclose(ds["lat_bnds"][[0, -1]], [[-90, -90 + 180 / 64],
+                                                             [90 - 180 / 64, 90]])
+        if time:
+            assert ds["time"].values[0] == np.datetime64(time)
+        else:
+            assert "time" not in ds.dims
+        assert ds.attrs["Conventions"] == "CF-1.8"
+        assert ds.attrs["checkpoint"] == str(ckpt) and ds.attrs["input_file"] == str(f)
+        assert ds.attrs["climseg_version"] == climseg.__version__
+        cfg = inference.read_checkpoint(ckpt)[1]
+        assert ds.attrs["config_sha256"] == inference.config_hash(cfg)
+        assert ds.attrs["region"] == "the whole 64x96 field, in 32x48 tiles"
+    assert not [p for p in nc_out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_sample_times_come_from_the_file_name():
+    assert netcdf.sample_time("x/data-2100-01-04-07-1.h5") == dt.datetime(2100, 1, 4, 7)
+    assert netcdf.sample_time("data-2100-02-30-00-1.h5") is None  # no such day
+    assert netcdf.sample_time("field.h5") is None
+
+
+def test_the_cam5_grid_is_0_234_by_0_3125_degrees_with_centred_cells():
+    g = grid.regular_grid(768, 1152)
+    np.testing.assert_allclose(np.diff(g.lat), 180 / 768)
+    np.testing.assert_allclose(np.diff(g.lon), 0.3125)
+    assert g.lat[0] == pytest.approx(-90 + 0.1171875) and g.lat[-1] == pytest.approx(-g.lat[0])
+    assert g.lon[0] == pytest.approx(0.15625)
+    np.testing.assert_array_equal(g.lat_bounds[1:, 0], g.lat_bounds[:-1, 1])  # no gaps
+    assert (g.lon_bounds[0, 0], g.lon_bounds[-1, 1]) == (0, 360)
