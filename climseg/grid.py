@@ -43,3 +43,16 @@ def regular_grid(height: int, width: int) -> RegularGrid:
                        lon=(lon_edges[:-1] + lon_edges[1:]) / 2,
                        lat_bounds=np.stack([lat_edges[:-1], lat_edges[1:]], axis=1),
                        lon_bounds=np.stack([lon_edges[:-1], lon_edges[1:]], axis=1))
+
+
+# Mean Earth radius (IUGG, R1 = (2a + b) / 3 of WGS 84), the sphere event areas are taken on.
+EARTH_RADIUS_KM = 6371.0088
+
+
+def cell_areas_km2(grid: RegularGrid) -> np.ndarray:
+    """(H, 1) area of one cell of each row, km²: the exact area of a cell between two
+    latitudes on a sphere, R² Δλ (sin φ_north − sin φ_south), i.e. its cos-latitude weight
+    integrated over the cell; the cells of a row are equal, and all sum to 4πR²."""
+    south, north = np.radians(grid.lat_bounds).T
+    dlon = np.radians(grid.lon_bounds[:, 1] - grid.lon_bounds[:, 0])[0]
+    return (EARTH_RADIUS_KM ** 2 * dlon * (np.sin(north) - np.sin(south)))[:, np.newaxis]
