@@ -233,9 +233,13 @@ def _tile_starts(size: int, tile: int) -> list[int]:
 
 def tile_average(forward, x: torch.Tensor, tile: tuple[int, int] | None,
                  tiles_per_batch: int = 16) -> torch.Tensor:
-    """``forward`` (a batch of inputs -> probabilities (n, K, h, w)) applied to ``x`` (N, C, H,
-    W) in half-overlapping tiles of ``tile``, averaged where tiles overlap; one call on the
-    whole input when ``tile`` is None or covers it. Stays on ``x``'s device."""
+    """``forward`` (a batch of inputs -> log-probabilities (n, K, h, w)) applied to ``x`` (N, C,
+    H, W) in half-overlapping tiles of ``tile``; the log of the probabilities averaged where
+    tiles overlap. One call on the whole input when ``tile`` is None or covers it.
+
+    Averaged in log space (logaddexp, then minus log of the count): a probability too small for
+    float32 (a confident miss, log p of -1000) keeps its loss instead of underflowing to 0.
+    Stays on ``x``'s device."""
     h, w = x.shape[-2:]
     if tile is None or (tile[0] >= h and tile[1] >= w):
         return forward(x)
@@ -248,12 +252,14 @@ def tile_average(forward, x: torch.Tensor, tile: tuple[int, int] | None,
     for n in range(x.shape[0]):
         for i in range(0, len(boxes), tiles_per_batch):
             chunk = boxes[i:i + tiles_per_batch]
-            probs = forward(torch.stack([x[n, :, t:t + th, l:l + tw] for t, l in chunk]))
+            logp = forward(torch.stack([x[n, :, t:t + th, l:l + tw] for t, l in chunk]))
             if total is None:
-                total = torch.zeros(x.shape[0], probs.shape[1], h, w, device=x.device)
-            for (t, l), p in zip(chunk, probs):
-                total[n, :, t:t + th, l:l + tw] += p.float()
-    return total / count
+                total = torch.full((x.shape[0], logp.shape[1], h, w), -torch.inf,
+                                   device=x.device)
+            for (t, l), lp in zip(chunk, logp):
+                window = total[n, :, t:t + th, l:l + tw]
+                window.copy_(torch.logaddexp(window, lp.float()))
+    return total - count.log()
 
 
 class TiledModel(torch.nn.Module):
@@ -261,8 +267,8 @@ class TiledModel(torch.nn.Module):
     plain model, so the trainer's evaluation loop scores whole fields with it unchanged.
 
     ``forward`` returns the log of the averaged probabilities: their argmax is the tiled
-    prediction, and cross-entropy on them is the loss of the averaged probabilities (softmax
-    of a log-probability that sums to one is that probability)."""
+    prediction, and cross-entropy on them is the loss of the averaged probabilities (the
+    log-softmax of log-probabilities that sum to one is themselves)."""
 
     def __init__(self, model: torch.nn.Module, tile: tuple[int, int],
                  tiles_per_batch: int = 16):
@@ -270,11 +276,10 @@ class TiledModel(torch.nn.Module):
         self.model, self.tile, self.tiles_per_batch = model, tuple(tile), tiles_per_batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def probabilities(batch):
-            return torch.softmax(self.model(batch).float(), dim=1)
+        def log_probabilities(batch):
+            return torch.log_softmax(self.model(batch).float(), dim=1)
 
-        probs = tile_average(probabilities, x, self.tile, self.tiles_per_batch)
-        return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+        return tile_average(log_probabilities, x, self.tile, self.tiles_per_batch)
 
 
 @torch.no_grad()
@@ -292,7 +297,7 @@ def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, prec: Precisi
     multiples of the output stride are padded (periodically in longitude, by edge values in
     latitude) and the result cropped back.
     """
-    def probabilities(batch):
+    def log_probabilities(batch):
         h, w = batch.shape[-2:]
         pad_h, pad_w = -h % OUTPUT_STRIDE, -w % OUTPUT_STRIDE
         if pad_w:
@@ -301,7 +306,7 @@ def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, prec: Precisi
             batch = F.pad(batch, (0, 0, 0, pad_h), mode="replicate")
         with prec.autocast():
             logits = model(prec.prepare(batch))
-        return torch.softmax(logits[..., :h, :w].float(), dim=1)
+        return torch.log_softmax(logits[..., :h, :w].float(), dim=1)
 
     x = x.to(prec.device, non_blocking=True)
-    return tile_average(probabilities, x, tile, tiles_per_batch).cpu()
+    return tile_average(log_probabilities, x, tile, tiles_per_batch).exp().cpu()
