@@ -34,6 +34,7 @@ from scipy import ndimage
 from climseg.atomic import atomic_path, write_failure
 from climseg.cli import ArgumentParser, fail
 from climseg.data.format import CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, DataError
+from climseg.data.format import _open as open_hdf5  # one-line errors: missing, corrupt
 from climseg.grid import RegularGrid, cell_areas_km2, regular_grid
 from climseg.logs import setup_logging
 from climseg.netcdf import MASK_VARIABLE, sample_time
@@ -122,12 +123,7 @@ def _tmq_of(source: str | None, shape: tuple[int, ...]) -> np.ndarray | None:
 
 def read_mask(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...], str | None]:
     """(mask (lat, lon) class ids, TMQ or None, class names, source file) of a mask file."""
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise DataError(f"{path}: cannot open as HDF5/netCDF-4: "
-                        f"{str(err).splitlines()[0]}") from None
-    with f:
+    with open_hdf5(path) as f:  # netCDF-4 files are HDF5 files
         names, source = CLASS_NAMES, None
         if PREDICTION_KEY in f:
             mask, attrs = f[PREDICTION_KEY][...], f["climate"].attrs
@@ -197,8 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for path in args.masks:
-            if not path.is_file():
-                raise DataError(f"{path}: file not found")
             rows += file_events(path)
         write_table(rows, args.output)
     except DataError as err:
