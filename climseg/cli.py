@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "train from a YAML config (alone, under horovodrun or srun)"),
     "evaluate": ("climseg.evaluate", "main", "score a checkpoint on a data split (IoU)"),
     "predict": ("climseg.predict", "main", "segment sample files with a checkpoint"),
+    "events": ("climseg.events", "main",
+               "a table of the tropical cyclones and atmospheric rivers in masks"),
     "bench": ("climseg.bench", "main", "throughput of the training step, loader and trainer"),
     "make-synthetic": ("climseg.data.tools", "make_synthetic_main",
                        "generate a synthetic CAM5-like data set"),

@@ -6,10 +6,14 @@ and loss/batch sums are reduced in one allreduce. Rank 0 prints the result and w
 JSON: per-class and mean IoU, the MLPerf ``eval_accuracy``, the confusion matrix (rows truth,
 columns prediction), per-class pixel frequencies of truth and prediction, and samples/s.
 
-By default it scores at the size the run validated at: the centred ``data.validation_crop``,
-else the training crop ``data.crop``, else the whole field. A model trained on crops does
-worse on larger fields, because its image-pooling branch averages over the whole input;
-``--full-field`` scores whole fields anyway, ``--crop H W`` any centred crop.
+By default it scores the whole field, as ``predict`` segments it. A run that validated on
+crops (``data.validation_crop``, else ``data.crop``) is run in half-overlapping tiles of that
+size with the probabilities averaged, not on the whole field at once: DeepLabv3+'s
+image-pooling branch averages over its whole input, so a crop-trained model fed a field 16
+times larger sees statistics it never learned on and does worse (docs/inference.md), while
+tiles give it inputs of its own size and still score every pixel. ``--full-field`` runs each
+field in one piece anyway; ``--crop H W`` scores only a centred crop, and says so: the printed
+result and the JSON's ``region`` name what was scored and its share of the field.
 
 Logs and progress go to stderr; the result table to stdout, so that it can be redirected.
 """
@@ -35,8 +39,9 @@ from climseg.data.format import DataError, Progress, validate_file
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.engine import Precision, evaluate
-from climseg.inference import (OUTPUT_STRIDE, add_model_arguments, class_names, input_spec,
-                               model_from_checkpoint, read_checkpoint, run_field, select_device)
+from climseg.inference import (OUTPUT_STRIDE, TiledModel, add_model_arguments, class_names,
+                               input_spec, model_from_checkpoint, read_checkpoint, run_field,
+                               scored_region, select_device)
 from climseg.logs import setup_logging
 from climseg.losses import build_loss
 
@@ -68,7 +73,8 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
           full_field: bool = False, progress: bool = False) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``data_root/split``; the same result dict on every rank.
 
-    ``crop`` None scores at the run's validation size, or the whole field with ``full_field``.
+    The whole field is scored unless ``crop`` names a centred crop; in tiles of the run's
+    validation size where that is smaller, or in one piece with ``full_field``.
     ``progress``: a progress line on stderr (this rank's batches).
     """
     device = select_device(device, dist.local_rank())
@@ -77,8 +83,6 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
     step = ckpt.get("step")
     del ckpt  # the optimizer state is as large as the model twice over
     spec = input_spec(cfg, stats_file)
-    if crop is None and not full_field:
-        crop = run_field(cfg)
     num_classes = cfg.model.num_classes
     batch_size = batch_size or cfg.train.local_batch_size
     if batch_size < 1:
@@ -103,10 +107,8 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
                              device=device)
     except ValueError as err:
         raise ConfigError(f"--crop/--workers: {err}") from None
-    field = crop or loader.full_shape[:2]
-    if any(s % OUTPUT_STRIDE for s in field):
-        raise DataError(f"{split_dir}: the {field[0]}x{field[1]} field is not a multiple of "
-                        f"{OUTPUT_STRIDE} on each side; score a crop with --crop H W")
+    region = scored_region(loader.full_shape[:2], crop, None if full_field else run_field(cfg))
+    model = _scoring_model(model, region, split_dir)
     prec = Precision.build(device, precision, None)
     if prec.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -127,10 +129,22 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
         "pixel_frequency": pixel_frequencies(result["confusion"]),
         "ranks": dist.size(),
         "batch_size": batch_size,
-        "field": list(field),
+        **region,
         "device": device.type,
         "precision": prec.name,
     }
+
+
+def _scoring_model(model: torch.nn.Module, region: dict[str, Any],
+                   split_dir: Path) -> torch.nn.Module:
+    """``model`` as it scores ``region``: wrapped in tiles, or alone when it takes the field
+    in one piece. What it is fed must be a multiple of the output stride on each side."""
+    size = region["tile"] or region["field"]
+    if any(s % OUTPUT_STRIDE for s in size):
+        what = "tiles" if region["tile"] else "field"
+        raise DataError(f"{split_dir}: the {size[0]}x{size[1]} {what} is not a multiple of "
+                        f"{OUTPUT_STRIDE} on each side; score a crop with --crop H W")
+    return TiledModel(model, region["tile"]) if region["tile"] else model
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
@@ -148,6 +162,7 @@ def summary(result: dict[str, Any]) -> str:
 
     lines = [f"{result['samples']} samples of {result['data']} on {result['ranks']} rank(s), "
              f"{result['samples_per_second']:.2f} samples/s",
+             f"scored: {result['region']}",
              f"mean IoU {iou(result['mean_iou'])}   eval_accuracy (MLPerf) "
              f"{result['eval_accuracy']:.4f}   loss {result['loss']:.4f}",
              f"{'class':<20}{'IoU':>8}{'truth px':>12}{'predicted px':>14}"]
@@ -171,7 +186,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--batch-size", type=int, default=None,
                    help="samples per batch and rank (default: the run's train.local_batch_size)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="score the centred HxW crop (default: the size the run validated at)")
+                   help="score only the centred HxW crop (default: the whole field)")
     add_model_arguments(p)
     p.add_option("--workers", "--threads", type=int, default=2,
                  help="reader threads per rank (default 2)")

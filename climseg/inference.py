@@ -9,6 +9,8 @@ defaults of this version for keys an older run did not write), never used as a r
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -55,8 +57,9 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="autocast dtype (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--full-field", action="store_true",
-                        help="whole fields even if the run trained and validated on crops "
-                             "(expect lower scores: the image-pooling branch then sees more)")
+                        help="each field in one forward pass, not in tiles of the size the "
+                             "run validated at (a crop-trained model then does worse: its "
+                             "image-pooling branch averages over a larger input)")
 
 
 def _listing(items: list[str]) -> str:
@@ -131,6 +134,13 @@ def load_model(checkpoint_path: str | os.PathLike,
     return model_from_checkpoint(ckpt, cfg, str(checkpoint_path), device), cfg
 
 
+def config_hash(cfg: Config) -> str:
+    """sha256 of a run's config as climseg reads it back (JSON, keys sorted): equal for two
+    checkpoints of the same settings, whatever their paths or file layout."""
+    text = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def class_names(cfg: Config) -> tuple[str, ...]:
     """Names of the run's classes: ``model.class_names`` where the config has it, else the
     DeepCAM names for three classes, else ``class_0``, ``class_1``, ..."""
@@ -184,9 +194,30 @@ def prepare(data: np.ndarray, spec: InputSpec) -> torch.Tensor:
 
 def run_field(cfg: Config) -> tuple[int, int] | None:
     """The input size a run validated at: its ``data.validation_crop``, else its training
-    ``data.crop``, else None (whole fields). evaluate and predict score at this size."""
+    ``data.crop``, else None (whole fields). evaluate and predict run a larger field in
+    tiles of this size."""
     size = cfg.data.validation_crop or cfg.data.crop
     return tuple(int(s) for s in size) if size else None
+
+
+def scored_region(full: tuple[int, int], crop: tuple[int, int] | None,
+                  tile: tuple[int, int] | None) -> dict[str, Any]:
+    """What a score or a mask covers, said in words (``region``) and in numbers: the scored
+    ``field`` (the centred ``crop``, else the ``full_field``), its ``fraction`` of the full
+    field, and the ``tile`` it was run in (None: in one piece)."""
+    full = (int(full[0]), int(full[1]))
+    h, w = (int(crop[0]), int(crop[1])) if crop is not None else full
+    fraction = h * w / (full[0] * full[1])
+    tile = tuple(int(t) for t in tile) if tile is not None and (
+        tile[0] < h or tile[1] < w) else None
+    if (h, w) == full:
+        text = f"the whole {h}x{w} field"
+    else:
+        text = (f"only the centred {h}x{w} crop of the {full[0]}x{full[1]} field "
+                f"({100 * fraction:.1f} % of it)")
+    text += f", in {tile[0]}x{tile[1]} tiles" if tile else ", in one piece"
+    return {"region": text, "field": [h, w], "full_field": list(full), "fraction": fraction,
+            "tile": list(tile) if tile else None}
 
 
 def _tile_starts(size: int, tile: int) -> list[int]:
@@ -200,6 +231,57 @@ def _tile_starts(size: int, tile: int) -> list[int]:
     return starts
 
 
+def tile_average(forward, x: torch.Tensor, tile: tuple[int, int] | None,
+                 tiles_per_batch: int = 16) -> torch.Tensor:
+    """``forward`` (a batch of inputs -> log-probabilities (n, K, h, w)) applied to ``x`` (N, C,
+    H, W) in half-overlapping tiles of ``tile``; the log of the probabilities averaged where
+    tiles overlap. One call on the whole input when ``tile`` is None or covers it.
+
+    Averaged in log space (logaddexp, then minus log of the count): a probability too small for
+    float32 (a confident miss, log p of -1000) keeps its loss instead of underflowing to 0.
+    Stays on ``x``'s device."""
+    h, w = x.shape[-2:]
+    if tile is None or (tile[0] >= h and tile[1] >= w):
+        return forward(x)
+    th, tw = min(tile[0], h), min(tile[1], w)
+    boxes = [(top, left) for top in _tile_starts(h, th) for left in _tile_starts(w, tw)]
+    count = torch.zeros(1, 1, h, w, device=x.device)
+    for t, l in boxes:
+        count[..., t:t + th, l:l + tw] += 1
+    total = None
+    for n in range(x.shape[0]):
+        for i in range(0, len(boxes), tiles_per_batch):
+            chunk = boxes[i:i + tiles_per_batch]
+            logp = forward(torch.stack([x[n, :, t:t + th, l:l + tw] for t, l in chunk]))
+            if total is None:
+                total = torch.full((x.shape[0], logp.shape[1], h, w), -torch.inf,
+                                   device=x.device)
+            for (t, l), lp in zip(chunk, logp):
+                window = total[n, :, t:t + th, l:l + tw]
+                window.copy_(torch.logaddexp(window, lp.float()))
+    return total - count.log()
+
+
+class TiledModel(torch.nn.Module):
+    """``model`` run in tiles of ``tile`` (see :func:`tile_average`) behind the interface of a
+    plain model, so the trainer's evaluation loop scores whole fields with it unchanged.
+
+    ``forward`` returns the log of the averaged probabilities: their argmax is the tiled
+    prediction, and cross-entropy on them is the loss of the averaged probabilities (the
+    log-softmax of log-probabilities that sum to one is themselves)."""
+
+    def __init__(self, model: torch.nn.Module, tile: tuple[int, int],
+                 tiles_per_batch: int = 16):
+        super().__init__()
+        self.model, self.tile, self.tiles_per_batch = model, tuple(tile), tiles_per_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def log_probabilities(batch):
+            return torch.log_softmax(self.model(batch).float(), dim=1)
+
+        return tile_average(log_probabilities, x, self.tile, self.tiles_per_batch)
+
+
 @torch.no_grad()
 def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, prec: Precision,
                           tile: tuple[int, int] | None = None, tiles_per_batch: int = 16
@@ -207,37 +289,24 @@ def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, prec: Precisi
     """Class probabilities (N, K, H, W) float32 on the CPU for an input batch (N, C, H, W).
 
     The forward pass runs as the trainer's evaluation does (``prec``: device, autocast dtype,
-    memory layout), so predictions match ``climseg.evaluate``'s. With ``tile`` (the training
-    crop) smaller than the field, the field is covered by half-overlapping tiles of that size,
-    scored in batches of ``tiles_per_batch``, and overlapping probabilities are averaged: a model trained
-    on crops sees inputs of the size it learned on (its image-pooling branch averages over the
-    whole input). Fields whose sides are not multiples of the output stride are padded
-    (periodically in longitude, by edge values in latitude) and the result cropped back.
+    memory layout), so predictions match ``climseg.evaluate``'s. With ``tile`` (the run's
+    validation size) smaller than the field, the field is covered by half-overlapping tiles
+    of that size, scored in batches of ``tiles_per_batch``, and overlapping probabilities are
+    averaged: a model trained on crops sees inputs of the size it learned on (its
+    image-pooling branch averages over the whole input). Inputs whose sides are not
+    multiples of the output stride are padded (periodically in longitude, by edge values in
+    latitude) and the result cropped back.
     """
-    h, w = x.shape[-2:]
-    if tile is not None and (tile[0] < h or tile[1] < w):
-        th, tw = min(tile[0], h), min(tile[1], w)
-        boxes = [(top, left) for top in _tile_starts(h, th) for left in _tile_starts(w, tw)]
-        total = torch.zeros(x.shape[0], 0, h, w)
-        count = torch.zeros(1, 1, h, w)
-        for n in range(x.shape[0]):
-            for i in range(0, len(boxes), tiles_per_batch):
-                chunk = boxes[i:i + tiles_per_batch]
-                batch = torch.stack([x[n, :, t:t + th, l:l + tw] for t, l in chunk])
-                probs = predict_probabilities(model, batch, prec)
-                if total.shape[1] == 0:
-                    total = torch.zeros(x.shape[0], probs.shape[1], h, w)
-                for (t, l), p in zip(chunk, probs):
-                    total[n, :, t:t + th, l:l + tw] += p
-                    if n == 0:
-                        count[0, 0, t:t + th, l:l + tw] += 1
-        return total / count
-    pad_h, pad_w = -h % OUTPUT_STRIDE, -w % OUTPUT_STRIDE
+    def log_probabilities(batch):
+        h, w = batch.shape[-2:]
+        pad_h, pad_w = -h % OUTPUT_STRIDE, -w % OUTPUT_STRIDE
+        if pad_w:
+            batch = F.pad(batch, (0, pad_w, 0, 0), mode="circular")
+        if pad_h:
+            batch = F.pad(batch, (0, 0, 0, pad_h), mode="replicate")
+        with prec.autocast():
+            logits = model(prec.prepare(batch))
+        return torch.log_softmax(logits[..., :h, :w].float(), dim=1)
+
     x = x.to(prec.device, non_blocking=True)
-    if pad_w:
-        x = F.pad(x, (0, pad_w, 0, 0), mode="circular")
-    if pad_h:
-        x = F.pad(x, (0, 0, 0, pad_h), mode="replicate")
-    with prec.autocast():
-        logits = model(prec.prepare(x))
-    return torch.softmax(logits[..., :h, :w].float(), dim=1).cpu()
+    return tile_average(log_probabilities, x, tile, tiles_per_batch).exp().cpu()

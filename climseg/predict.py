@@ -5,15 +5,20 @@ For each input ``<name>.h5`` writes, into ``--out``:
 - ``<name>-mask.h5`` with ``climate/prediction``: uint8 (lat, lon) class ids (0 background,
   1 tropical cyclone, 2 atmospheric river); with ``--probabilities`` also
   ``climate/probabilities``: float16 (lat, lon, class), channels last like ``climate/data``;
+  or, with ``--format netcdf``, ``<name>-mask.nc``: CF-1.8 netCDF with ``lat``/``lon`` (and
+  ``time``) coordinates that xarray opens (:mod:`climseg.netcdf`);
 - ``<name>.png``: the TMQ map with the predicted TCs and ARs, and the file's own labels side by
   side when it has them.
 
+Every mask file records the input file, the checkpoint, the sha256 of its config, climseg's
+version and the region predicted (always the whole field; in tiles for a crop-trained run).
 Files are processed one at a time (a full-size sample needs a few GB on a CPU). Under
 ``horovodrun``/``srun`` rank ``r`` of ``n`` takes ``FILES[r::n]``. Outputs are written atomically.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import sys
 import time
@@ -23,7 +28,7 @@ import h5py
 import numpy as np
 import torch
 
-from climseg import dist
+from climseg import __version__, dist
 from climseg.atomic import write_failure
 from climseg.checkpoint import CheckpointError
 from climseg.cli import ArgumentParser, fail
@@ -31,10 +36,11 @@ from climseg.config import ConfigError
 from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, NUM_CHANNELS,
                                  DataError, hdf5_writer, read_sample)
 from climseg.engine import Precision
-from climseg.inference import (InputSpec, add_model_arguments, class_names, input_spec,
-                               load_model, predict_probabilities, prepare, run_field,
-                               select_device)
+from climseg.inference import (InputSpec, add_model_arguments, class_names, config_hash,
+                               input_spec, load_model, predict_probabilities, prepare,
+                               run_field, scored_region, select_device)
 from climseg.logs import setup_logging
+from climseg.netcdf import sample_time, write_mask_netcdf
 from climseg.plot import plot_sample, save_map
 
 log = logging.getLogger("climseg.predict")
@@ -86,19 +92,34 @@ def write_mask(path: Path, prediction: np.ndarray, probabilities: np.ndarray | N
             f["climate"].attrs[key] = value
 
 
-def predict_file(model, spec: InputSpec, path: Path, out_dir: Path, prec: Precision,
-                 probabilities: bool, checkpoint: str,
-                 tile: tuple[int, int] | None = None,
-                 names: tuple[str, ...] = CLASS_NAMES) -> dict[str, int]:
-    """Write ``<name>-mask.h5`` and ``<name>.png`` for one file; return predicted pixel counts
-    per class name.
+MASK_SUFFIX = {"hdf5": "-mask.h5", "netcdf": "-mask.nc"}  # --format -> file name ending
 
+
+def _write_mask_file(fmt: str, mask: Path, source: Path, prediction: np.ndarray,
+                     probabilities: np.ndarray | None, attrs: dict[str, str],
+                     names: tuple[str, ...]) -> None:
+    """The mask of ``source`` in format ``fmt`` (a key of MASK_SUFFIX)."""
+    if fmt == "netcdf":
+        write_mask_netcdf(mask, prediction, probabilities, {"input_file": str(source), **attrs},
+                          names, time=sample_time(source))
+    else:
+        write_mask(mask, prediction, probabilities, {"source": str(source), **attrs}, names)
+
+
+def predict_file(model, spec: InputSpec, path: Path, out_dir: Path, prec: Precision,
+                 probabilities: bool, provenance: dict[str, str],
+                 tile: tuple[int, int] | None = None,
+                 names: tuple[str, ...] = CLASS_NAMES, fmt: str = "hdf5") -> dict[str, int]:
+    """Write ``<name>-mask.h5`` (``-mask.nc`` with ``fmt`` netcdf) and ``<name>.png`` for one
+    file; return predicted pixel counts per class name.
+
+    ``provenance``: attributes every mask file records (checkpoint, config hash, version).
     ``tile``: score the field in tiles of this size (the run's validation size)."""
     data, labels = read_input(path)
     probs = predict_probabilities(model, prepare(data, spec), prec, tile=tile)[0]  # (K, H, W)
     prediction = probs.argmax(0).to(torch.uint8).numpy()
     name = path.stem
-    png, mask = out_dir / f"{name}.png", out_dir / f"{name}-mask.h5"
+    png, mask = out_dir / f"{name}.png", out_dir / f"{name}{MASK_SUFFIX[fmt]}"
     fig = plot_sample(data[..., TMQ], prediction, labels, title=name)
     # The map first, then the mask, and the map goes again when the mask cannot be written:
     # a mask is never there without its map, and a failure leaves neither.
@@ -106,14 +127,24 @@ def predict_file(model, spec: InputSpec, path: Path, out_dir: Path, prec: Precis
     try:
         save_map(fig, png)
         target = mask
-        write_mask(mask, prediction, probs.permute(1, 2, 0).numpy() if probabilities else None,
-                   {"source": str(path), "checkpoint": checkpoint}, names)
+        _write_mask_file(fmt, mask, path, prediction,
+                         probs.permute(1, 2, 0).numpy() if probabilities else None,
+                         {**provenance,
+                          "region": scored_region(prediction.shape, None, tile)["region"]},
+                         names)
     except OSError as err:
         raise DataError(write_failure(target, err)) from None
     except DataError:  # the mask (hdf5_writer says why)
         png.unlink(missing_ok=True)
         raise
     return {names[c]: int((prediction == c).sum()) for c in range(len(names))}
+
+
+def provenance(checkpoint: str | Path, cfg) -> dict[str, str]:
+    """What made a mask: the checkpoint, the sha256 of its config, climseg's version, when."""
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"checkpoint": str(checkpoint), "config_sha256": config_hash(cfg),
+            "climseg_version": __version__, "history": f"{now} climseg predict"}
 
 
 def parse_args(argv: list[str] | None):
@@ -125,6 +156,9 @@ def parse_args(argv: list[str] | None):
     p.add_option("--output", "--out", required=True, type=Path, help="output folder (created)")
     p.add_argument("--probabilities", action="store_true",
                    help="also store per-class probabilities, float16 (lat, lon, class)")
+    p.add_argument("--format", choices=tuple(MASK_SUFFIX), default="hdf5",
+                   help="mask files: hdf5 (NAME-mask.h5, climseg's layout) or netcdf "
+                        "(NAME-mask.nc, CF-1.8 with lat/lon/time; default hdf5)")
     add_model_arguments(p)
     p.add_quiet()
     p.add_argument("files", nargs="+", type=Path,
@@ -153,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = input_spec(cfg, args.stats)
         tile = None if args.full_field else run_field(cfg)
         names = class_names(cfg)
+        made_by = provenance(args.checkpoint, cfg)
         prec = Precision.build(device, args.precision, None)
         if prec.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -165,9 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         for i, path in enumerate(mine, 1):
             start = time.perf_counter()
             counts = predict_file(model, spec, path, args.output, prec, args.probabilities,
-                                  str(args.checkpoint), tile, names)
+                                  made_by, tile, names, args.format)
             log.info("[%d/%d] %s: %.1fs, predicted pixels %s -> %s", i, len(mine), path.name,
-                     time.perf_counter() - start, counts, args.output / f"{path.stem}-mask.h5")
+                     time.perf_counter() - start, counts,
+                     args.output / f"{path.stem}{MASK_SUFFIX[args.format]}")
     except (DataError, CheckpointError, ConfigError) as err:
         return fail("predict", f"rank {dist.rank()}: {err}" if dist.size() > 1 else str(err))
     return 0

@@ -6,8 +6,10 @@ test loads a real DeepLabv3+ checkpoint stored in bf16.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +20,13 @@ import pytest
 import torch
 from torch import nn
 
+import climseg
 from climseg import config as config_module
-from climseg import dist, evaluate, inference, predict
+from climseg import dist, evaluate, grid, inference, netcdf, predict
 from climseg.engine import Precision
 from climseg.checkpoint import CheckpointError, save_checkpoint
 from climseg.config import load_config
-from climseg.data.format import CLASS_NAMES, DATA_KEY, LABEL_KEY
+from climseg.data.format import CLASS_NAMES, DATA_KEY, LABEL_KEY, read_sample, write_sample
 from climseg.data.partition import list_files
 from climseg.model import build_model, deeplab
 from climseg.plot import DPI, PANEL_SIZE
@@ -81,6 +84,7 @@ def test_predict_writes_masks_probabilities_and_maps(tiny_root, tiny_model, tmp_
         with h5py.File(out / f"{f.stem}-mask.h5", "r") as h:
             pred = h[predict.PREDICTION_KEY][...]
             probs = h[predict.PROBABILITIES_KEY][...]
+            assert h["climate"].attrs["region"] == "the whole 64x96 field, in one piece"
         assert pred.shape == (64, 96) and pred.dtype == np.uint8
         assert probs.shape == (64, 96, 3) and probs.dtype == np.float16
         assert set(np.unique(pred)) <= {0, 1, 2}
@@ -98,8 +102,11 @@ def _confusion(truths, preds, k=3):
     return cm
 
 
-def test_evaluate_matches_iou_of_saved_masks(tiny_root, tiny_model, tmp_path):
-    ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root)
+@pytest.mark.parametrize("overrides", [(), ("data.crop=[32, 48]",)], ids=["whole", "tiled"])
+def test_evaluate_matches_iou_of_saved_masks(tiny_root, tiny_model, tmp_path, overrides):
+    # A crop-trained run: evaluate's tiles (TiledModel in the trainer's loop) and predict's
+    # (predict_probabilities) must give the same masks over the whole field.
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root, overrides=overrides)
     files = list_files(tiny_root / "test")
     out = tmp_path / "pred"
     assert predict.main(["--checkpoint", str(ckpt), "--output", str(out), *map(str, files)]) == 0
@@ -314,15 +321,67 @@ def test_evaluate_under_horovodrun_matches_one_process(real_checkpoint, tiny_roo
     assert two["eval_accuracy"] == pytest.approx(one["eval_accuracy"])
 
 
-def test_evaluate_defaults_to_the_runs_validation_size(tiny_root, tiny_model, tmp_path):
-    # A run trained on 32x48 crops is scored on 32x48 centre crops unless told otherwise.
+def test_evaluate_scores_the_whole_field_and_names_any_crop(tiny_root, tiny_model, tmp_path):
+    # A run trained on 32x48 crops is scored on the whole 64x96 field, in tiles of its own size.
     ckpt = make_checkpoint(tmp_path / "crop.pt", tiny_root, overrides=["data.crop=[32, 48]"])
-    assert evaluate.score(ckpt, tiny_root, "test")["field"] == [32, 48]
-    assert evaluate.score(ckpt, tiny_root, "test", full_field=True)["field"] == [64, 96]
-    assert evaluate.score(ckpt, tiny_root, "test", crop=(48, 64))["field"] == [48, 64]
+    whole = evaluate.score(ckpt, tiny_root, "test")
+    assert (whole["field"], whole["full_field"], whole["tile"]) == ([64, 96], [64, 96], [32, 48])
+    assert whole["fraction"] == 1 and whole["region"] == "the whole 64x96 field, in 32x48 tiles"
+    one = evaluate.score(ckpt, tiny_root, "test", full_field=True)
+    assert (one["field"], one["tile"]) == ([64, 96], None)
+    assert one["region"] == "the whole 64x96 field, in one piece"
+    crop = evaluate.score(ckpt, tiny_root, "test", crop=(48, 64))
+    assert (crop["field"], crop["tile"]) == ([48, 64], [32, 48])
+    assert crop["fraction"] == pytest.approx(0.5)
+    assert crop["region"] == ("only the centred 48x64 crop of the 64x96 field (50.0 % of it), "
+                              "in 32x48 tiles")
     ckpt = make_checkpoint(tmp_path / "val.pt", tiny_root,
                            overrides=["data.crop=[32, 48]", "data.validation_crop=[48, 96]"])
-    assert evaluate.score(ckpt, tiny_root, "test")["field"] == [48, 96]
+    assert evaluate.score(ckpt, tiny_root, "test")["tile"] == [48, 96]
+
+
+class Background(nn.Module):
+    """Predicts background everywhere: a 1x1 convolution with zero weights, bias (4, 0, 0)."""
+
+    def __init__(self, in_channels: int = 16, num_classes: int = 3):
+        super().__init__()
+        self.head = nn.Conv2d(in_channels, num_classes, 1)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.copy_(torch.tensor([4.0] + [0.0] * (num_classes - 1)))
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def test_a_crop_and_the_whole_field_score_what_each_covers(tiny_root, tmp_path, monkeypatch,
+                                                           capsys):
+    # Hand-made truth: cyclone pixels only in the 8 southernmost rows, outside the centred
+    # 32x48 crop (rows 16-47). A model that predicts background everywhere is perfect on the
+    # crop and misses every cyclone on the whole field: IoU 1 there, 0 here.
+    monkeypatch.setitem(deeplab.MODELS, "background", Background)
+    monkeypatch.setattr(config_module, "MODEL_NAMES", (*config_module.MODEL_NAMES, "background"))
+    root = tmp_path / "root"
+    (root / "test").mkdir(parents=True)
+    shutil.copy(tiny_root / "stats.h5", root / "stats.h5")
+    for f in list_files(tiny_root / "test"):
+        data, _ = read_sample(f)
+        labels = np.zeros(data.shape[:2], np.uint8)
+        labels[:8] = 1
+        write_sample(root / "test" / f.name, data, labels)
+    ckpt = make_checkpoint(tmp_path / "bg.pt", root, name="background",
+                           overrides=["data.crop=[32, 48]"])
+    out = tmp_path / "crop.json"
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(root), "--crop", "32", "48",
+                          "--output", str(out)]) == 0
+    crop = json.loads(out.read_text())
+    assert crop["confusion"] == [[2 * 32 * 48, 0, 0], [0, 0, 0], [0, 0, 0]]
+    assert crop["per_class_iou"] == [1.0, None, None]
+    assert ("scored: only the centred 32x48 crop of the 64x96 field (25.0 % of it), in one "
+            "piece") in capsys.readouterr().out
+    whole = evaluate.score(ckpt, root, "test")
+    assert whole["confusion"] == [[2 * 56 * 96, 0, 0], [2 * 8 * 96, 0, 0], [0, 0, 0]]
+    assert whole["per_class_iou"] == [pytest.approx(56 / 64), 0.0, None]
 
 
 def test_tile_offsets_cover_the_field_with_half_overlap():
@@ -358,3 +417,65 @@ def test_a_failed_distributed_start_is_one_line(command, tiny_root, tmp_path, mo
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line == (f"climseg {command.__name__.split('.')[-1]}: error: the launcher started "
                     "2 ranks but Horovod sees 1: rebuild")
+
+
+def test_netcdf_masks_open_in_xarray_on_the_grid_and_match_the_hdf5_masks(
+        tiny_root, tiny_model, tmp_path):
+    xr = pytest.importorskip("xarray")  # a test dependency (requirements.txt, "# tests")
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root, overrides=["data.crop=[32, 48]"])
+    dated = list_files(tiny_root / "test")[0]
+    undated = tmp_path / "field.h5"  # a name without a time: no time axis
+    shutil.copy(dated, undated)
+    files = [str(dated), str(undated)]
+    h5_out, nc_out = tmp_path / "h5", tmp_path / "nc"
+    assert predict.main(["--checkpoint", str(ckpt), "--output", str(h5_out),
+                         "--probabilities", *files]) == 0
+    assert predict.main(["--checkpoint", str(ckpt), "--output", str(nc_out), "--format",
+                         "netcdf", "--probabilities", *files]) == 0
+    for f, time in ((dated, netcdf.sample_time(dated)), (undated, None)):
+        with h5py.File(h5_out / f"{f.stem}-mask.h5", "r") as h:
+            mask, probs = h[predict.PREDICTION_KEY][...], h[predict.PROBABILITIES_KEY][...]
+        with xr.open_dataset(nc_out / f"{f.stem}-mask.nc") as ds:
+            ds.load()
+        cm = ds["class_mask"]
+        assert cm.dtype == np.int8 and cm.dims == ((("time",) if time else ()) + ("lat", "lon"))
+        np.testing.assert_array_equal(cm.values.reshape(mask.shape), mask)
+        assert list(cm.attrs["flag_values"]) == [0, 1, 2]
+        assert cm.attrs["flag_meanings"] == "background tropical_cyclone atmospheric_river"
+        prob = ds["probability"].values.reshape(3, 64, 96)
+        np.testing.assert_allclose(prob, np.moveaxis(probs.astype(np.float32), -1, 0),
+                                   atol=1e-3)
+        # centred cells: row 0 is 180/64 degrees wide from the south pole; column 0 from 0°E
+        np.testing.assert_allclose(ds["lat"], -90 + (np.arange(64) + 0.5) * 180 / 64)
+        np.testing.assert_allclose(ds["lon"], (np.arange(96) + 0.5) * 360 / 96)
+        assert ds["lat"].attrs["units"] == "degrees_north"
+        assert ds["lon"].attrs["units"] == "degrees_east"
+        np.testing.assert_allclose(ds["lat_bnds"][[0, -1]], [[-90, -90 + 180 / 64],
+                                                             [90 - 180 / 64, 90]])
+        if time:
+            assert ds["time"].values[0] == np.datetime64(time)
+        else:
+            assert "time" not in ds.dims
+        assert ds.attrs["Conventions"] == "CF-1.8"
+        assert ds.attrs["checkpoint"] == str(ckpt) and ds.attrs["input_file"] == str(f)
+        assert ds.attrs["climseg_version"] == climseg.__version__
+        cfg = inference.read_checkpoint(ckpt)[1]
+        assert ds.attrs["config_sha256"] == inference.config_hash(cfg)
+        assert ds.attrs["region"] == "the whole 64x96 field, in 32x48 tiles"
+    assert not [p for p in nc_out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_sample_times_come_from_the_file_name():
+    assert netcdf.sample_time("x/data-2100-01-04-07-1.h5") == dt.datetime(2100, 1, 4, 7)
+    assert netcdf.sample_time("data-2100-02-30-00-1.h5") is None  # no such day
+    assert netcdf.sample_time("field.h5") is None
+
+
+def test_the_cam5_grid_is_0_234_by_0_3125_degrees_with_centred_cells():
+    g = grid.regular_grid(768, 1152)
+    np.testing.assert_allclose(np.diff(g.lat), 180 / 768)
+    np.testing.assert_allclose(np.diff(g.lon), 0.3125)
+    assert g.lat[0] == pytest.approx(-90 + 0.1171875) and g.lat[-1] == pytest.approx(-g.lat[0])
+    assert g.lon[0] == pytest.approx(0.15625)
+    np.testing.assert_array_equal(g.lat_bounds[1:, 0], g.lat_bounds[:-1, 1])  # no gaps
+    assert (g.lon_bounds[0, 0], g.lon_bounds[-1, 1]) == (0, 360)
