@@ -130,3 +130,47 @@ def test_missing_gpu_is_one_line_and_exit_2(caplog):
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "--device" in errors[0] and "GPU" in errors[0]
     assert "\n" not in errors[0]
+
+
+def _parameter_count() -> tuple[int, int]:
+    from climseg.model import build_model
+
+    params = list(build_model(in_channels=16, num_classes=3).parameters())
+    return len(params), sum(p.numel() for p in params)
+
+
+def _bench_allreduce(tmp_path, launcher: list[str], *args: str) -> tuple[dict, str]:
+    """``climseg.bench allreduce ARGS`` under ``launcher`` (a subprocess: the engine it starts
+    must not stay in the test process); its summary and stdout."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "r.json"
+    proc = subprocess.run([*launcher, sys.executable, "-m", "climseg.bench", "allreduce",
+                           "--steps", "1", "--device", "cpu", *args, "--json", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())["summary"], proc.stdout
+
+
+@pytest.mark.slow  # builds the model, starts Horovod
+def test_allreduce_mode_on_one_process_sums_the_real_gradient_set(horovod, tmp_path):
+    s, _ = _bench_allreduce(tmp_path, [], "--warmup", "0", "--fp16")
+    tensors, values = _parameter_count()
+    assert (s["ranks"], s["tensors"], s["bytes"]) == (1, tensors, 2 * values)
+    assert s["busbw_gb_s"] is None  # no link crossed
+    assert s["algbw_gb_s"] == pytest.approx(s["bytes"] / s["seconds"] / 1e9)
+
+
+@pytest.mark.multiprocess
+def test_allreduce_mode_across_two_horovod_ranks(horovod, tmp_path):
+    import sys
+
+    s, stdout = _bench_allreduce(tmp_path, [str(Path(sys.executable).parent / "horovodrun"),
+                                            "-np", "2", "-H", "localhost:2", "--gloo"],
+                                 "--warmup", "1", "--fusion-mb", "0")
+    tensors, values = _parameter_count()
+    assert (s["ranks"], s["tensors"], s["bytes"]) == (2, tensors, 4 * values)
+    # Two ranks: a ring moves 2(n-1)/n = 1 times the bytes over each link.
+    assert s["busbw_gb_s"] == pytest.approx(s["algbw_gb_s"])
+    assert "busbw" in stdout and "on 2 rank(s)" in stdout

@@ -1,4 +1,4 @@
-"""``python -m climseg.bench {step,loader,train}``: how fast the step, the loader, the trainer run.
+"""``python -m climseg.bench {step,loader,train,allreduce}``: how fast the step, the loader, the trainer run.
 
 * ``step``: forward + backward + optimizer step on a synthetic batch resident on the device
   (bf16 autocast and channels_last on CUDA by default; ``--compile`` reports compile time).
@@ -6,6 +6,8 @@
   DataLoader whose worker processes do h5py read, transpose to CHW and normalize per sample,
   collated by the default collate) on the same files, side by side and interleaved, several
   thread/worker counts each; the reference is scored by its best worker count.
+* ``allreduce``: the gradient allreduce alone across the launched ranks, Horovod or torch,
+  fusion and fp16 on or off: time per round and bus bandwidth (:mod:`climseg.bench.allreduce`).
 * ``train``: the real trainer (:func:`climseg.train.train`) for N steps on staged files, with
   the time each step waits on the loader measured from outside.
 
@@ -22,7 +24,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from climseg import dist
 from climseg.atomic import atomic_path
+from climseg.bench.allreduce import allreduce_mode, format_summary
 from climseg.bench.common import environment, format_table, log, parse_args
 from climseg.bench.loader import loader_mode
 from climseg.bench.step import step_mode
@@ -30,7 +34,8 @@ from climseg.bench.train import train_mode
 from climseg.config import ConfigError
 from climseg.data.format import DataError
 
-MODES = {"step": step_mode, "loader": loader_mode, "train": train_mode}
+MODES = {"step": step_mode, "loader": loader_mode, "train": train_mode,
+         "allreduce": allreduce_mode}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         log.error("error: %s", err)
         return 2
-    print(format_table(results))
+    if args.mode == "allreduce":
+        if not dist.is_primary():
+            return 0
+        print(format_summary(summary))
+    else:
+        print(format_table(results))
     if args.mode == "loader" and "speedup" in summary:
         print(f"climseg best ({summary['climseg_best']}) / reference best "
               f"({summary['reference_best']}): {summary['speedup']:.2f}x (medians); per repeat: "

@@ -146,6 +146,16 @@ def allreduce_sum(tensor: torch.Tensor, name: str | None = None) -> torch.Tensor
     return _engine.allreduce_sum(tensor, name)
 
 
+def start_sum(tensor: torch.Tensor, name: str):
+    """Start summing ``tensor`` over all ranks; :func:`wait_sum` of the handle gives the sum
+    (one process: the tensor itself)."""
+    return _engine.start_sum(tensor, name) if _multi() else tensor
+
+
+def wait_sum(handle) -> torch.Tensor:
+    return _engine.wait_sum(handle) if _multi() else handle
+
+
 def allreduce_mean_(tensors: list[torch.Tensor], name: str = "mean") -> None:
     """Average ``tensors`` in place over ranks with one grouped allreduce."""
     if not _multi() or not tensors:
