@@ -131,3 +131,15 @@ def test_readme_stays_short_and_points_to_every_page():
     assert len(readme.splitlines()) <= 250
     unlinked = [p.name for p in (REPO / "docs").glob("*.md") if f"docs/{p.name}" not in readme]
     assert not unlinked, f"README.md does not link {unlinked}"
+
+
+def test_the_scaling_tables_are_the_models_output():
+    """docs/scaling.md holds what tools/scaling_model.py prints, table for table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scaling_model",
+                                                  REPO / "tools" / "scaling_model.py")
+    model = importlib.util.module_from_spec(spec)
+    sys.modules["scaling_model"] = model  # dataclasses look their module up there
+    spec.loader.exec_module(model)
+    assert model.report() in (REPO / "docs" / "scaling.md").read_text()
