@@ -307,6 +307,26 @@ def test_a_fault_on_one_rank_mid_training_ends_every_rank_with_one_line(horovod,
     _assert_first_exit_is(proc.returncode, text, "2")
 
 
+def test_a_field_of_another_size_is_named_at_start_up_with_every_bad_file(tiny_root, tmp_path):
+    """One validation file of another field size and one truncated training file: the start
+    names both in one line (exit 2), before any step, instead of failing at the first
+    validation."""
+    root = tmp_path / "root"
+    shutil.copytree(tiny_root, root)
+    odd = list_files(root / "validation")[-1]
+    odd.unlink()
+    write_sample(odd, np.zeros((16, 16, 16), np.float32), np.zeros((16, 16), np.uint8))
+    cut = list_files(root / "train")[3]
+    cut.write_bytes(cut.read_bytes()[:3000])
+    proc = _train(root, tmp_path / "out", "train.max_steps=2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [ln for ln in proc.stderr.splitlines() if "error: " in ln]
+    assert re.search(r"error: 2 of \d+ files fail the start-up check: ", line), line
+    assert f"{odd}: 'climate/data' has shape (16, 16, 16), expected (64, 96, 16)" in line
+    assert str(cut) in line and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 def test_second_run_on_the_same_output_dir_stops_at_once_naming_the_holder(tiny_root, tmp_path):
     hold = ("import sys, time; from climseg.runlock import RunLock; "
             "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")

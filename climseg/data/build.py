@@ -30,6 +30,33 @@ class Data:
     scale: np.ndarray
 
 
+# Bad files named in the start-up error; the rest are counted (climseg check lists them all).
+NAMED_BAD_FILES = 5
+
+
+def check_headers(paths: list) -> None:
+    """Every file's header, and its field shape against the first file's (headers only, so
+    cheap): a field of another size would otherwise fail at its first validation, after hours.
+    One DataError naming every bad file (up to NAMED_BAD_FILES, then a count)."""
+    reference = None
+    bad = []
+    for path in paths:
+        try:
+            shape = validate_file(path, expect_shape=reference)
+        except DataError as err:
+            bad.append(str(err))
+            continue
+        reference = reference or shape
+    if len(bad) == 1:
+        raise DataError(bad[0])
+    if bad:
+        more = len(bad) - NAMED_BAD_FILES
+        raise DataError(f"{len(bad)} of {len(paths)} files fail the start-up check: "
+                        + "; ".join(bad[:NAMED_BAD_FILES])
+                        + (f"; and {more} more (climseg check --data ROOT lists them)"
+                           if more > 0 else ""))
+
+
 def build_data(plan: RunPlan, rank: int, device: torch.device) -> Data:
     """Each rank's loaders over its strided partition of the train and validation splits (in
     elastic runs, over its share of each global batch of one global order)."""
@@ -60,8 +87,7 @@ def build_data(plan: RunPlan, rank: int, device: torch.device) -> Data:
                         f"for {size} ranks; every rank needs at least one")
     my_train = rank_partition(train_files, rank, size)
     my_val = rank_partition(val_files, rank, size)
-    for path in my_train + my_val:   # fail now on a bad file, not at step 10,000
-        validate_file(path)
+    check_headers(my_train + my_val)  # fail now on a bad file, not at step 10,000
     common = dict(shift=shift, scale=scale, channels=d.channels, num_threads=d.loader_threads,
                   prefetch=d.prefetch, device=device, seed=cfg.seed)
     try:
