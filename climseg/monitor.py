@@ -209,11 +209,13 @@ class RunMonitor:
             self.tb.close()
             self.metrics.write("summary", summary["steps"], summary)
             self.metrics.close()
-        log.info("done: %d steps in %s (%s); eval mean IoU %.4f, eval_accuracy %.4f\n"
-                 "checkpoint: %s\nTensorBoard: %s --logdir %s", summary["steps"],
-                 duration(summary["wall_seconds"]), summary["stop_reason"],
-                 summary["eval_mean_iou"], summary["eval_accuracy"], summary["checkpoint"],
-                 tensorboard_command(), summary["tensorboard"])
+        iou, accuracy = summary["eval_mean_iou"], summary["eval_accuracy"]
+        # A run stopped before its first validation has no score: say so, not "nan".
+        scores = ("no validation yet" if iou != iou
+                  else f"eval mean IoU {iou:.4f}, eval_accuracy {accuracy:.4f}")
+        log.info("done: %d steps in %s (%s); %s\ncheckpoint: %s\nTensorBoard: %s --logdir %s",
+                 summary["steps"], duration(summary["wall_seconds"]), summary["stop_reason"],
+                 scores, summary["checkpoint"], tensorboard_command(), summary["tensorboard"])
 
 
 def tensorboard_command() -> str:

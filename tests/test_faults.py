@@ -216,6 +216,9 @@ def test_ctrl_c_on_horovodrun_saves_and_the_run_resumes_identically(tiny_root, t
     ((step, path),) = step_checkpoints(out)
     line = f"stopped by SIGTERM (2 of 2 ranks) at step {step}; checkpoint {path}"
     assert sorted(r[:3] for r in _rank_lines(text) if line in r) == ["[0]", "[1]"], text[-3000:]
+    # Before the first validation (train.validation_frequency=4) there is no score to print.
+    assert ("(stopped by SIGTERM (2 of 2 ranks)); no validation yet" in text) == (step < 4)
+    assert "IoU nan" not in text
     # horovodrun prints the status of the ranks it saw end (not always both): all were 3.
     assert set(re.findall(r"Process \d exit with status code (-?\d+)\.", text)) == {"3"}, \
         text[-3000:]
