@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -85,11 +86,33 @@ class RunMonitor:
         self.output_dir = Path(cfg.output_dir)
         self.class_names = cfg.model.class_names
         self.mlperf = self.tb = self.metrics = None
+        self._old_config: bytes | None = None
+        self._mlperf_path: Path | None = None
         if primary:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.yaml")
-            self.mlperf = MLPerfLog(mlperf_log_path(self.output_dir))
+            config = self.output_dir / "config.yaml"
+            self._old_config = config.read_bytes() if config.exists() else None
+            save_config(cfg, config)
+            self._mlperf_path = mlperf_log_path(self.output_dir)
+            self.mlperf = MLPerfLog(self._mlperf_path)
             self.mlperf.init_start()
+
+    def abandon(self, made_directory: bool) -> None:
+        """The run failed to start: leave output_dir as it was. Its MLPerf log segment goes,
+        the previous run's config.yaml comes back (or this one goes), and a folder this run
+        created is removed whole."""
+        if not self.primary:
+            return
+        if self.mlperf is not None:
+            self.mlperf.close()
+            self._mlperf_path.unlink(missing_ok=True)
+        config = self.output_dir / "config.yaml"
+        if self._old_config is None:
+            config.unlink(missing_ok=True)
+        else:
+            config.write_bytes(self._old_config)
+        if made_directory:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
 
     # -- start -------------------------------------------------------------------------------
     def config(self, size: int, device, global_batch: int) -> None:

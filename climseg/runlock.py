@@ -33,9 +33,11 @@ class RunLock:
         self.directory = Path(directory)
         self.path = self.directory / LOCK_NAME
         self._fd: int | None = None
+        self.made_directory = False  # acquire created it (a failed start may remove it)
 
     def acquire(self) -> "RunLock":
         try:
+            self.made_directory = not self.directory.exists()
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:

@@ -91,6 +91,8 @@ class Trainer:
             if start:
                 self.begin()
         except BaseException:
+            if self.lock is not None:  # leave output_dir as it was found
+                self.monitor.abandon(self.lock.made_directory)
             self.close()  # a failed start must not keep output_dir locked in this process
             raise
 

@@ -153,7 +153,8 @@ def test_zscore_with_float32_reference_stats(tmp_path):
 
 
 def test_read_stats_errors(tmp_path):
-    with pytest.raises(DataError, match="stats file not found.*summarize_data"):
+    with pytest.raises(DataError,
+                       match="stats file not found .create it with climseg summarize --data "):
         read_stats(tmp_path / STATS_NAME)
     junk = tmp_path / "junk.h5"
     junk.write_text("junk")

@@ -171,10 +171,25 @@ def test_bad_config_exits_2_with_one_line(tiny_root, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_missing_data_exits_2(tmp_path):
+def test_missing_data_exits_2_and_leaves_no_output_folder(tmp_path):
     proc = _train_cli(f"data.root={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'out'}")
     assert proc.returncode == 2
-    assert "nothing" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"error: data.root: {tmp_path / 'nothing'} is not a folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # the failed start created it, and removed it
+
+
+def test_a_failed_start_leaves_the_previous_runs_files_as_they_were(tiny_root, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("the previous run's\n")
+    (out / "mlperf.log").write_text("the previous run's\n")
+    proc = _train_cli(f"data.root={tiny_root}", f"output_dir={out}", "data.crop=[4096,4096]")
+    assert proc.returncode == 2 and "data.crop" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [".climseg.lock", "config.yaml",
+                                                      "mlperf.log"]
+    assert (out / "config.yaml").read_text() == (out / "mlperf.log").read_text() \
+        == "the previous run's\n"
 
 
 # -- two ranks under horovodrun ------------------------------------------------------------

@@ -62,8 +62,11 @@ def build_data(plan: RunPlan, rank: int, device: torch.device) -> Data:
     elastic runs, over its share of each global batch of one global order)."""
     cfg, size = plan.config, plan.world_size
     d, t = cfg.data, cfg.train
-    shift, scale = normalization(read_stats(d.stats_path), d.normalization, d.channels)
     root = Path(d.root)
+    if not root.is_dir():
+        raise DataError(f"data.root: {root} is not a folder (it should hold the "
+                        f"{d.train_split}/ and {d.validation_split}/ splits and stats.h5)")
+    shift, scale = normalization(read_stats(d.stats_path), d.normalization, d.channels)
     train_files = list_files(root / d.train_split)
     val_files = list_files(root / d.validation_split)
     if len(train_files) < plan.global_batch:

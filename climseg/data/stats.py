@@ -103,7 +103,7 @@ def read_stats(path: str | os.PathLike) -> Stats:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: stats file not found (create it with "
-                        "tools/summarize_data.py --data ROOT)")
+                        f"climseg summarize --data {path.parent})")
     try:
         f = h5py.File(path, "r")
     except OSError as err:
