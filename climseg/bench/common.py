@@ -106,6 +106,23 @@ def environment() -> dict[str, Any]:
 CHANNELS_LAST = {"auto": None, "on": True, "off": False}
 
 
+def add_allreduce_parser(modes, common) -> None:
+    """``bench allreduce``'s command line (kept apart: parse_args stays readable)."""
+    p = modes.add_parser("allreduce", help="the gradient allreduce alone, across the ranks it "
+                         "is launched on (horovodrun, torchrun, srun): time and bus bandwidth")
+    common(p)
+    p.add_argument("--warmup", type=int, default=2, help="rounds before timing")
+    p.add_argument("--engine", default="horovod", choices=("horovod", "torch"),
+                   help="dist engine (as dist.engine)")
+    p.add_argument("--fp16", action="store_true",
+                   help="sum fp16 copies (train.gradient_compression: fp16)")
+    p.add_argument("--fusion-mb", type=float, default=None,
+                   help="Horovod: fusion buffer MiB (HOROVOD_FUSION_THRESHOLD; 0 = no fusion; "
+                        "default: Horovod's own); torch: bucket MiB (default: one tensor each)")
+    p.add_argument("--in-channels", type=int, default=16,
+                   help="input channels of the model whose gradients are summed")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m climseg.bench",
@@ -162,19 +179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="evict the files from the page cache before each run and time one "
                         "pass over them")
 
-    p = modes.add_parser("allreduce", help="the gradient allreduce alone, across the ranks it "
-                         "is launched on (horovodrun, torchrun, srun): time and bus bandwidth")
-    common(p)
-    p.add_argument("--warmup", type=int, default=2, help="rounds before timing")
-    p.add_argument("--engine", default="horovod", choices=("horovod", "torch"),
-                   help="dist engine (as dist.engine)")
-    p.add_argument("--fp16", action="store_true",
-                   help="sum fp16 copies (train.gradient_compression: fp16)")
-    p.add_argument("--fusion-mb", type=float, default=None,
-                   help="Horovod: fusion buffer MiB (HOROVOD_FUSION_THRESHOLD; 0 = no fusion; "
-                        "default: Horovod's own); torch: bucket MiB (default: one tensor each)")
-    p.add_argument("--in-channels", type=int, default=16,
-                   help="input channels of the model whose gradients are summed")
+    add_allreduce_parser(modes, common)
 
     p = modes.add_parser("train", help="the real trainer for N steps on staged data (it picks "
                          "the device: CUDA when present)")
