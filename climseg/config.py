@@ -296,11 +296,28 @@ class Config:
         _require(t.global_batch_size is None or t.global_batch_size == actual,
                  "train.global_batch_size",
                  f"is {t.global_batch_size} but {world_size} ranks x local_batch_size "
-                 f"{t.local_batch_size} x gradient_accumulation {t.gradient_accumulation} = {actual}")
+                 f"{t.local_batch_size} x gradient_accumulation {t.gradient_accumulation} = "
+                 f"{actual}; {_fitting(t.global_batch_size or 0, world_size, t.local_batch_size)}")
         return actual
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _fitting(global_batch: int, ranks: int, local: int) -> str:
+    """What would give ``global_batch`` on ``ranks`` ranks: the accumulation for this local
+    batch, other local batches, or rank counts that would."""
+    per_rank = global_batch // ranks if global_batch % ranks == 0 else 0
+    if per_rank and per_rank % local == 0:
+        return f"set train.gradient_accumulation={per_rank // local}"
+    if per_rank:
+        pairs = [f"{b} x {per_rank // b}" for b in range(1, per_rank + 1) if per_rank % b == 0]
+        return ("on these ranks, local_batch_size x gradient_accumulation must be "
+                f"{per_rank}: " + ", ".join(pairs[:6]))
+    counts = [n for n in range(1, global_batch + 1)
+              if global_batch % (n * local) == 0][:8]
+    return (f"{global_batch} is not a multiple of {ranks} ranks; with local_batch_size {local} "
+            f"it fits on " + (", ".join(map(str, counts)) + " ranks" if counts else "no count"))
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:

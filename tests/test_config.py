@@ -162,3 +162,17 @@ def test_loading_a_config_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("global_batch, ranks, local, hint", [
+    (8, 2, 2, "set train.gradient_accumulation=2"),
+    (6, 2, 2, "on these ranks, local_batch_size x gradient_accumulation must be 3: 1 x 3, 3 x 1"),
+    (6, 4, 1, "6 is not a multiple of 4 ranks; with local_batch_size 1 it fits on 1, 2, 3, 6 "
+              "ranks"),
+])
+def test_a_global_batch_that_does_not_fit_says_what_would(global_batch, ranks, local, hint):
+    cfg = load_config(None, ROOT + [f"train.global_batch_size={global_batch}",
+                                    f"train.local_batch_size={local}"])
+    with pytest.raises(ConfigError) as err:
+        cfg.global_batch(ranks)
+    assert str(err.value).endswith(hint)
