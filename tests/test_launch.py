@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYBIN = Path(sys.executable).parent
 HOROVODRUN = PYBIN / "horovodrun"
 SCRIPTS = ["jobs/workstation.sh", "jobs/elastic.sh", "jobs/slurm.sbatch", "tools/install_horovod.sh",
-           ".ci/run", "tests/slurm_local.sh"]
+           ".ci/run", "tests/slurm_local.sh", "tests/cluster.sh", "tests/cluster_bin/ssh"]
 
 # One allreduce and where each rank thinks it is: what the launch paths must get right.
 HVD_PROBE = """
@@ -88,7 +88,8 @@ def _run_ci(tmp_path: Path, uid: int, apt_works: bool = True) -> tuple[int, str,
     bin_dir.mkdir()
     log.touch()
     installed = "".join(f'printf "#!/bin/sh\\n" > {bin_dir}/{exe}; chmod +x {bin_dir}/{exe}\n'
-                        for exe in ("munged", "slurmctld", "slurmd", "sbatch", "srun"))
+                        for exe in ("munged", "slurmctld", "slurmd", "sbatch", "srun", "ip",
+                                    "unshare", "nsenter"))
     stubs = {
         "id": f"echo {uid}",
         "apt-get": f'echo "apt-get $*" >> {log}\n' + (
@@ -108,7 +109,8 @@ def test_ci_installs_slurm_as_root_and_requires_its_tests(tmp_path):
     code, _, calls = _run_ci(tmp_path, uid=0)
     assert code == 0
     assert calls == ["apt-get update -q",
-                     "apt-get install -y -q --no-install-recommends slurm-wlm munge",
+                     "apt-get install -y -q --no-install-recommends slurm-wlm munge iproute2 "
+                     "util-linux",
                      "make test REQUIRE_SLURM=1"]
 
 
@@ -123,7 +125,7 @@ def test_ci_runs_the_tests_when_apt_fails(tmp_path):
     code, err, calls = _run_ci(tmp_path, uid=0, apt_works=False)
     assert code == 0
     assert calls == ["apt-get update -q", "make test REQUIRE_SLURM=unset"]
-    assert "could not install slurm-wlm munge" in err
+    assert "could not install slurm-wlm munge iproute2 util-linux" in err
 
 
 def _readme_demo_commands() -> list[str]:
@@ -477,9 +479,10 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two free consecutive ports for a test Slurm")
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    missing = [exe for exe in ("munged", "slurmctld", "slurmd", "sbatch", "srun")
+def require_slurm(*more: str) -> None:
+    """Skip the calling test without Slurm's daemons and clients (and the commands ``more``)
+    or without root; fail it instead under CLIMSEG_REQUIRE_SLURM=1."""
+    missing = [exe for exe in ("munged", "slurmctld", "slurmd", "sbatch", "srun", *more)
                if shutil.which(exe) is None]
     # .ci/run installs Slurm where it can and then requires these tests to run
     unavailable = pytest.fail if REQUIRE_SLURM else pytest.skip
@@ -488,6 +491,11 @@ def slurm(tmp_path_factory):
                     "apt-get install slurm-wlm munge)")
     if os.geteuid() != 0:
         unavailable("a local slurmd needs root")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    require_slurm()
     # short path: the munge socket must fit a unix socket name
     state = Path(tmp_path_factory.mktemp("slurm"))
     env = _env(SLURM_LOCAL_PORT=str(_free_port_pair()))
