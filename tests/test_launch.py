@@ -575,24 +575,17 @@ def _job_field(env: dict, job: str, field: str) -> str:
     return ""
 
 
-@needs_horovod
-def test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses(slurm, tiny_root,
-                                                                              tmp_path):
-    if not _horovod_features()["mpi"]:
-        pytest.skip("horovod built without MPI: srun launches need the MPI controller")
-    out, log, steps = tmp_path / "run", tmp_path / "job.out", 8
-    # SGD in fp32 (exact.EXACT): the requeued run and the reference agree to exact.REL.
-    overrides = [f"train.max_steps={steps}", "train.log_frequency=1",
-                 "train.validation_frequency=4", *EXACT]
-    env = dict(slurm, DATA=str(tiny_root), CONFIG="yaml/ci.yaml", OUTPUT=str(out),
-               STAGE_DIR=str(tmp_path / "staged"), VENV=str(PYBIN.parent), MAX_REQUEUES="3")
+def run_requeued(env: dict, sbatch_args: list[str], overrides: list[str], out: Path,
+                 log: Path) -> str:
+    """Submit jobs/slurm.sbatch (``sbatch_args``, trainer ``overrides``, its run in ``out``,
+    its output in ``log``), send it the early-warning signal once it has taken a step, and
+    wait for it to end; assert it completed after one requeue. Returns the job's output."""
     # The header's --signal=USR1@300 is what a time limit sends; slurmctld checks limits only
     # every ~30 s, so a one-minute limit here stops the job anywhere or not at all. The test
     # sends the same signal the same way (slurmctld -> slurmd -> the job step's tasks) once the
     # run has taken a step.
-    submit = _run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2",
-                   "--cpus-per-task=1", "--gpus-per-node=0", "--time=30", f"--output={log}",
-                   "jobs/slurm.sbatch", *overrides], env=env, timeout=60)
+    submit = _run(["sbatch", "--parsable", *sbatch_args, f"--output={log}", "jobs/slurm.sbatch",
+                   *overrides], env=env, timeout=60)
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
     metrics = out / "metrics.jsonl"
@@ -615,8 +608,24 @@ def test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses(s
     text = log.read_text()
     assert state == "COMPLETED", text[-4000:]
     assert _job_field(env, job, "Restarts") == "1", text[-4000:]
-    assert "stopped by SIGUSR1 (2 of 2 ranks)" in text and "requeueing job" in text
-    assert "segment 2" in text, text[-4000:]
+    assert "requeueing job" in text and "segment 2" in text, text[-4000:]
+    return text
+
+
+@needs_horovod
+def test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses(slurm, tiny_root,
+                                                                              tmp_path):
+    if not _horovod_features()["mpi"]:
+        pytest.skip("horovod built without MPI: srun launches need the MPI controller")
+    out, log, steps = tmp_path / "run", tmp_path / "job.out", 8
+    # SGD in fp32 (exact.EXACT): the requeued run and the reference agree to exact.REL.
+    overrides = [f"train.max_steps={steps}", "train.log_frequency=1",
+                 "train.validation_frequency=4", *EXACT]
+    env = dict(slurm, DATA=str(tiny_root), CONFIG="yaml/ci.yaml", OUTPUT=str(out),
+               STAGE_DIR=str(tmp_path / "staged"), VENV=str(PYBIN.parent), MAX_REQUEUES="3")
+    text = run_requeued(env, ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                              "--gpus-per-node=0", "--time=30"], overrides, out, log)
+    assert "stopped by SIGUSR1 (2 of 2 ranks)" in text
     # The reference: the same run uninterrupted (horovodrun, Gloo).
     ref = tmp_path / "reference"
     proc = _run([str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
