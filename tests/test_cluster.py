@@ -8,7 +8,10 @@ and addresses are made by the test, named from its own PID so that two runs on o
 meet.
 
 The runs are 4 ranks of yaml/ci.yaml for 2 steps on 40 tiny samples (32 train, 4 validation:
-every one of 4 ranks needs a validation file, which conftest's tiny_root with 2 has not).
+every one of 4 ranks needs a validation file, which conftest's tiny_root with 2 has not); one
+two-node run (module fixture ``two_nodes``) serves the tests of equality, of the files read, of
+the MLPerf log and of the placement hint. Measured on 2 loaded cores: a 2-step two-node run
+30-60 s (an allreduce of the 56 M parameters over the simulated network takes seconds).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from climseg.data.split import split_dataset
 from climseg.data.summarize import summarize_split
 from climseg.data.synthetic import generate_dataset
 from conftest import HUNG_S, TINY_HEIGHT, TINY_SEED, TINY_WIDTH, require_horovod
-from exact import assert_same_losses, losses
-from test_launch import _env, _horovod_features, require_slurm
+from exact import EXACT, assert_same_losses, losses
+from test_launch import _env, _horovod_features, require_slurm, run_requeued
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -265,3 +268,30 @@ def test_stage_under_srun_without_mpi_names_the_missing_plugin(cluster, data_roo
     assert "orovod" not in result.stderr, result.stderr
     # it staged all the same: each node its two ranks' files
     assert [len(cluster.files(node, dest)) for node in (1, 2)] == [18, 18]
+
+
+# --- h. jobs/slurm.sbatch on two nodes: the early-warning signal, a requeue, the same losses ----
+def test_two_node_sbatch_requeued_by_the_warning_signal_finishes_with_uninterrupted_losses(
+        cluster, data_root, tmp_path):
+    out, log, steps = tmp_path / "run", tmp_path / "job.out", 6
+    # SGD in fp32 (exact.EXACT): the requeued run and the reference agree to exact.REL
+    # (measured: to the bit). Signalled after step 1, the run stops at step 2 or 3 (the stop
+    # vote is read a step after it starts); 6 steps leave the second segment steps to take
+    # even when the signal is slow to arrive.
+    overrides = [f"train.max_steps={steps}", "train.log_frequency=1",
+                 f"train.validation_frequency={steps}", *EXACT]
+    env = dict(cluster.env, DATA=str(data_root), CONFIG="yaml/ci.yaml", OUTPUT=str(out),
+               STAGE_DIR=str(cluster.scratch / "requeue"), MAX_REQUEUES="3",
+               VENV=str(Path(sys.executable).parent.parent))
+    text = run_requeued(env, ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1",
+                              "--gpus-per-node=0", "--time=30"], overrides, out, log)
+    assert "stopped by SIGUSR1 (4 of 4 ranks)" in text, text[-4000:]
+    # The reference: the same run uninterrupted on the same two nodes, from the shared data.
+    ref = tmp_path / "reference"
+    result = cluster.srun("-N2", "-n4", "--mpi=pmi2", sys.executable, "-m", "climseg.train",
+                          "--config", "yaml/ci.yaml", f"data.root={data_root}",
+                          f"output_dir={ref}", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = losses(out)
+    assert sorted(got) == list(range(1, steps + 1))
+    assert_same_losses(got, losses(ref), range(1, steps + 1))
