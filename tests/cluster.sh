@@ -4,9 +4,9 @@
 # /etc/hosts, boot_id, node-local scratch and /dev/shm. slurmctld and one slurmd run on node1,
 # a slurmd on node2; the root namespace is the login node.
 #
-#   tests/cluster.sh start DIR          # writes DIR/slurm.conf, starts it all, waits for both nodes
-#   tests/cluster.sh stop DIR           # ends jobs, daemons and namespaces by PID, removes the links
-#   tests/cluster.sh on 1|2 DIR CMD...  # runs CMD on node 1 or 2 (in its net, UTS, mount namespaces)
+#   tests/cluster.sh start DIR          # writes DIR/slurm.conf, starts it all, waits for the nodes
+#   tests/cluster.sh stop DIR           # ends jobs, daemons, namespaces by PID; removes the links
+#   tests/cluster.sh on 1|2 DIR CMD...  # runs CMD on node 1 or 2 (its net, UTS, mount namespaces)
 #
 # Clients (sinfo, srun, sbatch) run on the login node with SLURM_CONF=DIR/slurm.conf. DIR and the
 # rest of the file system are shared, like a cluster's shared file system; CLUSTER_SCRATCH
@@ -15,8 +15,8 @@
 #
 # Settings: CLUSTER_PREFIX (names of the namespaces and links, "cs"), CLUSTER_NET (first three
 # octets of the bridge's /24, 10.77.0), CLUSTER_CPUS (per node, 2). Two clusters on one host need
-# different prefixes and nets. Needs root, iproute2, util-linux, slurm-wlm and munge; writes
-# nothing under /etc.
+# different prefixes and nets; stop reads the ones start used from DIR. Needs root, iproute2,
+# util-linux, slurm-wlm and munge; writes nothing under /etc.
 set -euo pipefail
 
 die() { echo "cluster: $*" >&2; exit 1; }
@@ -30,6 +30,10 @@ if [[ $action == on ]]; then
 fi
 DIR=$(mkdir -p "$2" && cd "$2" && pwd)
 conf=$DIR/slurm.conf
+# start records the names it made, so that stop removes those whatever its own environment says
+if [[ $action == stop && -f $DIR/names ]]; then
+    read -r CLUSTER_PREFIX CLUSTER_NET < "$DIR/names"
+fi
 px=${CLUSTER_PREFIX:-cs}
 net=${CLUSTER_NET:-10.77.0}
 cpus=${CLUSTER_CPUS:-2}
@@ -89,11 +93,13 @@ start) ;;
 esac
 
 for exe in munged slurmctld slurmd sinfo ip unshare nsenter; do
-    command -v "$exe" >/dev/null 2>&1 || die "$exe not found (apt-get install slurm-wlm munge iproute2)"
+    command -v "$exe" >/dev/null 2>&1 ||
+        die "$exe not found (apt-get install slurm-wlm munge iproute2 util-linux)"
 done
 [[ $(id -u) == 0 ]] || die "needs root (namespaces; slurmd runs job steps as the submitting user)"
 ip netns list | grep -qw "${px}node1" && die "namespace ${px}node1 exists: stop that cluster first"
 mkdir -p "$DIR/state" "$DIR/spool/node1" "$DIR/spool/node2" "$scratch"
+echo "$px $net" > "$DIR/names"
 trap stop ERR
 # One munged in the root namespace serves both nodes: its socket is a file in DIR.
 start_munge || die "munged did not start; see $DIR/munged.log"
@@ -138,18 +144,22 @@ for i in 1 2; do
 done
 for i in 1 2; do
     for _ in $(seq 50); do [[ -f $DIR/node$i.holder.pid.tmp ]] && break; sleep 0.1; done
-    [[ -f $DIR/node$i.holder.pid.tmp ]] || die "node$i did not come up: $(cat "$DIR/node$i.holder.log")"
+    [[ -f $DIR/node$i.holder.pid.tmp ]] ||
+        die "node$i did not come up: $(cat "$DIR/node$i.holder.log")"
     mv "$DIR/node$i.holder.pid.tmp" "$DIR/node$i.holder.pid"
 done
 
 # Port 6817 in every netns: the namespaces are the test's own, so no port is taken there.
 write_conf climseg-cluster "node1($net.1)" 6817 "$DIR/spool/%n"
 # CPUs=2 per node: with more, srun -N2 -n4 puts 3 tasks on one node and 1 on the other.
-printf 'NodeName=node%s NodeAddr=%s.%s CPUs=%s State=UNKNOWN\n' 1 "$net" 1 "$cpus" 2 "$net" 2 "$cpus" >> "$conf"
+for i in 1 2; do
+    echo "NodeName=node$i NodeAddr=$net.$i CPUs=$cpus State=UNKNOWN" >> "$conf"
+done
 on() { local i=$1; shift; nsenter -t "$(cat "$DIR/node$i.holder.pid")" --net --uts --mount "$@"; }
 on 1 slurmctld -f "$conf" || die "slurmctld did not start; see $DIR/slurmctld.log"
 for i in 1 2; do
-    on "$i" slurmd -f "$conf" -N "node$i" || die "slurmd of node$i did not start; see $DIR/slurmdnode$i.log"
+    on "$i" slurmd -f "$conf" -N "node$i" ||
+        die "slurmd of node$i did not start; see $DIR/slurmdnode$i.log"
 done
 trap - ERR
 wait_idle 2 && exit 0
