@@ -589,7 +589,7 @@ def run_requeued(env: dict, sbatch_args: list[str], overrides: list[str], out: P
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
     metrics = out / "metrics.jsonl"
-    deadline, signalled, ended = time.monotonic() + 900, False, 0
+    deadline, signalled, ended, idle = time.monotonic() + 900, False, 0, 0
     # A job that requeues itself passes through an ended state (its batch step is cancelled
     # by the requeue) on its way back to PENDING: an ended state counts once it was read 10
     # times in a row, a second apart (seen once: FAILED read mid-requeue, the segment after
@@ -602,8 +602,16 @@ def run_requeued(env: dict, sbatch_args: list[str], overrides: list[str], out: P
             _run(["scancel", "--signal=USR1", job], env=env, timeout=30)
             signalled = True
         if state == "PENDING" and _job_field(env, job, "Reason") == "BeginTime":
-            # Slurm holds a requeued job for two minutes; the test need not wait them out.
-            _run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
+            # Slurm holds a requeued job for two minutes; the test need not wait them out, but
+            # must wait for every node to have ended the first segment: a node still cleaning
+            # up revokes the new segment's credential too ("Killing non-startable batch JobId=9:
+            # Job credential revoked", seen on two loaded nodes). Released after two reads of
+            # all nodes idle, a second apart.
+            nodes = _run(["sinfo", "-h", "-N", "-o", "%t"], env=env, timeout=30).stdout.split()
+            idle = idle + 1 if nodes and all(n == "idle" for n in nodes) else 0
+            if idle >= 2:
+                _run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env,
+                     timeout=30)
         time.sleep(1)
     text = log.read_text()
     assert state == "COMPLETED", text[-4000:]
