@@ -7,7 +7,7 @@
 #
 # Settings (environment, with defaults):
 #   DATA        the prepared data set, every file readable on every host            required
-#               (a shared file system, or the whole split staged on each node)
+#               (a shared file system, or the whole split on each node: climseg stage --per-node)
 #   HOSTS       "host:slots ..." the job may use                 in a Slurm allocation: its
 #               nodes x GPUS_PER_NODE (4); else required
 #   NP          ranks to start with                               all the slots of HOSTS

@@ -15,9 +15,11 @@ action=$1
 DIR=$(mkdir -p "$2" && cd "$2" && pwd)
 conf=$DIR/slurm.conf
 
+source "$(dirname "${BASH_SOURCE[0]}")/slurm_lib.sh"
+
 stop() {
     local pidfile
-    for pidfile in "$DIR"/slurmd.pid "$DIR"/slurmctld.pid "$DIR"/munged.pid; do
+    for pidfile in "$DIR"/slurmd*.pid "$DIR"/slurmctld.pid "$DIR"/munged.pid; do
         [[ -f $pidfile ]] || continue
         kill "$(cat "$pidfile")" 2>/dev/null || true
         rm -f "$pidfile"
@@ -38,55 +40,15 @@ done
 host=$(hostname -s)
 cpus=${SLURM_LOCAL_CPUS:-4}
 ctld_port=${SLURM_LOCAL_PORT:-16817}
-mkdir -p "$DIR/state" "$DIR/spool" "$DIR/munge"
-chmod 700 "$DIR/munge"
-
-if [[ ! -f $DIR/munge/munge.key ]]; then
-    head -c 1024 /dev/urandom > "$DIR/munge/munge.key"
-    chmod 400 "$DIR/munge/munge.key"
-fi
-munged --force --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket" \
-    --pid-file="$DIR/munged.pid" --log-file="$DIR/munged.log" --seed-file="$DIR/munge/munge.seed" \
-    || die "munged did not start; see $DIR/munged.log"
-
-cat > "$conf" <<CONF
-ClusterName=climseg-test
-SlurmctldHost=$host
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket=$DIR/munge/munge.socket
-CredType=cred/munge
-SlurmctldPort=$ctld_port
-SlurmdPort=$((ctld_port + 1))
-StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
-SlurmctldPidFile=$DIR/slurmctld.pid
-SlurmdPidFile=$DIR/slurmd.pid
-SlurmctldLogFile=$DIR/slurmctld.log
-SlurmdLogFile=$DIR/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SchedulerType=sched/builtin
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SlurmdParameters=config_overrides
-MpiDefault=none
-ReturnToService=2
-NodeName=$host CPUs=$cpus State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
-CONF
+mkdir -p "$DIR/state" "$DIR/spool"
+start_munge || die "munged did not start; see $DIR/munged.log"
+write_conf climseg-test "$host" "$ctld_port" "$DIR/spool"
+echo "NodeName=$host CPUs=$cpus State=UNKNOWN" >> "$conf"
 
 export SLURM_CONF=$conf
 slurmctld -f "$conf" || { stop; die "slurmctld did not start; see $DIR/slurmctld.log"; }
-slurmd -f "$conf" || { stop; die "slurmd did not start; see $DIR/slurmd.log"; }
+slurmd -f "$conf" || { stop; die "slurmd did not start; see $DIR/slurmd$host.log"; }
 
-for _ in $(seq 300); do   # a bound only a broken Slurm reaches
-    state=$(sinfo -h -N -o '%t' 2>/dev/null | head -n1 || true)
-    [[ $state == idle* || $state == mix* ]] && exit 0
-    sleep 1
-done
+wait_idle 1 && exit 0
 stop
-die "node never became idle (state: '${state:-none}'); see $DIR/slurmctld.log and $DIR/slurmd.log"
+die "node never became idle; see $DIR/slurmctld.log and $DIR/slurmd$host.log"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -60,8 +61,33 @@ def test_restage_skips_identical_and_replaces_changed(tiny_root, tmp_path):
 def test_wrong_rank_layout_on_a_staged_node(tiny_root, tmp_path):
     dest = tmp_path / "node"
     stage_dataset(tiny_root, dest, SPLITS, 0, 2, progress=False)
-    with pytest.raises(DataError, match="not staged here.*different number of ranks"):
+    with pytest.raises(DataError, match="not staged here.*staged for 2 ranks and the run has 4"):
         rank_partition(list_files(dest / "train"), 1, 4)
+
+
+def test_same_rank_count_placed_differently_names_the_placement(tiny_root, tmp_path):
+    # block placement staged ranks 0, 1 of 4 on this node; cyclic puts ranks 0, 2 here
+    dest = tmp_path / "node"
+    for rank in (0, 1):
+        stage_dataset(tiny_root, dest, SPLITS, rank, 4, progress=False)
+    assert rank_partition(list_files(dest / "train"), 1, 4)
+    with pytest.raises(DataError) as err:
+        rank_partition(list_files(dest / "train"), 2, 4)
+    message = str(err.value)
+    assert "staged for ranks 0, 1 of 4, not rank 2" in message
+    assert "placed on the nodes differently" in message and "different number" not in message
+
+
+def test_whole_split_staging_serves_every_layout(tiny_root, tmp_path):
+    dest = tmp_path / "node"
+    stage_dataset(tiny_root, dest, SPLITS, 3, 4, progress=False, whole=True)
+    for split in SPLITS:
+        assert sorted(p.name for p in (dest / split).glob("data-*.h5")) == \
+            sorted(p.name for p in (tiny_root / split).glob("data-*.h5"))
+    for size in (1, 2, 3):
+        for rank in range(size):
+            assert rank_partition(list_files(dest / "train"), rank, size)
+    assert json.loads((dest / "staged.json").read_text())["layout"] == {"whole": True}
 
 
 def test_stage_errors(tiny_root, tmp_path):

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYBIN = Path(sys.executable).parent
 HOROVODRUN = PYBIN / "horovodrun"
 SCRIPTS = ["jobs/workstation.sh", "jobs/elastic.sh", "jobs/slurm.sbatch", "tools/install_horovod.sh",
-           ".ci/run", "tests/slurm_local.sh"]
+           ".ci/run", "tests/slurm_local.sh", "tests/cluster.sh", "tests/cluster_bin/ssh"]
 
 # One allreduce and where each rank thinks it is: what the launch paths must get right.
 HVD_PROBE = """
@@ -88,7 +88,8 @@ def _run_ci(tmp_path: Path, uid: int, apt_works: bool = True) -> tuple[int, str,
     bin_dir.mkdir()
     log.touch()
     installed = "".join(f'printf "#!/bin/sh\\n" > {bin_dir}/{exe}; chmod +x {bin_dir}/{exe}\n'
-                        for exe in ("munged", "slurmctld", "slurmd", "sbatch", "srun"))
+                        for exe in ("munged", "slurmctld", "slurmd", "sbatch", "srun", "ip",
+                                    "unshare", "nsenter"))
     stubs = {
         "id": f"echo {uid}",
         "apt-get": f'echo "apt-get $*" >> {log}\n' + (
@@ -108,7 +109,8 @@ def test_ci_installs_slurm_as_root_and_requires_its_tests(tmp_path):
     code, _, calls = _run_ci(tmp_path, uid=0)
     assert code == 0
     assert calls == ["apt-get update -q",
-                     "apt-get install -y -q --no-install-recommends slurm-wlm munge",
+                     "apt-get install -y -q --no-install-recommends slurm-wlm munge iproute2 "
+                     "util-linux",
                      "make test REQUIRE_SLURM=1"]
 
 
@@ -123,7 +125,7 @@ def test_ci_runs_the_tests_when_apt_fails(tmp_path):
     code, err, calls = _run_ci(tmp_path, uid=0, apt_works=False)
     assert code == 0
     assert calls == ["apt-get update -q", "make test REQUIRE_SLURM=unset"]
-    assert "could not install slurm-wlm munge" in err
+    assert "could not install slurm-wlm munge iproute2 util-linux" in err
 
 
 def _readme_demo_commands() -> list[str]:
@@ -499,9 +501,10 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two free consecutive ports for a test Slurm")
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    missing = [exe for exe in ("munged", "slurmctld", "slurmd", "sbatch", "srun")
+def require_slurm(*more: str) -> None:
+    """Skip the calling test without Slurm's daemons and clients (and the commands ``more``)
+    or without root; fail it instead under CLIMSEG_REQUIRE_SLURM=1."""
+    missing = [exe for exe in ("munged", "slurmctld", "slurmd", "sbatch", "srun", *more)
                if shutil.which(exe) is None]
     # .ci/run installs Slurm where it can and then requires these tests to run
     unavailable = pytest.fail if REQUIRE_SLURM else pytest.skip
@@ -510,6 +513,11 @@ def slurm(tmp_path_factory):
                     "apt-get install slurm-wlm munge)")
     if os.geteuid() != 0:
         unavailable("a local slurmd needs root")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    require_slurm()
     # short path: the munge socket must fit a unix socket name
     state = Path(tmp_path_factory.mktemp("slurm"))
     env = _env(SLURM_LOCAL_PORT=str(_free_port_pair()))
@@ -589,28 +597,21 @@ def _job_field(env: dict, job: str, field: str) -> str:
     return ""
 
 
-@needs_horovod
-def test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses(slurm, tiny_root,
-                                                                              tmp_path):
-    if not _horovod_features()["mpi"]:
-        pytest.skip("horovod built without MPI: srun launches need the MPI controller")
-    out, log, steps = tmp_path / "run", tmp_path / "job.out", 8
-    # SGD in fp32 (exact.EXACT): the requeued run and the reference agree to exact.REL.
-    overrides = [f"train.max_steps={steps}", "train.log_frequency=1",
-                 "train.validation_frequency=4", *EXACT]
-    env = dict(slurm, DATA=str(tiny_root), CONFIG="yaml/ci.yaml", OUTPUT=str(out),
-               STAGE_DIR=str(tmp_path / "staged"), VENV=str(PYBIN.parent), MAX_REQUEUES="3")
+def run_requeued(env: dict, sbatch_args: list[str], overrides: list[str], out: Path,
+                 log: Path) -> str:
+    """Submit jobs/slurm.sbatch (``sbatch_args``, trainer ``overrides``, its run in ``out``,
+    its output in ``log``), send it the early-warning signal once it has taken a step, and
+    wait for it to end; assert it completed after one requeue. Returns the job's output."""
     # The header's --signal=USR1@300 is what a time limit sends; slurmctld checks limits only
     # every ~30 s, so a one-minute limit here stops the job anywhere or not at all. The test
     # sends the same signal the same way (slurmctld -> slurmd -> the job step's tasks) once the
     # run has taken a step.
-    submit = _run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2",
-                   "--cpus-per-task=1", "--gpus-per-node=0", "--time=30", f"--output={log}",
-                   "jobs/slurm.sbatch", *overrides], env=env, timeout=60)
+    submit = _run(["sbatch", "--parsable", *sbatch_args, f"--output={log}", "jobs/slurm.sbatch",
+                   *overrides], env=env, timeout=60)
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
     metrics = out / "metrics.jsonl"
-    deadline, signalled, ended = time.monotonic() + 900, False, 0
+    deadline, signalled, ended, idle = time.monotonic() + 900, False, 0, 0
     # A job that requeues itself passes through an ended state (its batch step is cancelled
     # by the requeue) on its way back to PENDING: an ended state counts once it was read 10
     # times in a row, a second apart (seen once: FAILED read mid-requeue, the segment after
@@ -623,14 +624,38 @@ def test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses(s
             _run(["scancel", "--signal=USR1", job], env=env, timeout=30)
             signalled = True
         if state == "PENDING" and _job_field(env, job, "Reason") == "BeginTime":
-            # Slurm holds a requeued job for two minutes; the test need not wait them out.
-            _run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
+            # Slurm holds a requeued job for two minutes; the test need not wait them out, but
+            # must wait for every node to have ended the first segment: a node still cleaning
+            # up revokes the new segment's credential too ("Killing non-startable batch JobId=9:
+            # Job credential revoked", seen on two loaded nodes). Released after two reads of
+            # all nodes idle, a second apart.
+            nodes = _run(["sinfo", "-h", "-N", "-o", "%t"], env=env, timeout=30).stdout.split()
+            idle = idle + 1 if nodes and all(n == "idle" for n in nodes) else 0
+            if idle >= 2:
+                _run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env,
+                     timeout=30)
         time.sleep(1)
     text = log.read_text()
     assert state == "COMPLETED", text[-4000:]
     assert _job_field(env, job, "Restarts") == "1", text[-4000:]
-    assert "stopped by SIGUSR1 (2 of 2 ranks)" in text and "requeueing job" in text
-    assert "segment 2" in text, text[-4000:]
+    assert "requeueing job" in text and "segment 2" in text, text[-4000:]
+    return text
+
+
+@needs_horovod
+def test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses(slurm, tiny_root,
+                                                                              tmp_path):
+    if not _horovod_features()["mpi"]:
+        pytest.skip("horovod built without MPI: srun launches need the MPI controller")
+    out, log, steps = tmp_path / "run", tmp_path / "job.out", 8
+    # SGD in fp32 (exact.EXACT): the requeued run and the reference agree to exact.REL.
+    overrides = [f"train.max_steps={steps}", "train.log_frequency=1",
+                 "train.validation_frequency=4", *EXACT]
+    env = dict(slurm, DATA=str(tiny_root), CONFIG="yaml/ci.yaml", OUTPUT=str(out),
+               STAGE_DIR=str(tmp_path / "staged"), VENV=str(PYBIN.parent), MAX_REQUEUES="3")
+    text = run_requeued(env, ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                              "--gpus-per-node=0", "--time=30"], overrides, out, log)
+    assert "stopped by SIGUSR1 (2 of 2 ranks)" in text
     # The reference: the same run uninterrupted (horovodrun, Gloo).
     ref = tmp_path / "reference"
     proc = _run([str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,

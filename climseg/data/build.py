@@ -81,7 +81,7 @@ def build_data(plan: RunPlan, rank: int, device: torch.device) -> Data:
                             f"files are not here (e.g. {missing[0]}): it was staged for its "
                             "node's ranks only, and train.elastic needs every file on every "
                             "node; read the shared file system, or stage the whole split on "
-                            "each node (climseg stage run as one process per node)")
+                            "each node (climseg stage --per-node)")
         share = (rank, size, plan.global_batch)
     if d.max_validation_samples is not None:
         val_files = val_files[:d.max_validation_samples]

@@ -8,6 +8,7 @@ source split; :func:`list_files` returns that full list so that rank ``r`` of ``
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -68,11 +69,29 @@ def rank_partition(files: list, rank: int, size: int) -> list:
         for path in mine:
             if not Path(path).exists():
                 raise DataError(f"{path}: not staged here (needed by rank {rank} of {size}); "
-                                "this node was staged for another rank layout: a different "
-                                "number of ranks, or ranks placed on the nodes differently "
-                                "(e.g. srun --distribution=block to stage, cyclic to train); "
-                                "stage with the training launch's layout")
+                                + _layout_hint(Path(path).parent.parent, rank, size))
     return mine
+
+
+def _layout_hint(root: Path, rank: int, size: int) -> str:
+    """What differs between the layout this node was staged for (``staged.json``, see
+    climseg.data.stage) and the training launch's: the number of ranks or their placement."""
+    try:
+        layout = json.loads((root / RECORD_NAME).read_text()).get("layout") or {}
+    except (OSError, ValueError, AttributeError):
+        layout = {}
+    fix = ("stage with the training launch's layout, or once per node with climseg stage "
+           "--per-node")
+    staged_size, ranks = layout.get("size"), layout.get("ranks")
+    if staged_size is not None and staged_size != size:
+        return (f"this node was staged for {staged_size} ranks and the run has {size}; "
+                f"{fix}")
+    if ranks is not None:
+        return (f"this node was staged for ranks {', '.join(map(str, ranks))} of {size}, not "
+                f"rank {rank}: the same number of ranks, placed on the nodes differently (e.g. "
+                f"srun --distribution=block to stage, cyclic to train); {fix}")
+    return (f"this node was staged for another rank layout (a different number of ranks, or "
+            f"ranks placed on the nodes differently); {fix}")
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:

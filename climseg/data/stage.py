@@ -5,6 +5,13 @@ files it will read - plus ``stats.h5``, and writes ``DEST/<split>/index.txt`` wi
 sorted file list of the split, so that ``list_files(DEST/<split>)`` on the node returns the
 global list and the trainer's partition picks exactly the staged files.
 
+With ``whole=True`` (``climseg stage --per-node``) the call copies every file of the splits, as
+rank 0 of 1 would: one process per node does it, and any rank count or layout (and an elastic
+run, whose shares move) finds its files there.
+
+``staged.json`` also records the layout the node was staged for (the ranks of how many, or the
+whole split), so that a training launch with another layout is told which one differs.
+
 Copies go to a temporary name and are renamed after their size is verified; a file already
 staged with the same size and modification time is skipped.
 
@@ -138,11 +145,24 @@ def _locked(dest: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _claim(source: Path, dest: Path, splits, force: bool) -> None:
+def merge_layout(old: dict | None, rank: int, size: int, whole: bool) -> dict:
+    """The layout a node holds after rank ``rank`` of ``size`` (or the whole split) stages
+    there, given the recorded one: ranks of one size add up (their files stay); another size
+    starts anew, since the old ranks' files no longer make up any rank's share."""
+    if whole or (old or {}).get("whole"):
+        return {"whole": True}
+    if old is not None and old.get("size") == size:
+        return {"size": size, "ranks": sorted(set(old.get("ranks", [])) | {rank})}
+    return {"size": size, "ranks": [rank]}
+
+
+def _claim(source: Path, dest: Path, splits, force: bool, layout: tuple[int, int, bool]) -> None:
     """Make ``dest`` this source's (under the lock): refuse another source's folder, or with
-    ``force`` empty it first; record the source; remove dead copies' temporaries."""
+    ``force`` empty it first; record the source and the layout (``(rank, size, whole)``, see
+    :func:`merge_layout`); remove dead copies' temporaries."""
     mine = fingerprint(source, splits)
     record = read_record(dest)
+    old_layout = record.get("layout") if record is not None else None
     if record is not None:
         theirs = record["fingerprint"]
         differs = [k for k in mine if k in theirs and theirs[k] != mine[k]]
@@ -152,7 +172,7 @@ def _claim(source: Path, dest: Path, splits, force: bool) -> None:
                             "another folder, or pass --force to empty this one first")
         if differs:
             _empty(dest)
-            record = None
+            old_layout = None
         else:
             mine = {**theirs, **mine}  # splits staged earlier from the same source stay
     elif any(p.name not in (LOCK_NAME,) for p in dest.iterdir()) and not force:
@@ -162,7 +182,8 @@ def _claim(source: Path, dest: Path, splits, force: bool) -> None:
         _empty(dest)
     _remove_dead_temporaries(dest)
     with atomic_path(dest / RECORD_NAME) as tmp:
-        tmp.write_text(json.dumps({"source": str(source.resolve()), "fingerprint": mine},
+        tmp.write_text(json.dumps({"source": str(source.resolve()), "fingerprint": mine,
+                                   "layout": merge_layout(old_layout, *layout)},
                                   indent=1) + "\n")
 
 
@@ -198,19 +219,20 @@ def _remove_dead_temporaries(dest: Path) -> None:
 
 def stage_dataset(source: str | os.PathLike, dest: str | os.PathLike, splits=("train",
                   "validation"), rank: int = 0, size: int = 1, workers: int = 4,
-                  progress: bool = True, force: bool = False) -> StageResult:
-    """Copy this rank's files of ``splits`` (and stats.h5) from ``source`` into ``dest``.
+                  progress: bool = True, force: bool = False, whole: bool = False) -> StageResult:
+    """Copy this rank's files of ``splits`` (and stats.h5) from ``source`` into ``dest``;
+    with ``whole``, every file of them (the node's copy for any rank layout).
 
     ``force``: a ``dest`` staged from another source (or holding unrecorded files) is emptied
     first instead of refused."""
     if workers < 1:
         raise DataError(f"--workers must be at least 1, got {workers}")
     source, dest = Path(source), Path(dest)
-    pairs = plan(source, splits, rank, size)
+    pairs = plan(source, splits, 0, 1) if whole else plan(source, splits, rank, size)
     sizes = [src.stat().st_size for src, _ in pairs]
     dest.mkdir(parents=True, exist_ok=True)
     with _locked(dest):
-        _claim(source, dest, splits, force)
+        _claim(source, dest, splits, force, (rank, size, whole))
     needed = sum(s for (src, rel), s in zip(pairs, sizes) if not _same_file(src.stat(), dest / rel))
     free = shutil.disk_usage(dest).free
     if needed > free:

@@ -160,12 +160,32 @@ def check_main(argv: list[str] | None = None) -> int:
     return 1 if problems else 0
 
 
+def _stage_reducer(rank: int, size: int):
+    """A communicator for the aggregate rate only (staging itself takes its rank from the
+    launcher's variables and needs none), or None with a warning naming why there is none."""
+    from climseg.data.format import DataError
+    from climseg.data.summarize import launcher_reducer
+
+    env = os.environ
+    if "SLURM_PROCID" in env and not any(k in env for k in (
+            "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "RANK")):
+        # srun without an MPI plugin: every task would see an MPI (or Horovod) world of one.
+        if rank == 0:
+            log.warning("no aggregate rate: srun started the ranks without an MPI plugin "
+                        "(srun --mpi=pmi2 gives one); each rank staged its files all the same")
+        return None
+    try:
+        return launcher_reducer(size)[2]
+    except DataError as err:
+        log.warning("rank %d: no aggregate rate (%s)", rank, err)
+        return None
+
+
 def stage_main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from climseg.data.format import DataError
     from climseg.data.stage import StageResult, stage_dataset
-    from climseg.data.summarize import launcher_reducer
     from climseg.dist import launcher_rank_size
 
     p = ArgumentParser("stage", description=(
@@ -175,7 +195,11 @@ def stage_main(argv: list[str] | None = None) -> int:
         "list) so that\nthe trainer's partition of OUTPUT/<split> is exactly the staged files. "
         "Rank and size come\nfrom horovodrun, Open MPI, MPICH/PMI or Slurm variables.\n\n"
         "Example (the Gloo controller works with every `make install`):\n"
-        "  horovodrun -np 4 --gloo climseg stage --data /lustre/cam --output /dev/shm/cam"))
+        "  horovodrun -np 4 --gloo climseg stage --data /lustre/cam --output /dev/shm/cam\n\n"
+        "--per-node copies the whole of each split once per node instead (the node's local "
+        "rank 0\ncopies, the others wait for the launch to end): for elastic runs, or to "
+        "train with any rank\nlayout. Example: srun --ntasks-per-node=1 climseg stage "
+        "--per-node ..."))
     p.add_option("--data", "--source", required=True, type=Path, help="data-set root to read")
     p.add_option("--output", "--dest", required=True, type=Path,
                  help="node-local folder to fill")
@@ -185,25 +209,25 @@ def stage_main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true",
                    help="empty --output first when it was staged from another source (or "
                         "holds files no stage recorded); without it such a folder is refused")
+    p.add_argument("--per-node", action="store_true",
+                   help="copy every file of the splits once per node (local rank 0 copies), "
+                        "not each rank's share")
     p.add_quiet()
     args = p.parse_args(argv)
     try:
-        rank, size, _ = launcher_rank_size()
+        rank, size, local = launcher_rank_size()
     except RuntimeError as err:
         return fail("stage", str(err))
     setup_logging(rank, size, quiet=args.quiet)
-    reduce = None
-    if size > 1:
-        try:   # a communicator only for the aggregate rate; staging itself needs none
-            _, _, reduce = launcher_reducer(size)
-        except DataError as err:
-            log.warning("rank %d: no aggregate rate (%s)", rank, err)
-    error = None
+    reduce = _stage_reducer(rank, size) if size > 1 else None
+    error, result = None, StageResult()
     try:
-        result = stage_dataset(args.data, args.output, args.splits, rank, size, args.workers,
-                               progress=not args.quiet and rank == 0, force=args.force)
+        if not args.per_node or local == 0:
+            result = stage_dataset(args.data, args.output, args.splits, rank, size,
+                                   args.workers, progress=not args.quiet and rank == 0,
+                                   force=args.force, whole=args.per_node)
     except DataError as err:
-        error, result = err, StageResult()
+        error = err
         fail("stage", f"rank {rank}: {err}")
     if error is None:
         # Each rank copied its own files: its line is a result (stdout), on every rank.
