@@ -82,6 +82,19 @@ def test_train_mode(tiny_root, tmp_path):
     assert row["steps"] == 1 and row["extra"]["trainer_summary"]["steps"] == 2
 
 
+@pytest.mark.slow   # a trainer built and stepped
+def test_train_mode_counts_the_flops_of_the_field_it_trains_on(tiny_root, tmp_path):
+    """Uncropped tiny samples (64x96): the FLOPs of that field, not of the real 768x1152."""
+    from climseg.engine import tflop_per_sample
+
+    record = run(tmp_path, ["train", "--config", str(REPO / "yaml" / "ci.yaml"), "--steps",
+                            "1", "--warmup", "0", "--output-dir", str(tmp_path / "run"),
+                            f"data.root={tiny_root}", "data.crop=null", "train.max_epochs=100"])
+    row = record["results"][0]
+    assert record["summary"]["crop"] == [64, 96]
+    assert row["tflops"] == pytest.approx(row["samples_per_s"] * tflop_per_sample(64, 96))
+
+
 def test_bad_data_folder_exits_2(tmp_path):
     assert bench.main(["loader", "--data", str(tmp_path / "missing")]) == 2
 
