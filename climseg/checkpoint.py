@@ -324,18 +324,18 @@ class CheckpointManager:
         """A checkpoint of this step (a collective); best.pt follows it when this step's
         validation (``last_eval``) is the best so far. The caller has checked the steps'
         health; the weights themselves are checked here (identical on every rank, so every
-        rank agrees). A step already saved (its validation improved, then the run ended
-        there) is not written twice."""
-        if self.saved_step == progress.step:
+        rank agrees). A step already saved is written again only if its own validation came
+        after and improved (the checkpoint must record it, and best.pt name it)."""
+        # NaN compares False: a broken evaluation never becomes best.pt.
+        is_best = (last_eval.get("step") == progress.step
+                   and last_eval["mean_iou"] > progress.best_iou)
+        if self.saved_step == progress.step and not is_best:
             return
         finite = torch.stack([torch.isfinite(v).all() for v in self.model.state_dict().values()
                               if v.is_floating_point()]).all().item()
         if not finite:
             raise DivergenceError(f"training diverged at step {progress.step}: the model's "
                                   "weights hold NaN/inf; no checkpoint written")
-        # NaN compares False: a broken evaluation never becomes best.pt.
-        is_best = (last_eval.get("step") == progress.step
-                   and last_eval["mean_iou"] > progress.best_iou)
         if is_best:  # counted before the state is taken, so the checkpoint knows it
             progress.best_iou = last_eval["mean_iou"]
         monitor.save_start(progress.epoch, progress.step)

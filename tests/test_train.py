@@ -142,6 +142,23 @@ def test_every_better_validation_is_saved_at_once_as_best(tiny_root, tmp_path):
     assert len(better) >= 2  # the oracle must have something to tell apart from "at the end"
 
 
+def test_a_save_point_before_its_own_better_validation_is_saved_again_as_best(tiny_root,
+                                                                               tmp_path):
+    """Step 8 is a save point and an epoch end (8 steps per epoch): saved, then validated
+    better than ever, so saved again, now recording that score, and best.pt names it."""
+    cfg = load_config(CI, [f"data.root={tiny_root}", f"output_dir={tmp_path}",
+                           "train.save_best=true", "train.save_frequency=8",
+                           "train.validation_frequency=0", "train.max_steps=9",
+                           "train.keep_checkpoints=10"])
+    train_module.train(cfg)
+    first = [r for r in _metrics(tmp_path) if r["kind"] == "eval"][0]
+    assert first["step"] == 8
+    assert load_checkpoint(tmp_path / "ckpt-step00000008.pt")["best_iou"] == first["mean_iou"]
+    evals = {r["step"]: r["mean_iou"] for r in _metrics(tmp_path) if r["kind"] == "eval"}
+    best_step = max(evals, key=lambda s: (evals[s], -s))
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == best_step
+
+
 def test_checkpoints_by_the_clock_follow_the_vote_one_step_late(tiny_root, tmp_path):
     """train.save_interval_minutes: rank 0's clock says "due" at every step boundary (the
     interval is 6 ms, a step longer); the vote brings it one step later, and a vote cast
