@@ -202,7 +202,8 @@ def test_two_node_mlperf_log_counts_the_nodes_and_passes_the_checker(two_nodes):
 
 
 # --- d. the torch engine across the two nodes ---------------------------------------------------
-def test_torch_engine_across_two_nodes_matches_horovod(cluster, two_nodes, tmp_path):
+def test_torch_engine_across_two_nodes_matches_horovod(cluster, two_nodes, data_root,
+                                                       tmp_path):
     staged, out, _ = two_nodes
     torch_out = tmp_path / "torch"
     result = cluster.srun("-N2", "-n4", sys.executable, "-m", "climseg.train", "--engine",
@@ -216,6 +217,14 @@ def test_torch_engine_across_two_nodes_matches_horovod(cluster, two_nodes, tmp_p
     # 2.4e-7 relative (1.5002268 vs 1.5002264), held to exact.REL.
     assert got[1] == expected[1]
     assert_same_losses(got, expected, range(1, STEPS + 1))
+    # And the torch engine on one node x four ranks, on the shared unstaged data: the same
+    # Gloo ring over the same ranks, so the same bits.
+    one_node = tmp_path / "torch_one_node"
+    result = cluster.srun("-N1", "-n4", "--overcommit", "-w", "node1", sys.executable, "-m",
+                          "climseg.train", "--engine", "torch", *TRAIN,
+                          f"data.root={data_root}", f"output_dir={one_node}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(one_node) == got
 
 
 # --- e. per-node staging ------------------------------------------------------------------------
