@@ -10,6 +10,11 @@ is stuck in and leaves at once with ``os._exit``: the main thread cannot be inte
 a C++ collective, and a normal exit would wait for it. Checkpoints are written atomically and
 the output folder's lock is the kernel's, so nothing is left half-written.
 
+A limit of this design: the thread needs the GIL. It runs while the stuck call releases it
+(Horovod's synchronize, torch.distributed's waits), but Horovod's enqueue inside a backward hook
+was seen blocking with the GIL held, and then nothing here can run; a C-level backstop is still
+to be built (docs/reliability.md).
+
 The limit grows with the run's own pace: never less than ``STEP_MARGIN`` times the longest
 beat-to-beat gap seen so far, so a slow first validation or checkpoint on a slow file system
 is not mistaken for a hang.

@@ -13,6 +13,10 @@ in pure-Python launcher code (the compiled core is untouched):
    impatient user had no way out but ``kill -9``; now the second Ctrl-C or SIGTERM kills every
    rank's process group immediately.
 
+3. A rank's own exit status. Once every command has ended within the grace period, the
+   launcher no longer terminates their shell before it can exit with the command's status (a
+   race that reported a rank that stopped cleanly with status 3 as killed, 143).
+
 Each edit checks the text it replaces, so a Horovod other than 0.28.1 fails loudly instead of
 building unpatched. Exit 1 with one line on such a mismatch.
 """
@@ -53,6 +57,23 @@ def kill_all_now():
             pass
 '''
 
+WAIT_OLD = ("    gone, alive = psutil.wait_procs(p.children(), "
+            "timeout=GRACEFUL_TERMINATION_TIME_S)\n")
+WAIT_NEW = WAIT_OLD + """
+    # climseg: every command ended within the grace period: let the shell end with their
+    # status instead of terminating it (a rank that stopped cleanly read as killed, 143).
+    # Polled, not waited for: the middleman's own wait must reap the shell and its status.
+    if not alive:
+        deadline = time.time() + GRACEFUL_TERMINATION_TIME_S
+        try:
+            while p.status() != psutil.STATUS_ZOMBIE and time.time() < deadline:
+                time.sleep(0.05)
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+"""
+
 START_OLD = "    middleman.start()\n"
 START_NEW = "    middleman.start()\n    _MIDDLEMEN.add(middleman.pid)\n"
 
@@ -75,7 +96,8 @@ HANDLER_NEW = """    def set_event_on_signal(signum, frame):
 """
 
 EDITS = {
-    "runner/common/util/safe_shell_exec.py": [(GRACE_OLD, GRACE_NEW), (START_OLD, START_NEW),
+    "runner/common/util/safe_shell_exec.py": [(GRACE_OLD, GRACE_NEW), (WAIT_OLD, WAIT_NEW),
+                                              (START_OLD, START_NEW),
                                               (FINALLY_OLD, FINALLY_NEW)],
     "runner/gloo_run.py": [(HANDLER_OLD, HANDLER_NEW)],
 }
