@@ -61,6 +61,12 @@ class StopVote:
         stops = (votes or [])[:len(STOP_SIGNALS)]
         if not any(stops):
             return None
+        # The vote just started holds the flags of this boundary, a step after the ones read:
+        # a signal that reached another rank during that step (srun and horovodrun signal the
+        # ranks one by one) is counted too. Every rank decides to stop here alike, so every
+        # rank waits on it; nothing is left in flight.
+        now = self._poll.take() or stops
+        stops = [max(then, later) for then, later in zip(stops, now)]
         names = [f"{signal.Signals(sig).name} ({n} of {size} ranks)"
                  for sig, n in zip(STOP_SIGNALS, stops) if n]
         return "stopped by " + ", ".join(names)

@@ -104,3 +104,29 @@ def test_a_second_signal_kills_the_ranks_at_once(tmp_path):
     assert not list(tmp_path.glob("saved-*")), text
     assert _statuses(log) == ["-9", "-9"], text
     assert took < SLOW_STOP_S, took
+
+
+# Rank 0 fails the way climseg does on bad input (one line, status 2); rank 1 would run on.
+FAILING_RANK = f"""
+import os, sys, time
+if os.environ["HOROVOD_RANK"] == "0":
+    sys.stderr.write("error: data.root: /nowhere is not a folder\\n")
+    sys.exit(2)
+time.sleep({HUNG_S})
+"""
+
+
+def test_a_failed_rank_ends_horovodrun_with_one_line_and_its_status(tmp_path):
+    require_horovod()
+    script = tmp_path / "rank.py"
+    script.write_text(FAILING_RANK)
+    proc = subprocess.run([str(HOROVODRUN), "-np", "2", "-H", "localhost:2", "--gloo",
+                           sys.executable, str(script)], capture_output=True, text=True,
+                          cwd=REPO, timeout=HUNG_S)
+    # Unpatched: a RuntimeError's traceback after the rank's line, and status 1.
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "error: data.root: /nowhere is not a folder" in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "horovodrun: process 0 exited first, with status 2; the other ranks were ended (a "
+        "rank's own error, if it gave one, is above)"), proc.stderr

@@ -405,6 +405,30 @@ def test_stop_vote_is_read_one_step_late():
     assert poll.exchange([0, 0]) is None
 
 
+def test_a_stop_counts_the_ranks_signalled_by_the_boundary_it_is_decided_at():
+    """srun and horovodrun signal the ranks one by one: a vote cast when one of two had its
+    signal decides the stop, and the stop names both when both had it a step later."""
+    from climseg.control import StopSignals, StopVote
+
+    class TwoRankPoll:  # the sums two ranks would give: one signalled at the cast, two a step on
+        def __init__(self):
+            self.sums = [[0, 0, 0], [1, 0, 0], [2, 0, 0]]
+            self.taken = 0
+
+        def exchange(self, flags):
+            return self.take()
+
+        def take(self):
+            self.taken += 1
+            return self.sums[self.taken - 1]
+
+    vote = StopVote(StopSignals())
+    vote._poll = TwoRankPoll()
+    assert vote.poll(2) is None
+    assert vote.poll(2) == "stopped by SIGTERM (2 of 2 ranks)"
+    assert vote._poll.taken == 3  # the vote in flight was waited for, not left behind
+
+
 def test_a_failed_start_releases_the_output_dir_lock(tmp_path):
     from climseg.data.format import DataError
     from climseg.runlock import RunLock

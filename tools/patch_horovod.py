@@ -2,7 +2,7 @@
 
     python tools/patch_horovod.py SRC/horovod     # the package folder of the unpacked source
 
-tools/install_horovod.sh runs it on the source before building the wheel. Two changes, both
+tools/install_horovod.sh runs it on the source before building the wheel. The changes are all
 in pure-Python launcher code (the compiled core is untouched):
 
 1. The grace period. On Ctrl-C or SIGTERM, horovodrun sends each rank SIGTERM and kills it
@@ -16,6 +16,12 @@ in pure-Python launcher code (the compiled core is untouched):
 3. A rank's own exit status. Once every command has ended within the grace period, the
    launcher no longer terminates their shell before it can exit with the command's status (a
    race that reported a rank that stopped cleanly with status 3 as killed, 143).
+
+4. A failed rank ends horovodrun with one line and that rank's status. Horovod raised a
+   RuntimeError (a 25-line traceback after the rank's own one-line error) and exited 1;
+   ``horovodrun`` now prints ``horovodrun: process N exited first, with status S; ...`` and
+   exits S, so that a job script sees the status climseg gave (2: bad input, 3: stopped).
+   ``horovod.run()`` callers still get a RuntimeError (a subclass, ``ProcessFailed``).
 
 Each edit checks the text it replaces, so a Horovod other than 0.28.1 fails loudly instead of
 building unpatched. Exit 1 with one line on such a mismatch.
@@ -95,11 +101,54 @@ HANDLER_NEW = """    def set_event_on_signal(signum, frame):
         event.set()
 """
 
+FAILED_CLASS_OLD = "def _get_min_start_hosts(settings):\n"
+FAILED_CLASS_NEW = """class ProcessFailed(RuntimeError):
+    # climseg: a rank exited non-zero; horovodrun's command line reports it in one line and
+    # exits with ``exit_code``, the first failed rank's status.
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+""" + FAILED_CLASS_OLD
+
+
+def _failed_raise(indent: str) -> tuple[str, str]:
+    """The launcher's raise for a failed rank (static runs at ``indent``, elastic ones deeper),
+    and the same raise of :class:`ProcessFailed` carrying the rank's status."""
+    pad = indent + " " * len("raise RuntimeError(")
+    old = (f"{indent}raise RuntimeError('Horovod detected that one or more processes exited "
+           "with non-zero '\n"
+           f"{pad}'status, thus causing the job to be terminated. The first process '\n"
+           f"{pad}'to do so was:\\nProcess name: {{name}}\\nExit code: {{code}}\\n'\n"
+           f"{pad}.format(name=name, code=exit_code))\n")
+    new = (f"{indent}raise ProcessFailed('process {{name}} exited first, with status {{code}}; "
+           "the other ranks were ended (a rank\\'s own error, if it gave one, is above)'\n"
+           f"{indent}                    .format(name=name, code=exit_code), exit_code)\n")
+    return old, new
+
+
+RUN_OLD = "    _run(args)\n\n\nif __name__ == '__main__':\n"
+RUN_NEW = """    # climseg: a failed rank has said why in its own output; say which rank ended the job in
+    # one line and exit with its status (not a traceback and 1).
+    from horovod.runner.gloo_run import ProcessFailed
+    try:
+        _run(args)
+    except ProcessFailed as failed:
+        sys.stderr.write("horovodrun: %s\\n" % failed)
+        sys.exit(failed.exit_code if 0 < failed.exit_code < 256 else 1)
+
+
+if __name__ == '__main__':
+"""
+
 EDITS = {
     "runner/common/util/safe_shell_exec.py": [(GRACE_OLD, GRACE_NEW), (WAIT_OLD, WAIT_NEW),
                                               (START_OLD, START_NEW),
                                               (FINALLY_OLD, FINALLY_NEW)],
-    "runner/gloo_run.py": [(HANDLER_OLD, HANDLER_NEW)],
+    "runner/gloo_run.py": [(HANDLER_OLD, HANDLER_NEW), (FAILED_CLASS_OLD, FAILED_CLASS_NEW),
+                           _failed_raise(" " * 12), _failed_raise(" " * 16)],
+    "runner/launch.py": [(RUN_OLD, RUN_NEW)],
 }
 
 

@@ -198,14 +198,15 @@ class AnyRankPoll:
         self._local: list[int] | None = None
 
     def exchange(self, flags: list[int]) -> list[int] | None:
-        previous = self._take()
+        previous = self.take()
         if not _multi():
             self._local = flags
         else:
             self._handle = _engine.start_sum(torch.tensor(flags, dtype=torch.int32), self.name)
         return previous
 
-    def _take(self) -> list[int] | None:
+    def take(self) -> list[int] | None:
+        """Wait for the vote in flight and return its sums (None if none is)."""
         if self._handle is not None:
             handle, self._handle = self._handle, None
             return [int(v) for v in _engine.wait_sum(handle).tolist()]
@@ -215,7 +216,7 @@ class AnyRankPoll:
     def drain(self) -> None:
         """Finish a vote still in flight (at the end of a run), discarding it."""
         try:
-            self._take()
+            self.take()
         except Exception:  # noqa: BLE001  the engine already shut down by another rank's failure
             self._handle = None
 
