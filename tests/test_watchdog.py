@@ -5,8 +5,17 @@ other ends within the limit) is in tests/test_faults.py."""
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import HUNG_S
 
 from climseg.watchdog import EXIT_STATUS, STEP_MARGIN, Watchdog
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class Clock:
@@ -75,3 +84,45 @@ def test_zero_is_off():
         clock.now += 1
     clock.now += 10**6
     assert not dog.check() and exits == []
+
+
+# A rank with the real watch thread and backstop process, two beats, then stuck: in C code
+# that holds the GIL (``ctypes.PyDLL`` does not release it, like Horovod's enqueue seen in a
+# backward hook), or in a wait that releases it.
+STUCK_RANK = """
+import ctypes, sys, time
+from climseg.watchdog import Watchdog
+dog = Watchdog(float(sys.argv[1]), rank=0).start()
+dog.beat(0, "step 1")
+time.sleep(0.1)
+dog.beat(1, "step 2 (its batch, gradient allreduce)")
+if sys.argv[2] == "holding":
+    ctypes.PyDLL(None).sleep(600)
+else:
+    time.sleep(600)
+"""
+
+
+def _stuck(tmp_path, how: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "rank.py"
+    script.write_text(STUCK_RANK)
+    return subprocess.run([sys.executable, str(script), "1", how], capture_output=True,
+                          text=True, timeout=HUNG_S, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def test_a_rank_stuck_holding_the_gil_is_killed_by_the_backstop_with_one_line(tmp_path):
+    proc = _stuck(tmp_path, "holding")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (line,) = proc.stderr.splitlines()  # the thread never ran: only the backstop's line
+    assert line.startswith("climseg: error: rank 0: no progress for 6 s after step 1, waiting "
+                           "in step 2 (its batch, gradient allreduce) (train.stall_timeout 1 s),"
+                           " and the rank does not answer"), line
+
+
+def test_a_rank_waiting_without_the_gil_is_ended_by_the_thread_first(tmp_path):
+    proc = _stuck(tmp_path, "waiting")
+    assert proc.returncode == EXIT_STATUS, proc.stderr
+    (line,) = proc.stderr.splitlines()  # the backstop saw the end of file and said nothing
+    assert line.startswith("climseg: error: rank 0: no progress for 1 s after step 1"), line
+    assert "does not answer" not in line
