@@ -106,11 +106,8 @@ class Watchdog:
             if waited < limit:
                 return False
             step, phase = self._step, self._phase
-        self._stream.write(
-            f"climseg: error: rank {self.rank}: no progress for {waited:.0f} s after step "
-            f"{step}, waiting in {phase} (train.stall_timeout {self.timeout_s:g} s): another "
-            f"rank or its node stopped responding; ending this rank (exit status "
-            f"{EXIT_STATUS}); resume=auto goes on from the last checkpoint\n")
+        self._stream.write(stall_line(self.rank, waited, step, phase, self.timeout_s,
+                                      f": ending this rank (exit status {EXIT_STATUS})"))
         self._stream.flush()
         self._exit(EXIT_STATUS)
         return True
@@ -125,6 +122,15 @@ class Watchdog:
         period = max(0.2, min(5.0, self.timeout_s / 10))
         while not self._done.wait(period):
             self.check()
+
+
+def stall_line(rank: int, waited: float, step: int, phase: str, timeout_s: float,
+               action: str) -> str:
+    """The one line of a stalled rank, from the watch thread or the backstop (``action``: what
+    is done about it)."""
+    return (f"climseg: error: rank {rank}: no progress for {waited:.0f} s after step {step}, "
+            f"waiting in {phase} (train.stall_timeout {timeout_s:g} s){action}; another rank "
+            f"or its node stopped responding; resume=auto goes on from the last checkpoint\n")
 
 
 def backstop_grace(limit: float) -> float:
@@ -202,12 +208,9 @@ def _backstop(pid: int, rank: int, timeout_s: float, stream=sys.stderr) -> int:
             beats += 1
             # Armed by the second beat, like the watchdog.
             deadline = time.monotonic() + limit + backstop_grace(limit) if beats >= 2 else None
-    stream.write(
-        f"climseg: error: rank {rank}: no progress for {limit + backstop_grace(limit):.0f} s "
-        f"after step {step}, waiting in {phase} (train.stall_timeout {timeout_s:g} s), and the "
-        f"rank does not answer (stuck holding Python's lock): the watchdog's backstop kills it "
-        f"(SIGKILL); another rank or its node stopped responding; resume=auto goes on from the "
-        f"last checkpoint\n")
+    stream.write(stall_line(rank, limit + backstop_grace(limit), step, phase, timeout_s,
+                            ", and the rank does not answer (stuck holding Python's lock): "
+                            "the watchdog's backstop kills it (SIGKILL)"))
     stream.flush()
     try:
         os.kill(pid, signal.SIGKILL)
