@@ -72,6 +72,8 @@ class ElasticDriver:
             t.adopt(plan)
             if dist.is_primary() and t.lock is None:
                 t.take_output_dir()
+                if not first:  # a rank become rank 0: the run's checks passed long ago
+                    t.open_reports()
             elif not dist.is_primary() and t.lock is not None:  # rank 0 no longer
                 t.lock.release()
                 t.lock, t.monitor = None, RunMonitor(t.cfg, primary=False)
