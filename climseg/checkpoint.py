@@ -346,10 +346,12 @@ class CheckpointManager:
         self.resumed_from: Path | None = None
         self.identity: dict[str, Any] = {}  # what a resume must match (resume sets it)
 
-    def follow(self, plan) -> None:
-        """The ranks changed (elastic): the new launch, and rank 0 may be another process."""
+    def follow(self, plan, fingerprint: dict[str, str]) -> None:
+        """The ranks changed (elastic): the new launch, and rank 0 may be another process,
+        perhaps one that joined since the resume (so the identity its checkpoints record)."""
         self.plan = plan
         self.saver.enabled = dist.is_primary()
+        self.identity = run_identity(plan.config.to_dict(), fingerprint)
 
     def path(self, step: int) -> Path:
         return self.saver.path(step)

@@ -80,7 +80,7 @@ def check_identity(path: Path, state: dict[str, Any], identity: dict[str, Any]) 
     written before climseg recorded the data's fingerprints is checked on its config's keys,
     with a warning that the data could not be."""
     then = state.get("identity")
-    if then is None:
+    if not then:
         then = run_identity(state["config"], {})
         log.warning("resume: %s was written before climseg recorded its data's fingerprints: "
                     "%s could not be checked (resuming)", path, ", ".join(DATA_KEYS))
