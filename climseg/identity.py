@@ -53,7 +53,7 @@ def data_fingerprint(stats, train_files: list, validation_files: list) -> dict[s
 
     def names(files: list) -> str:
         listing = sorted(Path(f).name for f in files)
-        return f"{len(listing)} files, sha256 {_short_hash(chr(10).join(listing).encode())}"
+        return f"{len(listing)} files (sha256 {_short_hash(chr(10).join(listing).encode())})"
 
     return {"data.stats": f"sha256 {_short_hash(values.tobytes())}",
             "data.train_files": names(train_files),
@@ -92,9 +92,13 @@ def check_identity(path: Path, state: dict[str, Any], identity: dict[str, Any]) 
         fix = _DATA_FIX if key in DATA_KEYS else f"set {key}={then[key]}"
         if fix not in fixes:
             fixes.append(fix)
+    if len(differ) == 1:
+        (key,) = differ
+        what = f"{key}={then[key]}, this run has {identity[key]}"
+    else:
+        what = (", ".join(f"{k}={then[k]}" for k in differ) + "; this run has "
+                + ", ".join(f"{k}={identity[k]}" for k in differ))
     raise CheckpointError(
-        f"resume: {path} was written with "
-        + " and ".join(f"{k}={then[k]}" for k in differ) + ", this run has "
-        + " and ".join(f"{identity[k]}" for k in differ)
-        + ": a resumed run must match; " + "; ".join(fixes) + ", or start over (resume=none "
-        "overwrite=true moves the old run to a dated folder beside it, or another output_dir)")
+        f"resume: {path} was written with {what}: a resumed run must match; "
+        + "; ".join(fixes) + ", or start over (resume=none overwrite=true moves the old run to "
+        "a dated folder beside it, or another output_dir)")

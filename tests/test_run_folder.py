@@ -122,7 +122,7 @@ def test_resume_on_another_data_set_or_stats_file_is_refused(tiny_root, other_ro
     before = _hashes(run_copy)
     line = _error_line(_train(other_root, run_copy, "resume=auto"))
     assert line.startswith(f"resume: {_ckpt(run_copy)} was written with data.stats=sha256 ")
-    assert " and data.train_files=16 files, sha256 " in line
+    assert ", data.train_files=16 files (sha256 " in line and "; this run has data.stats=" in line
     assert line.endswith(f"a resumed run must match; {DATA_FIX}, {START_OVER}"), line
     # The run's own files with another statistics file: only the stats differ.
     line = _error_line(_train(tiny_root, run_copy, "resume=auto",
@@ -133,7 +133,7 @@ def test_resume_on_another_data_set_or_stats_file_is_refused(tiny_root, other_ro
     shutil.copytree(tiny_root, fewer)
     sorted((fewer / "train").glob("data-*.h5"))[-1].unlink()
     line = _error_line(_train(fewer, run_copy, "resume=auto"))
-    assert "data.train_files=16 files, sha256 " in line and "this run has 15 files" in line
+    assert "data.train_files=16 files (sha256 " in line and "this run has 15 files (sha256 " in line
     assert _hashes(run_copy) == before
 
 
