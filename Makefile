@@ -42,7 +42,7 @@ help:
 	@echo "              HOROVOD=0: no Horovod build, for the torch engine only (docs/engines.md)"
 	@echo "              itself (editable): the \`climseg\` command, \`python -m climseg.train\` anywhere"
 	@echo "make test-gpu on a GPU node: Horovod with NCCL, the CUDA tests, full-size benches, one table"
-	@echo "make clean-demo  remove $(DEMO_DIR) and $(RUN_DIR)"
+	@echo "make clean-demo  remove $(DEMO_DIR), $(RUN_DIR) and the demo runs moved aside ($(RUN_DIR).replaced-*)"
 
 # --- install ----------------------------------------------------------------------------------
 # HOROVOD=0 skips the Horovod build (for clusters where it cannot be built): climseg then runs
@@ -153,8 +153,15 @@ $(DEMO_STAMPS)/staged: $(DEMO_STAMPS)/checked $(DEMO_STAMPS)/stage-params
 
 demo-data: $(DEMO_STAMPS)/staged
 
+# A re-run starts over: overwrite=true moves the previous run aside to
+# $(RUN_DIR).replaced-DATE (nothing is deleted; clean-demo removes them). TRAIN_ARGS=resume=auto
+# continues the previous run instead.
+DEMO_OVERWRITE := $(if $(findstring resume=,$(TRAIN_ARGS)),,overwrite=true)
 demo: install demo-data
-	$(HOROVODRUN) python -m climseg.train --config $(DEMO_CONFIG) data.root=$(DEMO_DIR)/staged output_dir=$(RUN_DIR) $(TRAIN_ARGS)
+	@if [[ -n "$(DEMO_OVERWRITE)" && -n "$$(ls -A $(RUN_DIR) 2>/dev/null | grep -v '^\.climseg\.lock$$')" ]]; then \
+	    echo "make demo: $(RUN_DIR) holds the previous demo run: it moves to $(RUN_DIR).replaced-<date> and this run starts over (TRAIN_ARGS=resume=auto continues it; make clean-demo removes them all)"; \
+	fi
+	$(HOROVODRUN) python -m climseg.train --config $(DEMO_CONFIG) data.root=$(DEMO_DIR)/staged output_dir=$(RUN_DIR) $(DEMO_OVERWRITE) $(TRAIN_ARGS)
 
 clean-demo:
-	rm -rf $(DEMO_DIR) $(RUN_DIR)
+	rm -rf $(DEMO_DIR) $(RUN_DIR) $(RUN_DIR).replaced-*

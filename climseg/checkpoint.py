@@ -27,6 +27,8 @@ from climseg import dist
 from climseg.atomic import atomic_path
 from climseg.control import every_rank_agrees
 from climseg.errors import CheckpointError, DivergenceError
+from climseg.identity import check_identity, run_identity
+from climseg.runlock import LOCK_NAME
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +61,13 @@ def world_size_of(state: dict[str, Any]) -> int:
 
 
 def training_state(*, model, optimizer, scheduler, scaler, progress: Progress,
-                   rng: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+                   rng: list[dict[str, Any]], config: dict[str, Any],
+                   identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a resumed run needs, as a weights-only-loadable dict.
 
     ``model`` is the unwrapped model (no compile/DDP prefixes in its keys); ``rng`` holds one
-    :func:`rng_state` per rank; ``config`` is the resolved config as a plain dict.
+    :func:`rng_state` per rank; ``config`` is the resolved config as a plain dict;
+    ``identity`` is what a resume must match (:func:`climseg.identity.run_identity`).
     """
     return {
         "model": model.state_dict(),
@@ -74,15 +78,22 @@ def training_state(*, model, optimizer, scheduler, scaler, progress: Progress,
         "rng": rng,
         "world_size": len(rng),
         "config": config,
+        "identity": identity,
     }
 
 
 def restore_training_state(state: dict[str, Any], *, model, optimizer, scheduler,
                            scaler) -> Progress:
     """Load ``state`` (from :func:`training_state`) into the run's objects; returns its
-    :class:`Progress`. Tensors may be on the CPU: each object moves them where it keeps its own."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    :class:`Progress`. Tensors may be on the CPU: each object moves them where it keeps its own.
+    A model or optimizer of another shape is a CheckpointError naming the first difference."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        detail = " ".join(str(err).split())
+        raise CheckpointError(f"the checkpoint does not fit this run's model or optimizer "
+                              f"({detail[:300]})") from None
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
@@ -169,6 +180,61 @@ def load_resume(resume: str, directory: str | Path) -> tuple[Path, dict[str, Any
         except CheckpointError as err:
             log.warning("resume=auto: skipping %s", err)
     return None
+
+
+def another_run(cfg) -> list[str]:
+    """The checkpoints in ``output_dir`` that this run would write beside without continuing
+    them (it neither resumes with ``auto`` nor from a file of that folder, nor overwrites)."""
+    out = Path(cfg.output_dir)
+    if cfg.resume == "auto" or cfg.overwrite:
+        return []
+    if cfg.resume != "none" and Path(cfg.resume).resolve().parent == out.resolve():
+        return []  # going on from one of its own checkpoints (an earlier step)
+    found = [p.name for _, p in step_checkpoints(out)]
+    return found + [BEST_NAME] * (out / BEST_NAME).exists()
+
+
+def refuse_another_run(cfg) -> None:
+    """A folder belongs to one run: a run that does not continue the one whose checkpoints
+    ``output_dir`` holds is refused (one line), rather than mixing its checkpoints, best.pt
+    and metrics with that run's."""
+    found = another_run(cfg)
+    if found:
+        raise CheckpointError(
+            f"output_dir: {cfg.output_dir} holds another run's checkpoints "
+            f"({', '.join(found)}); "
+            "resume=auto to continue it, or overwrite=true (train --force) to start over: "
+            f"the old run is moved aside to {aside_name(Path(cfg.output_dir), 'YYYYmmdd-HHMMSS')}")
+
+
+def aside_name(directory: Path, date: str) -> Path:
+    return directory.with_name(f"{directory.name}.replaced-{date}")
+
+
+def move_aside(directory: str | Path, keep: tuple[str, ...]) -> Path | None:
+    """``overwrite=true``: everything in ``directory`` but ``keep`` (the run's lock) moves to a
+    dated sibling folder (renames, on the same file system), which is returned; None when
+    there was nothing to move. Nothing is deleted."""
+    directory = Path(directory)
+    entries = [p for p in directory.iterdir() if p.name not in keep]
+    if not entries:
+        return None
+    date = time.strftime("%Y%m%d-%H%M%S")
+    dest, n = aside_name(directory, date), 1
+    while dest.exists():
+        n += 1
+        dest = aside_name(directory, f"{date}-{n}")
+    try:
+        dest.mkdir()
+        for p in entries:
+            p.rename(dest / p.name)
+    except OSError as err:
+        raise CheckpointError(f"output_dir: overwrite=true cannot move the previous run in "
+                              f"{directory} aside to {dest} ({err.strerror or err}); move or "
+                              "remove it yourself") from None
+    log.warning("overwrite=true: the previous run in %s (%d entries) moved aside to %s",
+                directory, len(entries), dest)
+    return dest
 
 
 class CheckpointSaver:
@@ -274,14 +340,18 @@ class CheckpointManager:
         self._saves_at_vote = self._saves_at_read = 0
         self.saved_step: int | None = None  # the step of the last one
         self.last_save_time = time.monotonic()
-        self.saver = CheckpointSaver(cfg.output_dir, cfg.train.keep_checkpoints,
-                                     enabled=dist.is_primary())
+        # Writes nothing until the resume is checked (resume): a refused resume leaves
+        # output_dir as it was, a dead writer's temporaries included.
+        self.saver = CheckpointSaver(cfg.output_dir, cfg.train.keep_checkpoints, enabled=False)
         self.resumed_from: Path | None = None
+        self.identity: dict[str, Any] = {}  # what a resume must match (resume sets it)
 
-    def follow(self, plan) -> None:
-        """The ranks changed (elastic): the new launch, and rank 0 may be another process."""
+    def follow(self, plan, fingerprint: dict[str, str]) -> None:
+        """The ranks changed (elastic): the new launch, and rank 0 may be another process,
+        perhaps one that joined since the resume (so the identity its checkpoints record)."""
         self.plan = plan
         self.saver.enabled = dist.is_primary()
+        self.identity = run_identity(plan.config.to_dict(), fingerprint)
 
     def path(self, step: int) -> Path:
         return self.saver.path(step)
@@ -318,7 +388,7 @@ class CheckpointManager:
         rng = dist.allgather_object(rng_state(), name="rng_state")
         return training_state(model=self.model, optimizer=self.optimizer,
                               scheduler=self.scheduler, scaler=self.scaler, progress=progress,
-                              rng=rng, config=self.plan.config.to_dict())
+                              rng=rng, config=self.plan.config.to_dict(), identity=self.identity)
 
     def save(self, progress: Progress, last_eval: dict[str, Any], monitor) -> None:
         """A checkpoint of this step (a collective); best.pt follows it when this step's
@@ -347,28 +417,36 @@ class CheckpointManager:
         self.last_save_time = time.monotonic()
 
     # -- resume ----------------------------------------------------------------------------
-    def resume(self) -> Progress:
-        """Where the run starts: ``resume`` (none | auto | a path) read by rank 0, its contents
+    def resume(self, fingerprint: dict[str, str]) -> Progress:
+        """Where the run starts: ``resume`` (none | auto | a path) read by rank 0, checked
+        against this run (its config and the data's ``fingerprint``) and loaded, its contents
         sent to every rank by broadcast, so that only rank 0 needs to see ``output_dir``. A
-        collective; ``resumed_from`` names the file."""
+        collective; ``resumed_from`` names the file. A run that does not continue the run
+        whose checkpoints output_dir holds is refused. Nothing is written before these
+        checks; after them, with ``overwrite``, the folder's previous run is moved aside."""
         cfg = self.plan.config
-        path = state = None
+        self.identity = run_identity(cfg.to_dict(), fingerprint)
+        path = meta = None
         with every_rank_agrees("resume"):
             if dist.is_primary():
+                refuse_another_run(cfg)
                 # Loaded on the CPU: each object moves its tensors to its own device, and the
                 # RNG states must stay on the CPU.
                 found = load_resume(cfg.resume, cfg.output_dir)
                 if found is not None:
                     path, state = found
                     self.check_resumable(path, state)
+                    meta = self._restore_primary(path, state)
+                    del state
+                if cfg.overwrite:  # the checks passed: the old run goes aside
+                    move_aside(cfg.output_dir, keep=(LOCK_NAME,))
+                self.saver = CheckpointSaver(cfg.output_dir, cfg.train.keep_checkpoints)
         path = dist.broadcast_object(path, name="resume_path")
         if path is None:
             # A fresh model: its initialisation differs by rank only if seeding does, but
             # this makes it certain.
             dist.broadcast_training_state(self.model)
             return Progress()
-        meta = self._restore_primary(state) if dist.is_primary() else None
-        del state
         meta = dist.broadcast_object(meta, name="resume_meta")
         dist.broadcast_training_state(self.model, self.optimizer)
         if not dist.is_primary():
@@ -380,10 +458,13 @@ class CheckpointManager:
         self.resumed_from = path
         return Progress(**meta["progress"])
 
-    def _restore_primary(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Rank 0 loads ``state``; returns what the other ranks need of it."""
-        restore_training_state(state, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler, scaler=self.scaler)
+    def _restore_primary(self, path: Path, state: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0 loads ``state`` (from ``path``); returns what the other ranks need of it."""
+        try:
+            restore_training_state(state, model=self.model, optimizer=self.optimizer,
+                                   scheduler=self.scheduler, scaler=self.scaler)
+        except CheckpointError as err:
+            raise CheckpointError(f"resume: {path}: {err}") from None
         progress = progress_of(state)
         # Micro-batches into the epoch, counted with the accumulation of the run that wrote
         # the checkpoint (elastic runs change it with the rank count).
@@ -394,9 +475,11 @@ class CheckpointManager:
                 "scaler": state["scaler"], "progress": asdict(progress)}
 
     def check_resumable(self, path: Path, state: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose run would not continue with the same data: each rank
-        shuffles its own files[r::n], so another rank count (or another per-rank batch) draws
-        a different global order, and the losses would silently differ from the run's."""
+        """Refuse a checkpoint of another model, data set or optimizer (:mod:`climseg.identity`),
+        or whose run would not continue with the same data order: each rank shuffles its own
+        files[r::n], so another rank count (or another per-rank batch) draws a different
+        global order, and the losses would silently differ from the run's."""
+        check_identity(path, state, self.identity)
         t = state["config"].get("train", {})
         now_t = self.plan.config.train
         if now_t.elastic or t.get("elastic"):

@@ -253,6 +253,7 @@ class Config:
     output_dir: str = "runs/default"
     seed: int = 333
     resume: str = "none"                 # none | auto | path to a checkpoint
+    overwrite: bool = False              # start over in an output_dir holding another run (moved aside)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -269,6 +270,8 @@ class Config:
         _require(bool(self.data.root), "data.root", "is required (e.g. data.root=/dev/shm/cam)")
         _require(bool(self.output_dir), "output_dir", "is required")
         _require(self.seed > 0, "seed", "must be positive (MLPerf requires it)")
+        _require(not (self.overwrite and self.resume == "auto"), "overwrite",
+                 "true starts over and resume=auto continues the run in output_dir: give one")
         n_channels = len(self.data.channels) if self.data.channels is not None else NUM_CHANNELS
         if self.model.in_channels is None:
             self.model.in_channels = n_channels

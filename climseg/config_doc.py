@@ -51,7 +51,15 @@ DESCRIPTIONS: dict[str, str] = {
             "([mlperf.md](mlperf.md#seeds)).",
     "resume": "`none`, `auto` (the newest readable checkpoint in `output_dir`, or a fresh start "
               "when there is none) or the path of a checkpoint "
-              "([training.md](training.md#resuming)).",
+              "([training.md](training.md#resuming)). A resume is refused, before anything in "
+              "`output_dir` changes, when the checkpoint's model (name, channels, classes), "
+              "normalization, optimizer or data (a fingerprint of the statistics and of the "
+              "file names, not of their path) differ from this run's.",
+    "overwrite": "`true` (`climseg train --force`): start over in an `output_dir` that holds "
+                 "another run: everything in it is moved aside, nothing deleted, to the "
+                 "sibling folder `OUTPUT.replaced-YYYYmmdd-HHMMSS`. Without it a run that does "
+                 "not continue the folder's checkpoints (`resume=auto`, or a checkpoint of that "
+                 "folder) is refused. Not with `resume=auto`.",
     "data.root": "The data-set root, holding `<split>/data-*.h5` and `stats.h5`. Required.",
     "data.train_split": "Folder of the training files under `data.root`.",
     "data.validation_split": "Folder of the validation files under `data.root`.",

@@ -72,6 +72,8 @@ class ElasticDriver:
             t.adopt(plan)
             if dist.is_primary() and t.lock is None:
                 t.take_output_dir()
+                if not first:  # a rank become rank 0: the run's checks passed long ago
+                    t.open_reports()
             elif not dist.is_primary() and t.lock is not None:  # rank 0 no longer
                 t.lock.release()
                 t.lock, t.monitor = None, RunMonitor(t.cfg, primary=False)
@@ -80,7 +82,7 @@ class ElasticDriver:
         p.batch_in_epoch = p.batch_in_epoch // t.accum * plan.accumulation  # same steps in
         t.accum = plan.accumulation
         dist.set_accumulation(t.optimizer, plan.accumulation)
-        t.checkpoints.follow(plan)
+        t.checkpoints.follow(plan, t.data.fingerprint)
         t.stop.reset()  # a vote in flight died with the reset
         t.watchdog.pause()  # waiting for hosts is not a hang
         if first:

@@ -191,17 +191,19 @@ class MLPerfLog:
     def event(self, key: str, value: Any = None, **metadata) -> None:
         self.mllogger.event(key=key, value=value, metadata=metadata or None)
 
-    def start(self, key: str, **metadata) -> None:
-        self.mllogger.start(key=key, value=None, metadata=metadata or None)
+    def start(self, key: str, time_ms: float | None = None, **metadata) -> None:
+        self.mllogger.start(key=key, value=None, metadata=metadata or None, time_ms=time_ms)
 
     def end(self, key: str, **metadata) -> None:
         self.mllogger.end(key=key, value=None, metadata=metadata or None)
 
     # -- the run's phases -------------------------------------------------------------------
-    def init_start(self, cache_cleared: bool = False) -> None:
-        """``init_start`` then ``cache_clear``. climseg does not drop the page cache itself;
-        pass True only when the launch did (e.g. ``sync; echo 3 > /proc/sys/vm/drop_caches``)."""
-        self.start(self._constants.INIT_START)
+    def init_start(self, cache_cleared: bool = False, time_ms: float | None = None) -> None:
+        """``init_start`` (at ``time_ms``, ms since the epoch, when the run began before its
+        log could be opened; else now) then ``cache_clear``. climseg does not drop the page
+        cache itself; pass True only when the launch did (e.g. ``sync; echo 3 >
+        /proc/sys/vm/drop_caches``)."""
+        self.start(self._constants.INIT_START, time_ms=time_ms)
         self.event(self._constants.CACHE_CLEAR, bool(cache_cleared))
 
     def init_stop(self) -> None:

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import yaml
 
-from climseg.config import Config, save_config
+from climseg.config import Config, ConfigError, save_config
 from climseg.data.format import CHANNELS
 from climseg.mlperf import MLPerfLog, Topology, mlperf_log_path
 from climseg.tensorboard import TensorBoard, hparams_of, run_name
@@ -80,7 +79,7 @@ class DataWait:
 
 
 class RunMonitor:
-    def __init__(self, cfg: Config, primary: bool):
+    def __init__(self, cfg: Config, primary: bool, init_ms: float | None = None):
         self.cfg = cfg
         self.primary = primary
         self.output_dir = Path(cfg.output_dir)
@@ -95,12 +94,12 @@ class RunMonitor:
             save_config(cfg, config)
             self._mlperf_path = mlperf_log_path(self.output_dir)
             self.mlperf = MLPerfLog(self._mlperf_path)
-            self.mlperf.init_start()
+            self.mlperf.init_start(time_ms=init_ms)
 
-    def abandon(self, made_directory: bool) -> None:
+    def abandon(self) -> None:
         """The run failed to start: leave output_dir as it was. Its MLPerf log segment goes,
-        the previous run's config.yaml comes back (or this one goes), and a folder this run
-        created is removed whole."""
+        the previous run's config.yaml comes back (or this one goes); the run lock removes a
+        folder this run created (:meth:`climseg.runlock.RunLock.abandon`)."""
         if not self.primary:
             return
         if self.mlperf is not None:
@@ -111,8 +110,6 @@ class RunMonitor:
             config.unlink(missing_ok=True)
         else:
             config.write_bytes(self._old_config)
-        if made_directory:
-            shutil.rmtree(self.output_dir, ignore_errors=True)
 
     # -- start -------------------------------------------------------------------------------
     def config(self, size: int, device, global_batch: int) -> None:
@@ -239,6 +236,17 @@ class RunMonitor:
         log.info("done: %d steps in %s (%s); %s\ncheckpoint: %s\nTensorBoard: %s --logdir %s",
                  summary["steps"], duration(summary["wall_seconds"]), summary["stop_reason"],
                  scores, summary["checkpoint"], tensorboard_command(), summary["tensorboard"])
+
+
+def open_monitor(cfg: Config, init_ms: float | None = None) -> RunMonitor:
+    """Rank 0's monitor, its files opened (``config.yaml``, the MLPerf log, whose
+    ``init_start`` is ``init_ms`` when given); a ConfigError naming output_dir when they
+    cannot be written."""
+    try:
+        return RunMonitor(cfg, primary=True, init_ms=init_ms)
+    except OSError as err:
+        raise ConfigError(f"output_dir: cannot write to {cfg.output_dir} "
+                          f"({err.strerror or err})") from None
 
 
 def tensorboard_command() -> str:

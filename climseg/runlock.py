@@ -13,6 +13,7 @@ import errno
 import fcntl
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ class RunLock:
         self.path = self.directory / LOCK_NAME
         self._fd: int | None = None
         self.made_directory = False  # acquire created it (a failed start may remove it)
+        self._previous: bytes | None = None  # the holder note acquire found
 
     def acquire(self) -> "RunLock":
         try:
@@ -57,11 +59,21 @@ class RunLock:
             log.warning("output_dir: cannot lock %s (%s); two runs in this folder would not "
                         "be stopped", self.path, err.strerror or err)
             return self
+        self._previous = os.pread(fd, 4096, 0)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         self._fd = fd
         return self
+
+    def abandon(self) -> None:
+        """A start that failed, the lock still held: the folder as it was found, i.e. the
+        holder note acquire replaced written back, or a folder acquire created removed."""
+        if self.made_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        elif self._fd is not None and self._previous:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, self._previous, 0)
 
     def release(self) -> None:
         if self._fd is not None:

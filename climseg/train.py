@@ -20,7 +20,7 @@ import torch
 from climseg import dist
 from climseg.batchnorm import convert_batchnorm
 from climseg.checkpoint import CheckpointManager, Progress
-from climseg.config import Config, ConfigError
+from climseg.config import Config
 from climseg.control import SIGNALS, StopVote, every_rank_agrees
 from climseg.data.build import Data, build_data
 from climseg.elastic import ElasticDriver
@@ -32,7 +32,7 @@ from climseg.losses import build_loss
 from climseg.metrics import iou_from_confusion
 from climseg.mlperf import launch_topology, this_rank
 from climseg.model import build_model
-from climseg.monitor import DataWait, RunMonitor, TrainWindow, validation_sample
+from climseg.monitor import DataWait, RunMonitor, TrainWindow, open_monitor, validation_sample
 from climseg.optim import build_optimizer, build_scheduler
 from climseg.plan import RunPlan, plan_run
 from climseg.runlock import RunLock
@@ -74,6 +74,7 @@ class Trainer:
     def __init__(self, cfg: Config, on_data: Callable[[Data], Data] | None = None,
                  start: bool = True):
         self.lock: RunLock | None = None
+        self.init_ms = time.time() * 1000  # MLPerf's init_start, logged once the reports open
         self.stop = StopVote(SIGNALS)
         self.watchdog = Watchdog(cfg.train.stall_timeout, dist.rank()).start()
         self.on_data = on_data
@@ -92,7 +93,8 @@ class Trainer:
                 self.begin()
         except BaseException:
             if self.lock is not None:  # leave output_dir as it was found
-                self.monitor.abandon(self.lock.made_directory)
+                self.monitor.abandon()
+                self.lock.abandon()
             self.close()  # a failed start must not keep output_dir locked in this process
             raise
 
@@ -127,23 +129,25 @@ class Trainer:
 
     # -- start -----------------------------------------------------------------------------
     def take_output_dir(self) -> None:
-        """Rank 0 locks output_dir and opens the reporters. The lock comes before anything is
-        written there: a second run must not touch the first one's config.yaml and logs."""
+        """Rank 0 locks output_dir before anything is written there: a second run must not
+        touch the first one's files."""
         if dist.is_primary():
             self.lock = RunLock(self.cfg.output_dir).acquire()
-        try:
-            self.monitor = RunMonitor(self.cfg, primary=dist.is_primary())
-        except OSError as err:
-            raise ConfigError(f"output_dir: cannot write to {self.cfg.output_dir} "
-                              f"({err.strerror or err})") from None
+
+    def open_reports(self) -> None:
+        """Rank 0 opens the reporters: the run's first writes to output_dir."""
+        if dist.is_primary() and not self.monitor.primary:
+            self.monitor = open_monitor(self.cfg, self.init_ms)
 
     def load_data(self) -> Data:
         data = build_data(self.plan, self.rank, self.device)
         return self.on_data(data) if self.on_data is not None else data
 
     def begin(self) -> None:
-        """Resume (or start fresh), then open the reports. A collective."""
-        p = self.progress = self.checkpoints.resume()
+        """Resume (checked before output_dir changes) or start fresh, open reports. A collective."""
+        p = self.progress = self.checkpoints.resume(self.data.fingerprint)
+        with every_rank_agrees("reports"):
+            self.open_reports()
         if self.checkpoints.resumed_from is not None:
             self.monitor.resumed(self.checkpoints.resumed_from, p.step, p.epoch, p.batch_in_epoch)
         self.start_run()

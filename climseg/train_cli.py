@@ -23,10 +23,15 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--config", required=True, help="YAML file, e.g. yaml/demo.yaml")
     parser.add_argument("--engine", choices=dist.ENGINES, help="dist.engine: horovod "
                         "(horovodrun, srun with MPI) or torch (torchrun, srun); docs/engines.md")
+    parser.add_argument("--force", action="store_true", help="overwrite=true: start over in "
+                        "an output_dir holding another run, moving that run aside to "
+                        "OUTPUT.replaced-DATE")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)  # --engine may follow overrides
     if args.engine is not None:
         args.overrides.append(f"dist.engine={args.engine}")
+    if args.force:
+        args.overrides.append("overwrite=true")
     return args
 
 

@@ -68,6 +68,20 @@ def test_bad_values_name_the_key(override, message):
     assert "\n" not in str(err.value)
 
 
+def test_overwrite_and_resume_auto_contradict():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ROOT + ["overwrite=true", "resume=auto"])
+    assert str(err.value) == ("overwrite: true starts over and resume=auto continues the run in "
+                              "output_dir: give one")
+    assert load_config(None, ROOT + ["overwrite=true"]).overwrite is True
+
+
+def test_train_force_is_overwrite():
+    from climseg.train_cli import parse_args
+
+    assert parse_args(["--config", "ci", "--force"]).overrides == ["overwrite=true"]
+
+
 def test_missing_root_and_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="data.root: is required"):
         load_config(None, [])

@@ -15,6 +15,7 @@ from climseg.data.format import DataError, validate_file
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.data.stats import normalization, read_stats
+from climseg.identity import data_fingerprint
 
 if TYPE_CHECKING:
     from climseg.plan import RunPlan
@@ -28,6 +29,7 @@ class Data:
     validation_samples: int   # what one validation scores, all ranks
     shift: np.ndarray
     scale: np.ndarray
+    fingerprint: dict[str, str]  # what identifies the data wherever they lie (climseg.identity)
 
 
 # Bad files named in the start-up error; the rest are counted (climseg check lists them all).
@@ -66,7 +68,8 @@ def build_data(plan: RunPlan, rank: int, device: torch.device) -> Data:
     if not root.is_dir():
         raise DataError(f"data.root: {root} is not a folder (it should hold the "
                         f"{d.train_split}/ and {d.validation_split}/ splits and stats.h5)")
-    shift, scale = normalization(read_stats(d.stats_path), d.normalization, d.channels)
+    stats = read_stats(d.stats_path)
+    shift, scale = normalization(stats, d.normalization, d.channels)
     train_files = list_files(root / d.train_split)
     val_files = list_files(root / d.validation_split)
     if len(train_files) < plan.global_batch:
@@ -83,6 +86,7 @@ def build_data(plan: RunPlan, rank: int, device: torch.device) -> Data:
                             "node; read the shared file system, or stage the whole split on "
                             "each node (climseg stage --per-node)")
         share = (rank, size, plan.global_batch)
+    fingerprint = data_fingerprint(stats, train_files, val_files)
     if d.max_validation_samples is not None:
         val_files = val_files[:d.max_validation_samples]
     if len(val_files) < size:
@@ -109,4 +113,4 @@ def build_data(plan: RunPlan, rank: int, device: torch.device) -> Data:
     except ValueError as err:
         key = "data.validation_crop" if d.validation_crop is not None else "data.crop"
         raise ConfigError(f"{key}: {err}") from None
-    return Data(train, validation, len(train_files), len(val_files), shift, scale)
+    return Data(train, validation, len(train_files), len(val_files), shift, scale, fingerprint)
