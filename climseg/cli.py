@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import difflib
 import importlib
+import re
 import sys
 from typing import NoReturn
 
@@ -130,7 +131,13 @@ class ArgumentParser(argparse.ArgumentParser):
                      f"(see {self.prog} --help)\n")
 
     def _suggestion(self, message: str) -> str:
-        """``; did you mean --output?`` for an unrecognized flag close to a known one."""
+        """``; did you mean --output?`` for an unrecognized flag close to a known one, or for
+        a mistyped choice (``bench trian``)."""
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:
+            close = difflib.get_close_matches(choice[1], re.findall(r"'([^']*)'", choice[2]),
+                                              n=1, cutoff=0.6)
+            return f"; did you mean {close[0]}?" if close else ""
         prefix = "unrecognized arguments: "
         if not message.startswith(prefix):
             return ""
