@@ -231,3 +231,16 @@ def test_the_readme_flag_table_is_what_the_commands_take(capsys, monkeypatch):
         assert named, row
         for command in named:
             assert flag in _help_flags(command, capsys, monkeypatch), (flag, command)
+
+
+@pytest.mark.slow   # a trainer built and stepped in a subprocess
+def test_train_takes_the_common_flags(tiny_root, tmp_path):
+    out = climseg("train", "--config", "ci", "--data", tiny_root, "--output", tmp_path / "run",
+                  "--workers", 1, "--quiet", "train.max_steps=1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""   # --quiet: no log lines
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (cfg["data"]["root"], cfg["output_dir"]) == (str(tiny_root), str(tmp_path / "run"))
+    assert cfg["data"]["loader_threads"] == 1
