@@ -83,9 +83,14 @@ class ArgumentParser(argparse.ArgumentParser):
         """``--workers``: how many files one process (rank) reads or writes at once, in every
         command; ``what`` names the workers that do it here (reader threads, copy threads...)."""
         shown = shown or ("CPU count" if default is None else str(default))
-        self.add_option("--workers", *aliases, type=positive_int, default=default,
+        self.add_option("--workers", *aliases, type=positive_int, default=default, metavar="N",
                         help=f"files handled at once per rank: {what} (default {shown})",
                         **kwargs)
+
+    def show_required(self, action: argparse.Action) -> None:
+        """Show ``action`` as required in the usage line where the command checks it itself
+        (``check``: ``--data`` or the older positional root)."""
+        self._required_actions.append(action)
 
     def add_quiet(self, what: str = "no progress or log lines on stderr, only warnings and "
                                     "errors (results on stdout stay)") -> None:

@@ -244,3 +244,19 @@ def test_train_takes_the_common_flags(tiny_root, tmp_path):
     cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (cfg["data"]["root"], cfg["output_dir"]) == (str(tiny_root), str(tmp_path / "run"))
     assert cfg["data"]["loader_threads"] == 1
+
+
+def test_no_usage_line_shows_a_required_flag_in_brackets(capsys, monkeypatch):
+    commands = [[name] for name in cli.COMMANDS if name != "bench"] + [
+        ["bench", mode] for mode in ("step", "loader", "train", "allreduce")]
+    for command in commands:
+        monkeypatch.setattr(sys, "argv", ["climseg"])
+        with pytest.raises(SystemExit):
+            cli.main([*command, "--help"])
+        text = capsys.readouterr().out
+        usage, _, options = text.partition("\n\n")
+        assert usage.startswith(f"usage: climseg {' '.join(command)} "), usage
+        required = [line.split()[0] for line in options.replace("\n" + " " * 20, " ").splitlines()
+                    if "(required)" in line and line.strip().startswith("--")]
+        for flag in required:
+            assert f"[{flag}" not in usage and f" {flag} " in usage, (command, flag)

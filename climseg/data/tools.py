@@ -136,7 +136,8 @@ def check_main(argv: list[str] | None = None) -> int:
         "labels.\n\nPrints one line per bad file and a summary on stdout. Exit status: 0 all "
         "good, 1 some\nfile is bad, 2 nothing to check (no such folder, no files).\n\n"
         "Example: climseg check --data data/cam"))
-    p.add_option("--data", type=Path, help="a data-set root, split folder or file")
+    p.show_required(p.add_option("--data", type=Path,
+                                 help="a data-set root, split folder or file (required)"))
     # The older spelling: the root as a positional argument.
     p.add_argument("root", nargs="?", type=Path, help=argparse.SUPPRESS)
     p.add_workers("checking processes", None)
