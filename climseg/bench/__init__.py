@@ -32,8 +32,7 @@ from climseg.bench.common import environment, format_table, parse_args
 from climseg.bench.loader import loader_mode
 from climseg.bench.step import step_mode
 from climseg.bench.train import train_mode
-from climseg.config import ConfigError
-from climseg.data.format import DataError
+from climseg.errors import RUN_ERRORS, DivergenceError, RunError
 
 MODES = {"step": step_mode, "loader": loader_mode, "train": train_mode,
          "allreduce": allreduce_mode}
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         results, summary = MODES[args.mode](args)
-    except (ConfigError, DataError) as err:
+    except RUN_ERRORS + (RunError, DivergenceError) as err:   # bench train: the trainer's
         return fail(f"bench {args.mode}", str(err))
     if args.mode == "allreduce":
         if not dist.is_primary():
