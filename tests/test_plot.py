@@ -144,3 +144,14 @@ def test_a_cyclone_on_the_darkest_moisture_stays_visible():
     assert background < 80                    # it is dark there
     # the halo around the outline: a few hundred bright pixels (none without it)
     assert (luminance[changed] > 200).sum() > 200
+
+
+def test_the_validation_map_title_names_the_sample_and_its_time_when_given():
+    from climseg.monitor import validation_sample
+
+    x = torch.zeros(16, 8, 12)
+    y = pred = torch.zeros(8, 12, dtype=torch.uint8)
+    args = ((x, y, pred), None, np.zeros(16), np.ones(16), (8, 12, 16), 40)
+    assert validation_sample(*args)[3] == "TMQ, validation, step 40"
+    assert validation_sample(*args, path="v/data-2100-01-04-01-1.h5")[3] == \
+        "data-2100-01-04-01-1: 2100-01-04 03:00 (TMQ, validation, step 40)"
