@@ -12,8 +12,10 @@ their older spellings, and report a bad argument as one line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
+import re
 import sys
 from typing import NoReturn
 
@@ -54,10 +56,14 @@ class ArgumentParser(argparse.ArgumentParser):
     - A bad argument is one line, ``climseg CMD: error: ...``, and exit status 2.
     """
 
-    def __init__(self, command: str, description: str | None = None, **kwargs):
+    def __init__(self, command: str | None = None, description: str | None = None, **kwargs):
+        # ``command`` None: a sub-parser (``climseg bench step``), named by its parent.
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(prog=prog(command), description=description, **kwargs)
+        if command is not None:
+            kwargs["prog"] = prog(command)
+        super().__init__(description=description, **kwargs)
         self._required: list[tuple[str, str]] = []
+        self._required_actions: list[argparse.Action] = []
 
     def add_option(self, name: str, *aliases: str, required: bool = False, **kwargs):
         dest = kwargs.pop("dest", name.lstrip("-").replace("-", "_"))
@@ -69,7 +75,22 @@ class ArgumentParser(argparse.ArgumentParser):
             self.add_argument(alias, dest=dest, help=argparse.SUPPRESS, **kwargs)
         if required:
             self._required.append((dest, name))
+            self._required_actions.append(action)
         return action
+
+    def add_workers(self, what: str, default, *aliases: str, shown: str | None = None,
+                    **kwargs) -> None:
+        """``--workers``: how many files one process (rank) reads or writes at once, in every
+        command; ``what`` names the workers that do it here (reader threads, copy threads...)."""
+        shown = shown or ("CPU count" if default is None else str(default))
+        self.add_option("--workers", *aliases, type=positive_int, default=default, metavar="N",
+                        help=f"files handled at once per rank: {what} (default {shown})",
+                        **kwargs)
+
+    def show_required(self, action: argparse.Action) -> None:
+        """Show ``action`` as required in the usage line where the command checks it itself
+        (``check``: ``--data`` or the older positional root)."""
+        self._required_actions.append(action)
 
     def add_quiet(self, what: str = "no progress or log lines on stderr, only warnings and "
                                     "errors (results on stdout stay)") -> None:
@@ -77,17 +98,51 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         ns = super().parse_args(args, namespace)
-        missing = [name for dest, name in self._required if getattr(ns, dest) is None]
+        self.check_required(ns)
+        return ns
+
+    def parse_intermixed_args(self, args=None, namespace=None):
+        ns = super().parse_intermixed_args(args, namespace)
+        self.check_required(ns)
+        return ns
+
+    def check_required(self, ns: argparse.Namespace) -> None:
+        missing = [name for dest, name in self._required if getattr(ns, dest, None) is None]
         if missing:
             self.error(f"the following arguments are required: {', '.join(missing)}")
-        return ns
+
+    def format_usage(self) -> str:
+        with self._shown_required():
+            return super().format_usage()
+
+    def format_help(self) -> str:
+        with self._shown_required():
+            return super().format_help()
+
+    @contextlib.contextmanager
+    def _shown_required(self):
+        """Usage lines show a required ``add_option`` without brackets, as argparse shows its
+        own required options; parsing checks them itself (any spelling may be given)."""
+        for action in self._required_actions:
+            action.required = True
+        try:
+            yield
+        finally:
+            for action in self._required_actions:
+                action.required = False
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)} "
                      f"(see {self.prog} --help)\n")
 
     def _suggestion(self, message: str) -> str:
-        """``; did you mean --output?`` for an unrecognized flag close to a known one."""
+        """``; did you mean --output?`` for an unrecognized flag close to a known one, or for
+        a mistyped choice (``bench trian``)."""
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:
+            close = difflib.get_close_matches(choice[1], re.findall(r"'([^']*)'", choice[2]),
+                                              n=1, cutoff=0.6)
+            return f"; did you mean {close[0]}?" if close else ""
         prefix = "unrecognized arguments: "
         if not message.startswith(prefix):
             return ""
@@ -99,6 +154,17 @@ class ArgumentParser(argparse.ArgumentParser):
                 if close:
                     return f"; did you mean {close[0]}?"
         return ""
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer of at least 1 (``--workers 0`` is an error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def fail(command: str, message: str) -> int:

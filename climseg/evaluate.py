@@ -33,7 +33,7 @@ import torch
 from climseg import dist
 from climseg.atomic import atomic_path
 from climseg.checkpoint import CheckpointError
-from climseg.cli import ArgumentParser, fail
+from climseg.cli import ArgumentParser, fail, positive_int
 from climseg.config import ConfigError
 from climseg.data.format import DataError, Progress, validate_file
 from climseg.data.loader import BatchLoader
@@ -183,13 +183,12 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by climseg train")
     p.add_option("--data", required=True, help="data root holding <split>/data-*.h5")
     p.add_argument("--split", default="test", help="split folder under --data (default: test)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="samples per batch and rank (default: the run's train.local_batch_size)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="score only the centred HxW crop (default: the whole field)")
     add_model_arguments(p)
-    p.add_option("--workers", "--threads", type=int, default=2,
-                 help="reader threads per rank (default 2)")
+    p.add_workers("reader threads", 2, "--threads")
     p.add_option("--output", "--out", type=Path, default=None,
                  help="write the result as JSON here")
     p.add_quiet()

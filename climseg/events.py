@@ -33,11 +33,12 @@ from scipy import ndimage
 
 from climseg.atomic import atomic_path, write_failure
 from climseg.cli import ArgumentParser, fail
-from climseg.data.format import CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, DataError
+from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, DataError,
+                                  sample_time)
 from climseg.data.format import _open as open_hdf5  # one-line errors: missing, corrupt
 from climseg.grid import RegularGrid, cell_areas_km2, regular_grid
 from climseg.logs import setup_logging
-from climseg.netcdf import MASK_VARIABLE, sample_time
+from climseg.netcdf import MASK_VARIABLE
 
 log = logging.getLogger("climseg.events")
 

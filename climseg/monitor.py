@@ -286,16 +286,19 @@ class TrainWindow:
 
 
 def validation_sample(first, channels: list[int] | None, shift, scale, full_shape,
-                      step: int) -> tuple:
+                      step: int, path=None) -> tuple:
     """(field, truth, prediction, title, window) for :meth:`RunMonitor.eval_result`'s map from
     ``first`` (input, truth, prediction of the first validation sample): the TMQ field (or the
-    first channel used) in its own units, drawn where its crop lies."""
-    from climseg.plot import centre_window
+    first channel used) in its own units, drawn where its crop lies. With the sample's ``path``
+    the title also gives its name and the date and time the name holds."""
+    from climseg.plot import centre_window, map_title
 
     x, y, pred = first
     channels = channels or list(range(len(CHANNELS)))
     column = channels.index(0) if 0 in channels else 0
     field = x[column].float().numpy() / scale[column] + shift[column]
     title = f"{CHANNELS[channels[column]]}, validation, step {step}"
+    if path is not None:
+        title = map_title(path, title)
     window = centre_window(full_shape[:2], tuple(field.shape))
     return field, y.numpy(), pred.numpy(), title, window

@@ -16,30 +16,17 @@ output (temporary file, then rename).
 from __future__ import annotations
 
 import datetime as dt
-import re
 from pathlib import Path
 
 import h5netcdf
 import numpy as np
 
-from climseg.data.format import hdf5_writer
+from climseg.data.format import hdf5_writer, sample_time  # noqa: F401 (also netcdf's name)
 from climseg.grid import regular_grid
 
 CONVENTIONS = "CF-1.8"
 MASK_VARIABLE = "class_mask"
 PROBABILITY_VARIABLE = "probability"
-_SAMPLE_NAME = re.compile(r"data-(\d{4})-(\d{2})-(\d{2})-(\d{2})-\d+")
-
-
-def sample_time(path: str | Path) -> dt.datetime | None:
-    """The time in a sample's name ``data-YYYY-MM-DD-HH-N.h5``, or None when it has none."""
-    match = _SAMPLE_NAME.fullmatch(Path(path).stem)
-    if match is None:
-        return None
-    try:
-        return dt.datetime(*(int(g) for g in match.groups()))
-    except ValueError:  # 2100-02-30 or hour 25: not a time
-        return None
 
 
 def _coordinates(f: h5netcdf.File, shape: tuple[int, int],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.patheffects import withStroke
 
 from climseg.atomic import atomic_path
 
@@ -32,6 +34,10 @@ CLASS_STYLE = {
     1: ("Tropical cyclone (TC)", "#e4002b"),
     2: ("Atmospheric river (AR)", "#ff9f1c"),
 }
+# The outline of each event is drawn over a white halo: moist air, where cyclones sit, is the
+# dark end of the colour map, on which a red line alone or a half-transparent fill is lost.
+HALO = dict(linewidth=3.4, foreground="white")
+LINE_WIDTH = 1.4
 TMQ_CMAP = "YlGnBu"
 TMQ_LABEL = "TMQ, total precipitable water (kg m$^{-2}$)"
 FILL_ALPHA = 0.45
@@ -125,7 +131,7 @@ def _draw_panel(ax, tmq, mask, extent, norm_range, panel_title):
                       cmap=ListedColormap([colour]), alpha=FILL_ALPHA, interpolation="nearest")
             if min(hit.shape) >= 2:  # contour needs a 2-D grid of at least 2 x 2 points
                 ax.contour(lon, lat, hit.astype(np.float32), levels=[0.5], colors=[colour],
-                           linewidths=1.2)
+                           linewidths=LINE_WIDTH, path_effects=[withStroke(**HALO)])
     ax.set_xlim(west, east)
     ax.set_ylim(south, north)
     ax.set_xticks(_ticks(west, east, (60, 30, 20, 10, 5, 2, 1, 0.5, 0.25)))
@@ -189,6 +195,17 @@ def plot_sample(tmq, prediction=None, truth=None, title: str | None = None,
     if title:
         fig.suptitle(title)
     return fig
+
+
+def map_title(path: str | os.PathLike, note: str | None = None) -> str:
+    """A map's title: the sample's name, the date and time its name gives (when it gives one)
+    and ``note`` (e.g. the checkpoint and step that made the prediction)."""
+    from climseg.data.format import sample_time
+
+    name = Path(path).stem
+    when = sample_time(path)
+    title = name if when is None else f"{name}: {when:%Y-%m-%d %H:%M}"
+    return title if not note else f"{title} ({note})"
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:

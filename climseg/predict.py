@@ -34,14 +34,15 @@ from climseg.checkpoint import CheckpointError
 from climseg.cli import ArgumentParser, fail
 from climseg.config import ConfigError
 from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, NUM_CHANNELS,
-                                 DataError, hdf5_writer, read_sample)
+                                 DataError, hdf5_writer, read_sample, sample_time)
 from climseg.engine import Precision
 from climseg.inference import (InputSpec, add_model_arguments, class_names, config_hash,
-                               input_spec, load_model, predict_probabilities, prepare,
-                               run_field, scored_region, select_device)
+                               input_spec, model_from_checkpoint, predict_probabilities,
+                               prepare, read_checkpoint, run_field, scored_region,
+                               select_device)
 from climseg.logs import setup_logging
-from climseg.netcdf import sample_time, write_mask_netcdf
-from climseg.plot import plot_sample, save_map
+from climseg.netcdf import write_mask_netcdf
+from climseg.plot import map_title, plot_sample, save_map
 
 log = logging.getLogger("climseg.predict")
 
@@ -109,18 +110,20 @@ def _write_mask_file(fmt: str, mask: Path, source: Path, prediction: np.ndarray,
 def predict_file(model, spec: InputSpec, path: Path, out_dir: Path, prec: Precision,
                  probabilities: bool, provenance: dict[str, str],
                  tile: tuple[int, int] | None = None,
-                 names: tuple[str, ...] = CLASS_NAMES, fmt: str = "hdf5") -> dict[str, int]:
+                 names: tuple[str, ...] = CLASS_NAMES, fmt: str = "hdf5",
+                 made_with: str | None = None) -> dict[str, int]:
     """Write ``<name>-mask.h5`` (``-mask.nc`` with ``fmt`` netcdf) and ``<name>.png`` for one
     file; return predicted pixel counts per class name.
 
     ``provenance``: attributes every mask file records (checkpoint, config hash, version).
-    ``tile``: score the field in tiles of this size (the run's validation size)."""
+    ``tile``: score the field in tiles of this size (the run's validation size).
+    ``made_with``: what the map's title says made the prediction (checkpoint, step)."""
     data, labels = read_input(path)
     probs = predict_probabilities(model, prepare(data, spec), prec, tile=tile)[0]  # (K, H, W)
     prediction = probs.argmax(0).to(torch.uint8).numpy()
     name = path.stem
     png, mask = out_dir / f"{name}.png", out_dir / f"{name}{MASK_SUFFIX[fmt]}"
-    fig = plot_sample(data[..., TMQ], prediction, labels, title=name)
+    fig = plot_sample(data[..., TMQ], prediction, labels, title=map_title(path, made_with))
     # The map first, then the mask, and the map goes again when the mask cannot be written:
     # a mask is never there without its map, and a failure leaves neither.
     target = png
@@ -145,6 +148,12 @@ def provenance(checkpoint: str | Path, cfg) -> dict[str, str]:
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return {"checkpoint": str(checkpoint), "config_sha256": config_hash(cfg),
             "climseg_version": __version__, "history": f"{now} climseg predict"}
+
+
+def checkpoint_note(path: str | Path, ckpt: dict) -> str:
+    """``checkpoint best.pt, step 120``: what made a prediction, for its map's title."""
+    step = ckpt.get("step")
+    return f"checkpoint {Path(path).name}" + (f", step {step}" if isinstance(step, int) else "")
 
 
 def parse_args(argv: list[str] | None):
@@ -183,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             if not f.is_file():
                 raise DataError(f"{f}: file not found")
         device = select_device(args.device, dist.local_rank())
-        model, cfg = load_model(args.checkpoint, device)
+        ckpt, cfg = read_checkpoint(args.checkpoint, device)
+        model = model_from_checkpoint(ckpt, cfg, str(args.checkpoint), device)
+        made_with = checkpoint_note(args.checkpoint, ckpt)
+        del ckpt
         spec = input_spec(cfg, args.stats)
         tile = None if args.full_field else run_field(cfg)
         names = class_names(cfg)
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, path in enumerate(mine, 1):
             start = time.perf_counter()
             counts = predict_file(model, spec, path, args.output, prec, args.probabilities,
-                                  made_by, tile, names, args.format)
+                                  made_by, tile, names, args.format, made_with)
             log.info("[%d/%d] %s: %.1fs, predicted pixels %s -> %s", i, len(mine), path.name,
                      time.perf_counter() - start, counts,
                      args.output / f"{path.stem}{MASK_SUFFIX[args.format]}")

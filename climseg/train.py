@@ -304,7 +304,7 @@ class Trainer:
         first = result.pop("first", None)
         sample = None if first is None else validation_sample(
             first, cfg.data.channels, self.data.shift, self.data.scale,
-            self.data.validation.full_shape, p.step)
+            self.data.validation.full_shape, p.step, path=self.data.validation.plan(0)[0][0])
         self.monitor.eval_result(p.step, p.epoch, result, target=cfg.train.target_iou,
                                  sample=sample)
         self.last_eval = result

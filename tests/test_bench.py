@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run(tmp_path, argv):
     out = tmp_path / "bench.json"
-    assert bench.main(argv + ["--json", str(out)]) == 0
+    assert bench.main(argv + ["--output", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["results"] and record["environment"]["torch"]
     for row in record["results"]:
@@ -30,9 +30,9 @@ def run(tmp_path, argv):
 
 
 def test_loader_mode(tiny_root, tmp_path, capsys):
-    record = run(tmp_path, ["loader", "--data", str(tiny_root / "train"), "--batch-size", "2",
+    record = run(tmp_path, ["loader", "--data", str(tiny_root), "--batch-size", "2",
                             "--crop", "32", "48", "--steps", "2", "--warmup", "1",
-                            "--threads", "1", "2", "--ref-workers", "0", "1",
+                            "--workers", "1", "2", "--ref-workers", "0", "1",
                             "--repeats", "1", "--device", "cpu"])
     kinds = [row["extra"]["kind"] for row in record["results"]]
     assert kinds == ["climseg", "climseg", "reference", "reference"]
@@ -54,8 +54,14 @@ def test_loader_mode(tiny_root, tmp_path, capsys):
 
 
 def test_loader_mode_cold_with_channels(tiny_root, tmp_path):
-    record = run(tmp_path, ["loader", "--data", str(tiny_root / "train"), "--batch-size", "4",
-                            "--channels", "0", "5", "--cold", "--threads", "2",
+    # The older spellings: --data naming the split folder, --threads, --json (in run()'s place)
+    out = tmp_path / "old.json"
+    assert bench.main(["loader", "--data", str(tiny_root / "train"), "--threads", "2",
+                       "--steps", "1", "--warmup", "0", "--no-reference", "--repeats", "1",
+                       "--device", "cpu", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["summary"]["files"] == 16
+    record = run(tmp_path, ["loader", "--data", str(tiny_root), "--batch-size", "4",
+                            "--channels", "0", "5", "--cold", "--workers", "2",
                             "--no-reference", "--repeats", "1", "--device", "cpu"])
     assert record["summary"]["cold_cache"] is True
     assert record["results"][0]["steps"] == 16 // 4   # one pass over the files
@@ -79,20 +85,27 @@ def test_train_mode(tiny_root, tmp_path):
                             "train.max_epochs=100"])
     row = record["results"][0]
     assert 0 <= row["data_wait_share"] <= 1 and row["tflops"] > 0
-    assert row["steps"] == 1 and row["extra"]["trainer_summary"]["steps"] == 2
+    assert row["steps"] == 1 and row["extra"]["trainer_summary"]["steps"] == 1
 
 
 @pytest.mark.slow   # a trainer built and stepped
-def test_train_mode_counts_the_flops_of_the_field_it_trains_on(tiny_root, tmp_path):
-    """Uncropped tiny samples (64x96): the FLOPs of that field, not of the real 768x1152."""
+def test_train_mode_counts_the_flops_of_the_field_it_trains_on(tiny_root, tmp_path, caplog):
+    """Uncropped tiny samples (64x96): the FLOPs of that field, not of the real 768x1152. In
+    a temporary run folder (no --run-dir): exactly --warmup + --steps trainer steps, and no
+    log line names a path in the folder deleted at the end."""
     from climseg.engine import tflop_per_sample
 
+    caplog.set_level("INFO")
     record = run(tmp_path, ["train", "--config", str(REPO / "yaml" / "ci.yaml"), "--steps",
-                            "1", "--warmup", "0", "--output-dir", str(tmp_path / "run"),
-                            f"data.root={tiny_root}", "data.crop=null", "train.max_epochs=100"])
+                            "2", "--warmup", "1", "--data", str(tiny_root), "--workers", "1",
+                            "data.crop=null", "train.max_epochs=100"])
     row = record["results"][0]
     assert record["summary"]["crop"] == [64, 96]
     assert row["tflops"] == pytest.approx(row["samples_per_s"] * tflop_per_sample(64, 96))
+    assert row["steps"] == 2 and row["extra"]["trainer_summary"]["steps"] == 3
+    lines = "\n".join(r.getMessage() for r in caplog.records)
+    assert "checkpoint: <temporary run folder>/ckpt-step" in lines
+    assert "climseg-bench-" not in lines
 
 
 def test_bad_data_folder_exits_2(tmp_path):
@@ -114,8 +127,8 @@ def test_loader_times_the_layout_the_trainer_gives_the_model(tiny_root, tmp_path
         return out
 
     monkeypatch.setattr(Precision, "prepare", spy)
-    common = ["loader", "--data", str(tiny_root / "train"), "--batch-size", "2", "--steps", "2",
-              "--warmup", "1", "--threads", "1", "--no-reference", "--repeats", "1",
+    common = ["loader", "--data", str(tiny_root), "--batch-size", "2", "--steps", "2",
+              "--warmup", "1", "--workers", "1", "--no-reference", "--repeats", "1",
               "--device", "cpu"]
     record = run(tmp_path, common)
     assert record["summary"]["model_input"] == "NCHW"
@@ -138,11 +151,43 @@ def test_step_mode_layout_options(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_missing_gpu_is_one_line_and_exit_2(caplog):
+def test_missing_gpu_is_one_line_and_exit_2(capsys):
     assert bench.main(["step", "--device", "cuda", "--size", "32", "48"]) == 2
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and "--device" in errors[0] and "GPU" in errors[0]
-    assert "\n" not in errors[0]
+    assert capsys.readouterr().err.splitlines() == [
+        "climseg bench step: error: --device: cuda requested but no GPU is visible"]
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["loader", "--data", "d", "--steps", "0"],
+     "climseg bench loader: error: argument --steps: must be at least 1, got 0 "
+     "(see climseg bench loader --help)"),
+    (["loader", "--data", "d", "--workers", "0"],
+     "climseg bench loader: error: argument --workers: must be at least 1, got 0 "
+     "(see climseg bench loader --help)"),
+    (["loader", "--dta", "d"],
+     "climseg bench loader: error: unrecognized arguments: --dta d; did you mean --data? "
+     "(see climseg bench loader --help)"),
+    (["loader"], "climseg bench loader: error: the following arguments are required: --data "
+                 "(see climseg bench loader --help)"),
+    (["trian"], "climseg bench: error: argument MODE: invalid choice: 'trian' (choose from "
+                "'step', 'loader', 'allreduce', 'train'); did you mean train? "
+                "(see climseg bench --help)"),
+    (["step", "--warmup", "0"], "climseg bench step: error: argument --warmup: must be at "
+                                "least 1 (the first step is timed on its own) "
+                                "(see climseg bench step --help)"),
+])
+def test_bad_arguments_are_one_line_naming_the_flag(capsys, argv, line):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(argv)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_missing_data_folder_is_one_line(tmp_path, capsys):
+    assert bench.main(["loader", "--data", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"climseg bench loader: error: {tmp_path / 'missing' / 'train'}"), err
 
 
 def _parameter_count() -> tuple[int, int]:

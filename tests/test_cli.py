@@ -200,3 +200,63 @@ def test_setup_logging_levels_and_rank_tag(capsys):
     lines = [line.split(" ", 1)[1] for line in err.splitlines()]   # drop the time stamp
     assert out == ""
     assert lines == ["alone", "[0] first", "[3] shown", "still shown"]
+
+
+def _help_flags(command: list[str], capsys, monkeypatch) -> set[str]:
+    """The flags ``climseg COMMAND --help`` lists, run in this process."""
+    monkeypatch.setattr(sys, "argv", ["climseg"])
+    with pytest.raises(SystemExit) as done:
+        cli.main([*command, "--help"])
+    assert done.value.code == 0
+    return set(__import__("re").findall(r"(--[a-z][a-z-]*)", capsys.readouterr().out))
+
+
+def test_the_readme_flag_table_is_what_the_commands_take(capsys, monkeypatch):
+    """Each row of README's flag table: every command it names takes the flag (--quiet: all)."""
+    import re
+
+    rows = [line for line in (REPO / "README.md").read_text().splitlines()
+            if line.startswith("| `--")]
+    assert [row.split("`")[1].split()[0] for row in rows] == [
+        "--data", "--output", "--workers", "--quiet"]
+    commands = [[name] for name in cli.COMMANDS if name != "bench"] + [
+        ["bench", mode] for mode in ("step", "loader", "train", "allreduce")]
+    for row in rows:
+        flag, taken_by = row.split("`")[1].split()[0], row.rsplit("|", 2)[1]
+        named = [c.split() for c in re.findall(r"`([^`]+)`", taken_by)
+                 if c.split()[0] in cli.COMMANDS]
+        if flag == "--quiet":
+            assert "every command" in taken_by
+            named = commands
+        assert named, row
+        for command in named:
+            assert flag in _help_flags(command, capsys, monkeypatch), (flag, command)
+
+
+@pytest.mark.slow   # a trainer built and stepped in a subprocess
+def test_train_takes_the_common_flags(tiny_root, tmp_path):
+    out = climseg("train", "--config", "ci", "--data", tiny_root, "--output", tmp_path / "run",
+                  "--workers", 1, "--quiet", "train.max_steps=1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""   # --quiet: no log lines
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (cfg["data"]["root"], cfg["output_dir"]) == (str(tiny_root), str(tmp_path / "run"))
+    assert cfg["data"]["loader_threads"] == 1
+
+
+def test_no_usage_line_shows_a_required_flag_in_brackets(capsys, monkeypatch):
+    commands = [[name] for name in cli.COMMANDS if name != "bench"] + [
+        ["bench", mode] for mode in ("step", "loader", "train", "allreduce")]
+    for command in commands:
+        monkeypatch.setattr(sys, "argv", ["climseg"])
+        with pytest.raises(SystemExit):
+            cli.main([*command, "--help"])
+        text = capsys.readouterr().out
+        usage, _, options = text.partition("\n\n")
+        assert usage.startswith(f"usage: climseg {' '.join(command)} "), usage
+        required = [line.split()[0] for line in options.replace("\n" + " " * 20, " ").splitlines()
+                    if "(required)" in line and line.strip().startswith("--")]
+        for flag in required:
+            assert f"[{flag}" not in usage and f" {flag} " in usage, (command, flag)

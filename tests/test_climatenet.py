@@ -116,7 +116,7 @@ def test_bad_file_is_one_line_naming_it(samples, tmp_path, kwargs, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
-    assert lines[0].startswith(f"convert-climatenet: error: {bad}: ")
+    assert lines[0].startswith(f"climseg convert-climatenet: error: {bad}: ")
     assert __import__("re").search(message, lines[0]), lines[0]
     assert not list((tmp_path / "out").glob("*.h5"))
 

@@ -74,10 +74,15 @@ def make_checkpoint(path, root, name="tiny", state=None, seed=0, overrides=()):
     return path
 
 
-def test_predict_writes_masks_probabilities_and_maps(tiny_root, tiny_model, tmp_path):
+def test_predict_writes_masks_probabilities_and_maps(tiny_root, tiny_model, tmp_path,
+                                                     monkeypatch):
     ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root)
     files = list_files(tiny_root / "test")
     out = tmp_path / "pred"
+    titles = []
+    plot = predict.plot_sample
+    monkeypatch.setattr(predict, "plot_sample",
+                        lambda *a, title=None, **k: titles.append(title) or plot(*a, **k))
     assert predict.main(["--checkpoint", str(ckpt), "--output", str(out), "--probabilities",
                          *map(str, files)]) == 0
     for f in files:
@@ -93,6 +98,10 @@ def test_predict_writes_masks_probabilities_and_maps(tiny_root, tiny_model, tmp_
         width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
         assert (width, height) == (round(2 * PANEL_SIZE[0] * DPI), round(PANEL_SIZE[1] * DPI))
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    # Each map's title: the sample, its date and time (step HH x 3 hours), what predicted it.
+    for f, title in zip(files, titles):
+        when = f"{f.stem[5:15]} {3 * int(f.stem[16:18]):02d}:00"
+        assert title == f"{f.stem}: {when} (checkpoint tiny.pt, step 7)"
 
 
 def _confusion(truths, preds, k=3):
@@ -466,7 +475,11 @@ def test_netcdf_masks_open_in_xarray_on_the_grid_and_match_the_hdf5_masks(
 
 
 def test_sample_times_come_from_the_file_name():
-    assert netcdf.sample_time("x/data-2100-01-04-07-1.h5") == dt.datetime(2100, 1, 4, 7)
+    # As in DeepCAM (docs/data.md), HH is the 3-hourly step of the day: 07 is 21:00.
+    assert netcdf.sample_time("x/data-2100-01-04-07-1.h5") == dt.datetime(2100, 1, 4, 21)
+    assert netcdf.sample_time("data-2100-01-04-00-3.h5") == dt.datetime(2100, 1, 4, 0)
+    assert netcdf.sample_time("data-2011-06-01-01-1_0.h5") == dt.datetime(2011, 6, 1, 3)
+    assert netcdf.sample_time("data-2100-01-04-08-1.h5") is None  # no step 8 in a day
     assert netcdf.sample_time("data-2100-02-30-00-1.h5") is None  # no such day
     assert netcdf.sample_time("field.h5") is None
 

@@ -90,7 +90,7 @@ def test_the_cli_writes_one_row_per_event_from_sample_hdf5_and_netcdf_files(tmp_
     assert len(rows) == 6 and list(rows[0]) == list(events.COLUMNS)
     assert [r["class"] for r in rows[:2]] == ["tropical_cyclone", "atmospheric_river"]
     assert rows[1]["max_tmq"] == rows[3]["max_tmq"] == "61.5" and rows[5]["max_tmq"] == ""
-    assert rows[0]["time"] == rows[2]["time"] == "2100-03-01T06:00:00"
+    assert rows[0]["time"] == rows[2]["time"] == "2100-03-01T18:00:00"   # step 06: 18:00
     assert rows[4]["time"] == ""
     for key in ("area_km2", "centroid_lat", "lon_west", "lon_east"):
         assert rows[1][key] == rows[3][key] == rows[5][key]

@@ -114,3 +114,44 @@ def test_window_outside_the_grid_is_a_clear_error():
     tmq, _, _ = fields()
     with pytest.raises(ValueError, match="does not fit the full 64x72 grid"):
         plot_sample(tmq, window=GridWindow(20, 0, (64, 72)))
+
+
+def test_map_title_carries_the_date_and_time_of_the_sample_name():
+    from climseg.plot import map_title
+
+    assert map_title("x/data-2100-01-04-07-1.h5", "checkpoint best.pt, step 12") == \
+        "data-2100-01-04-07-1: 2100-01-04 21:00 (checkpoint best.pt, step 12)"
+    assert map_title("data-2011-06-01-01-1_0.h5") == "data-2011-06-01-01-1_0: 2011-06-01 03:00"
+    # no date in the name, or one that is not a date: the name alone
+    assert map_title("field.h5") == "field"
+    assert map_title("data-2100-02-30-00-1.h5") == "data-2100-02-30-00-1"
+    assert map_title("field.h5", "checkpoint a.pt") == "field (checkpoint a.pt)"
+
+
+def test_a_cyclone_on_the_darkest_moisture_stays_visible():
+    # The wettest air (the colour map's darkest blue) is where cyclones sit: the outline must
+    # stand out there, so some of the pixels it changes are much brighter than the background.
+    tmq = np.zeros((H, W), np.float32)
+    tmq[10:40, 10:60] = 70.0                  # a dark block
+    tc = np.zeros((H, W), np.uint8)
+    tc[20:28, 25:35] = 1                      # a cyclone inside it
+    with_tc = figure_to_array(plot_sample(tmq, prediction=tc)).astype(np.float32)
+    without = figure_to_array(plot_sample(tmq, prediction=np.zeros_like(tc))).astype(np.float32)
+    changed = np.abs(with_tc - without).sum(-1) > 30
+    assert changed.any()
+    luminance = with_tc @ np.array([0.2126, 0.7152, 0.0722], np.float32)
+    background = np.median((without @ np.array([0.2126, 0.7152, 0.0722], np.float32))[changed])
+    assert background < 80                    # it is dark there
+    # the halo around the outline: a few hundred bright pixels (none without it)
+    assert (luminance[changed] > 200).sum() > 200
+
+
+def test_the_validation_map_title_names_the_sample_and_its_time_when_given():
+    from climseg.monitor import validation_sample
+
+    x = torch.zeros(16, 8, 12)
+    y = pred = torch.zeros(8, 12, dtype=torch.uint8)
+    args = ((x, y, pred), None, np.zeros(16), np.ones(16), (8, 12, 16), 40)
+    assert validation_sample(*args)[3] == "TMQ, validation, step 40"
+    assert validation_sample(*args, path="v/data-2100-01-04-01-1.h5")[3] == \
+        "data-2100-01-04-01-1: 2100-01-04 03:00 (TMQ, validation, step 40)"

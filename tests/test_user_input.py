@@ -86,3 +86,53 @@ def test_typos_on_the_command_line_get_a_suggestion(args, line):
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and line in lines[0], out.stderr
+
+
+@pytest.mark.parametrize("args, line", [
+    (["evaluate", "--checkpoint", "a.pt", "--data", "x", "--batch-size", "0"],
+     "climseg evaluate: error: argument --batch-size: must be at least 1, got 0 "
+     "(see climseg evaluate --help)"),
+    (["check", "--data", "x", "--workers", "0"],
+     "climseg check: error: argument --workers: must be at least 1, got 0 "
+     "(see climseg check --help)"),
+    (["check", "--data", "x", "--workers", "-1"],
+     "climseg check: error: argument --workers: must be at least 1, got -1 "
+     "(see climseg check --help)"),
+    (["stage", "--data", "x", "--output", "y", "--workers", "two"],
+     "climseg stage: error: argument --workers: must be a whole number, got 'two' "
+     "(see climseg stage --help)"),
+    (["train", "--config", "ci", "--workers", "0"],
+     "climseg train: error: argument --workers: must be at least 1, got 0 "
+     "(see climseg train --help)"),
+    (["train", "--config", "ci", "--ouput", "runs/x"],
+     "climseg train: error: unrecognized arguments: --ouput; did you mean --output? "
+     "(see climseg train --help)"),
+])
+def test_impossible_numbers_and_unknown_flags_are_one_exact_line(args, line):
+    out = climseg(*args)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [line]
+
+
+def test_train_flags_are_the_config_keys_they_name():
+    from climseg.train_cli import parse_args
+
+    args = parse_args(["--config", "ci", "train.max_steps=3", "--data", "2024", "--output",
+                       "runs/x", "--workers", "3", "--quiet"])
+    cfg = load_config(args.config, args.overrides)
+    assert (cfg.data.root, cfg.output_dir, cfg.data.loader_threads) == ("2024", "runs/x", 3)
+    assert cfg.train.max_steps == 3 and args.quiet
+    # The flag is the last word: it wins over the same key given as an override.
+    args = parse_args(["--config", "ci", "--data", "/a", "data.root=/b"])
+    assert load_config(args.config, args.overrides).data.root == "/a"
+
+
+def test_usage_shows_required_flags_without_brackets():
+    from climseg.cli import ArgumentParser
+
+    p = ArgumentParser("split")
+    p.add_option("--data", "--input", required=True)
+    p.add_option("--output", required=False)
+    usage = p.format_usage()
+    assert "climseg split" in usage and " --data DATA " in usage
+    assert "[--output OUTPUT]" in usage and "--input" not in usage

@@ -1,4 +1,4 @@
-"""``python -m climseg.bench {step,loader,train,allreduce}``: how fast the step, the loader, the trainer run.
+"""``climseg bench {step,loader,train,allreduce}``: how fast the step, the loader, the trainer run.
 
 * ``step``: forward + backward + optimizer step on a synthetic batch resident on the device
   (bf16 autocast and channels_last on CUDA by default; ``--compile`` reports compile time).
@@ -12,8 +12,8 @@
   the time each step waits on the loader measured from outside.
 
 Each prints one table (samples/s, ms per step, MB/s read, data-wait share, peak memory,
-TFLOP/s) and, with ``--json PATH``, writes it as JSON. Tiny sizes run in seconds on a CPU, so
-CI smoke-tests every mode.
+TFLOP/s) and, with ``--output PATH`` (formerly ``--json``), writes it as JSON. Tiny sizes
+run in seconds on a CPU, so CI smoke-tests every mode.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from pathlib import Path
 
 from climseg import dist
 from climseg.atomic import atomic_path
+from climseg.cli import fail
 from climseg.bench.allreduce import allreduce_mode, format_summary
-from climseg.bench.common import environment, format_table, log, parse_args
+from climseg.bench.common import environment, format_table, parse_args
 from climseg.bench.loader import loader_mode
 from climseg.bench.step import step_mode
 from climseg.bench.train import train_mode
-from climseg.config import ConfigError
-from climseg.data.format import DataError
+from climseg.errors import RUN_ERRORS, DivergenceError, RunError
 
 MODES = {"step": step_mode, "loader": loader_mode, "train": train_mode,
          "allreduce": allreduce_mode}
@@ -40,12 +40,12 @@ MODES = {"step": step_mode, "loader": loader_mode, "train": train_mode,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         results, summary = MODES[args.mode](args)
-    except (ConfigError, DataError) as err:
-        log.error("error: %s", err)
-        return 2
+    except RUN_ERRORS + (RunError, DivergenceError) as err:   # bench train: the trainer's
+        return fail(f"bench {args.mode}", str(err))
     if args.mode == "allreduce":
         if not dist.is_primary():
             return 0
@@ -56,11 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"climseg best ({summary['climseg_best']}) / reference best "
               f"({summary['reference_best']}): {summary['speedup']:.2f}x (medians); per repeat: "
               + ", ".join(f"{s:.2f}x" for s in summary["speedup_per_repeat"]))
-    if args.json:
+    if args.output:
         record = {"mode": args.mode, "argv": sys.argv if argv is None else argv,
                   "environment": environment(), "summary": summary,
                   "results": [asdict(r) for r in results]}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(Path(args.json)) as tmp:
-            tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        try:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(Path(args.output)) as tmp:
+                tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        except OSError as err:
+            return fail(f"bench {args.mode}", f"{args.output}: cannot write the results: "
+                                              f"{err.strerror or err}")
     return 0

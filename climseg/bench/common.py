@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from climseg.cli import ArgumentParser, positive_int
 from climseg.config import PRECISIONS
 from climseg.data.format import HEIGHT, WIDTH
 
@@ -107,7 +108,7 @@ CHANNELS_LAST = {"auto": None, "on": True, "off": False}
 
 
 def add_allreduce_parser(modes, common) -> None:
-    """``bench allreduce``'s command line (kept apart: parse_args stays readable)."""
+    """``bench allreduce``'s command line."""
     p = modes.add_parser("allreduce", help="the gradient allreduce alone, across the ranks it "
                          "is launched on (horovodrun, torchrun, srun): time and bus bandwidth")
     common(p)
@@ -123,33 +124,22 @@ def add_allreduce_parser(modes, common) -> None:
                    help="input channels of the model whose gradients are summed")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m climseg.bench",
-        description="Throughput of the training step, the data loader and the trainer; one "
-                    "table on stdout, JSON with --json. docs/performance.md has the commands "
-                    "behind every published figure.")
-    modes = parser.add_subparsers(dest="mode", required=True)
+def _precision_options(p) -> None:
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="as train.precision (auto: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--channels-last", default="auto", choices=tuple(CHANNELS_LAST),
+                   help="model input layout, as train.channels_last (auto: on CUDA only)")
 
-    def common(p, device=True):
-        if device:
-            p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
-        p.add_argument("--steps", type=int, default=20, help="measured steps/batches per run")
-        p.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
 
-    def precision_options(p):
-        p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                       help="as train.precision (auto: bf16 on CUDA, fp32 on the CPU)")
-        p.add_argument("--channels-last", default="auto", choices=tuple(CHANNELS_LAST),
-                       help="model input layout, as train.channels_last (auto: on CUDA only)")
-
+def add_step_parser(modes, common) -> None:
     p = modes.add_parser("step", help="training step on a synthetic batch on the device")
     common(p)
     p.add_argument("--warmup", type=int, default=3, help="steps before timing (>= 1)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--size", type=int, nargs=2, default=[HEIGHT, WIDTH], metavar=("H", "W"))
-    p.add_argument("--in-channels", type=int, default=16)
-    precision_options(p)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--size", type=positive_int, nargs=2, default=[HEIGHT, WIDTH],
+                   metavar=("H", "W"))
+    p.add_argument("--in-channels", type=positive_int, default=16)
+    _precision_options(p)
     p.add_argument("--channels-last-weights", action="store_true",
                    help="also convert the weights to channels_last (the trainer does not: "
                         "Horovod refuses non-contiguous tensors); to compare layouts")
@@ -158,42 +148,76 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sync-each-step", action="store_true",
                    help="synchronize the device after every step (per-step times)")
 
+
+def add_loader_parser(modes, common) -> None:
     p = modes.add_parser("loader", help="BatchLoader vs the reference-style DataLoader")
     common(p)
-    p.add_argument("--data", required=True, help="folder of data-*.h5 files (a split)")
+    p.add_option("--data", required=True,
+                 help="data-set root (or, as before, a split folder of data-*.h5 files)")
+    p.add_argument("--split", default=None, help="split folder under --data (default train)")
     p.add_argument("--stats", help="stats.h5 (default: DATA/stats.h5 or DATA/../stats.h5)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--warmup", type=int, default=None,
                    help="batches before timing (default: one epoch)")
-    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"))
+    p.add_argument("--crop", type=positive_int, nargs=2, metavar=("H", "W"))
     p.add_argument("--channels", type=int, nargs="+", help="channel indices (default: all)")
-    p.add_argument("--threads", type=int, nargs="+", default=[2, 4],
-                   help="BatchLoader thread counts to try")
-    p.add_argument("--prefetch", type=int, default=2)
-    precision_options(p)
+    p.add_workers("BatchLoader reader threads; several counts are each timed", [2, 4],
+                  "--threads", nargs="+", shown="2 4")
+    p.add_argument("--prefetch", type=positive_int, default=2)
+    _precision_options(p)
     p.add_argument("--ref-workers", type=int, nargs="+", default=[1, 2, 4],
-                   help="reference DataLoader worker counts to try (0: main process)")
+                   help="reference DataLoader worker processes to try (0: main process)")
     p.add_argument("--no-reference", action="store_true")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved runs; median reported")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="interleaved runs; median reported")
     p.add_argument("--cold", action="store_true",
                    help="evict the files from the page cache before each run and time one "
                         "pass over them")
 
-    add_allreduce_parser(modes, common)
 
+def add_train_parser(modes, common) -> None:
     p = modes.add_parser("train", help="the real trainer for N steps on staged data (it picks "
                          "the device: CUDA when present)")
     common(p, device=False)
     p.add_argument("--config", required=True, help="YAML config, e.g. yaml/workstation.yaml")
+    p.add_option("--data", help="data-set root (data.root=...)")
+    p.add_workers("reader threads (data.loader_threads=...)", None, shown="the config's")
     p.add_argument("--warmup", type=int, default=2, help="steps before timing")
-    p.add_argument("--output-dir", help="keep the run here (default: a temporary folder)")
+    p.add_option("--run-dir", "--output-dir",
+                 help="keep the trainer's run folder here (default: a temporary folder, "
+                      "deleted at the end)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. data.root=/dev/shm/cam")
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
+                   help="config overrides, e.g. train.local_batch_size=4")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(
+        "bench",
+        description="Throughput of the training step, the data loader and the trainer; one "
+                    "table on stdout, JSON with --output. docs/performance.md has the commands "
+                    "behind every published figure.")
+    modes = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
+
+    def common(p, device=True):
+        if device:
+            p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N")
+        p.add_argument("--steps", type=positive_int, default=20,
+                       help="measured steps/batches per run")
+        p.add_option("--output", "--json", metavar="PATH",
+                     help="also write the results as JSON to this file")
+        p.add_quiet("no log lines on stderr, only warnings and errors (the table stays)")
+
+    add_step_parser(modes, common)
+    add_loader_parser(modes, common)
+    add_allreduce_parser(modes, common)
+    add_train_parser(modes, common)
+    args, extra = parser.parse_known_args(argv)
+    mode = modes.choices[args.mode]
+    if extra:   # the mode's parser names it, with its own flags to suggest
+        mode.error(f"unrecognized arguments: {' '.join(extra)}")
+    mode.check_required(args)
     if args.warmup is not None and args.warmup < 0:
-        parser.error("--warmup must be at least 0")
+        mode.error(f"argument --warmup: must be at least 0, got {args.warmup}")
     if args.mode == "step" and args.warmup < 1:
-        parser.error("step: --warmup must be >= 1 (the first step is timed on its own)")
+        mode.error("argument --warmup: must be at least 1 (the first step is timed on its own)")
     return args

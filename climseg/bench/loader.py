@@ -15,7 +15,7 @@ import torch
 
 from climseg.bench.common import (CHANNELS_LAST, MB, Result, log, peak_memory_gib, pick_device,
                                   reset_peak_memory, synchronize)
-from climseg.data.format import DATA_KEY, LABEL_KEY, DataError
+from climseg.data.format import DATA_KEY, FILE_GLOB, LABEL_KEY, DataError
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files
 from climseg.data.stats import channel_indices, normalization, read_stats
@@ -102,6 +102,7 @@ def loader_mode(args) -> tuple[list[Result], dict[str, Any]]:
     # The layout the trainer hands the model (train.precision and train.channels_last), so
     # that a loader's lead is not counted when the trainer would spend it re-laying out.
     prec = Precision.build(device, args.precision, CHANNELS_LAST[args.channels_last])
+    args.data = split_folder(args.data, args.split)
     files = list_files(args.data)
     channels = None if args.channels is None else channel_indices(args.channels)
     shift, scale, norm_note = bench_normalization(args, channels)
@@ -143,7 +144,7 @@ def loader_mode(args) -> tuple[list[Result], dict[str, Any]]:
             generator=generator)
         return lambda epoch: iter(loader)
 
-    configs = [(f"climseg BatchLoader, {t} threads", ours, t) for t in args.threads]
+    configs = [(f"climseg BatchLoader, {t} threads", ours, t) for t in args.workers]
     if not args.no_reference:
         configs += [(f"reference DataLoader, {w} workers", reference, w)
                     for w in args.ref_workers]
@@ -164,6 +165,15 @@ def loader_mode(args) -> tuple[list[Result], dict[str, Any]]:
                "sample_mb": sample_mb, "device": str(device),
                "model_input": "channels_last" if prec.channels_last else "NCHW", **ranking}
     return results, summary
+
+
+def split_folder(data: str, split: str | None) -> Path:
+    """``--data ROOT [--split NAME]``: ROOT/NAME (train by default), as every command reads a
+    data-set root; ``--data`` naming a split folder itself (the older spelling) still works."""
+    root = Path(data)
+    if split is None and not (root / "train").is_dir() and any(root.glob(FILE_GLOB)):
+        return root
+    return root / (split or "train")
 
 
 def bench_normalization(args, channels):

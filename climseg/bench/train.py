@@ -4,6 +4,8 @@ outside."""
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -49,23 +51,75 @@ class _TimedIterator:
         return batch
 
     def close(self):
+        # The trainer closes an epoch's iterator right after that epoch's last step (and its
+        # log sync): the end of the last period, so no extra step is needed to time it.
         self._inner.close()
+        self._record.append((self._epoch, time.perf_counter(), None))
+
+
+class _HideFolder(logging.Filter):
+    """Writes a temporary run folder as ``<temporary run folder>`` in log lines: the folder is
+    deleted when the bench ends, so a path into it would point at nothing."""
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.folder in message:
+            record.msg, record.args = message.replace(self.folder, "<temporary run folder>"), ()
+        return True
+
+
+@contextlib.contextmanager
+def _run_folder(keep: str | None):
+    """``--run-dir``, or a temporary folder deleted at the end whose path is never printed."""
+    if keep:
+        yield keep
+        return
+    with tempfile.TemporaryDirectory(prefix="climseg-bench-") as folder:
+        hide = _HideFolder(folder)
+        handlers = logging.getLogger().handlers
+        for handler in handlers:
+            handler.addFilter(hide)
+        try:
+            yield folder
+        finally:
+            for handler in handlers:
+                handler.removeFilter(hide)
+
+
+def step_periods(record: list, skip: int) -> tuple[list[float], list[float]]:
+    """Each batch's period (from asking for it to asking for the next one, or to its epoch's
+    close) and its wait (the time in next()), after the first ``skip`` batches. Periods never
+    span an epoch end: that would count validation."""
+    periods, waits = [], []
+    batches = [i for i, event in enumerate(record) if event[2] is not None]
+    for i in batches[skip:]:
+        if i + 1 == len(record):   # an iterator never closed (a failed run): no end
+            break
+        (epoch, asked, got), (next_epoch, end, _) = record[i], record[i + 1]
+        if epoch == next_epoch:
+            periods.append(end - asked)
+            waits.append(got - asked)
+    return periods, waits
 
 
 def train_mode(args) -> tuple[list[Result], dict[str, Any]]:
     dist.init()
-    # A step is timed from asking for its batch to asking for the next one: one extra step.
-    total_steps = args.warmup + args.steps + 1
-    with contextlib.ExitStack() as stack:
-        output_dir = args.output_dir or stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="climseg-bench-"))
-        overrides = list(args.overrides) + [
-            f"output_dir={output_dir}", f"train.max_steps={total_steps}",
+    total_steps = args.warmup + args.steps
+    flags = [f"data.root={json.dumps(args.data)}"] if args.data is not None else []
+    if args.workers is not None:
+        flags.append(f"data.loader_threads={args.workers}")
+    with _run_folder(args.run_dir) as output_dir:
+        overrides = list(args.overrides) + flags + [
+            f"output_dir={json.dumps(output_dir)}", f"train.max_steps={total_steps}",
             "train.validation_frequency=0", "train.save_frequency=0", "train.target_iou=0.0",
             f"train.log_frequency={total_steps}",
             f"data.max_validation_samples={dist.size()}"]
         cfg = load_config(args.config, overrides)
-        record: list[tuple[int, float, float]] = []
+        record: list[tuple[int, float, float | None]] = []
         field: list[int] = []  # the samples' (H, W), as the loader found them
 
         def timed(data):
@@ -77,15 +131,8 @@ def train_mode(args) -> tuple[list[Result], dict[str, Any]]:
         reset_peak_memory(device)
         summary = trainer.train(cfg, on_data=timed)
 
-    # Step k's period runs from asking for batch k to asking for batch k+1 in the same epoch
-    # (periods across epoch ends would include validation); its wait is the time in next().
     accum = cfg.train.gradient_accumulation
-    periods, waits = [], []
-    for i in range(accum * args.warmup, len(record) - 1):
-        (epoch, asked, got), (next_epoch, next_asked, _) = record[i], record[i + 1]
-        if epoch == next_epoch:
-            periods.append(next_asked - asked)
-            waits.append(got - asked)
+    periods, waits = step_periods(record, accum * args.warmup)
     if not periods:
         raise DataError("train: no steps were measured; raise --steps or check the data root")
     bs = cfg.train.local_batch_size

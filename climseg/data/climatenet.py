@@ -17,7 +17,6 @@ the file.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -167,19 +166,21 @@ def convert_folder(in_dir: str | Path, out_dir: str | Path, force: bool = False,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="convert-climatenet",
+    from climseg.cli import ArgumentParser, fail
+
+    parser = ArgumentParser(
+        "convert-climatenet",
         description="Convert ClimateNet's expert-labelled netCDF4 files (one CAM5 time step "
                     "each) into climseg samples: one data-*.h5 per input file.",
-        epilog="Example: python tools/convert_climatenet.py --data climatenet/train "
+        epilog="Example: climseg convert-climatenet --data climatenet/train "
                "--output data/climatenet/train-all")
-    parser.add_argument("--data", "--input", dest="data", type=Path, required=True,
-                        help="folder of ClimateNet *.nc files")
-    parser.add_argument("--output", "--out", dest="output", type=Path, required=True,
-                        help="folder for the climseg samples (created)")
+    parser.add_option("--data", "--input", type=Path, required=True,
+                      help="folder of ClimateNet *.nc files")
+    parser.add_option("--output", "--out", type=Path, required=True,
+                      help="folder for the climseg samples (created)")
     parser.add_argument("--force", action="store_true",
                         help="delete data-*.h5 files already in --output first")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_quiet()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(message)s")
@@ -187,11 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         paths = convert_folder(args.data, args.output, force=args.force,
                                progress=not args.quiet)
     except (DataError, OSError) as err:
-        print(f"convert-climatenet: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return fail("convert-climatenet", str(err).splitlines()[0])
     log.info("converted %d ClimateNet files into %s", len(paths), args.output)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

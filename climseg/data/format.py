@@ -12,8 +12,10 @@ Every problem with an input raises :class:`DataError` with one line naming the f
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import os
+import re
 import sys
 import threading
 import time
@@ -41,10 +43,29 @@ DEEPCAM_WEIGHT_POW = -0.125
 DATA_KEY = "climate/data"
 LABEL_KEY = "climate/labels_0"
 FILE_GLOB = "data-*.h5"
+# data-YYYY-MM-DD-HH-N: as in DeepCAM, HH is the 3-hourly step of the day (0-7) and N the
+# ensemble member; converted ClimateNet files add _K (data-2011-06-01-01-1_0).
+_SAMPLE_NAME = re.compile(r"data-(\d{4})-(\d{2})-(\d{2})-(\d{2})-\d+(?:_\d+)?")
+HOURS_PER_STEP = 3
 
 
 class DataError(ValueError):
     """A bad input file or folder; the message is one line naming it and the problem."""
+
+
+def sample_time(path: str | os.PathLike) -> dt.datetime | None:
+    """The time a sample's name ``data-YYYY-MM-DD-HH-N.h5`` gives (hour 3 x HH), or None when
+    the name gives none: another name, a step past 7, a day that does not exist."""
+    match = _SAMPLE_NAME.fullmatch(Path(path).stem)
+    if match is None:
+        return None
+    year, month, day, step = (int(g) for g in match.groups())
+    if step * HOURS_PER_STEP >= 24:
+        return None
+    try:
+        return dt.datetime(year, month, day, step * HOURS_PER_STEP)
+    except ValueError:  # 2100-02-30: not a day
+        return None
 
 
 def _open(path: str | os.PathLike) -> h5py.File:

@@ -34,8 +34,8 @@ def make_synthetic_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--height", type=int, default=HEIGHT, help=f"rows (default {HEIGHT})")
     p.add_argument("--width", type=int, default=WIDTH, help=f"columns (default {WIDTH})")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="generator processes (default: CPU count, at most 8)")
+    p.add_workers("generator processes, each writing one sample at a time",
+                  min(8, os.cpu_count() or 1), shown="CPU count, at most 8")
     p.add_argument("--force", action="store_true",
                    help="delete data-*.h5 files already in --output first")
     p.add_quiet()
@@ -136,11 +136,11 @@ def check_main(argv: list[str] | None = None) -> int:
         "labels.\n\nPrints one line per bad file and a summary on stdout. Exit status: 0 all "
         "good, 1 some\nfile is bad, 2 nothing to check (no such folder, no files).\n\n"
         "Example: climseg check --data data/cam"))
-    p.add_option("--data", type=Path, help="a data-set root, split folder or file")
+    p.show_required(p.add_option("--data", type=Path,
+                                 help="a data-set root, split folder or file (required)"))
     # The older spelling: the root as a positional argument.
     p.add_argument("root", nargs="?", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--workers", type=int, default=None,
-                   help="parallel worker processes (default: CPU count)")
+    p.add_workers("checking processes", None)
     p.add_quiet()
     args = p.parse_args(argv)
     if args.data is not None and args.root is not None and args.data != args.root:
@@ -205,7 +205,7 @@ def stage_main(argv: list[str] | None = None) -> int:
                  help="node-local folder to fill")
     p.add_argument("--splits", nargs="+", default=["train", "validation"],
                    help="splits to stage (default: train validation)")
-    p.add_argument("--workers", type=int, default=4, help="copy threads (default 4)")
+    p.add_workers("copy threads", 4)
     p.add_argument("--force", action="store_true",
                    help="empty --output first when it was staged from another source (or "
                         "holds files no stage recorded); without it such a folder is refused")
