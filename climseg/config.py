@@ -95,12 +95,14 @@ class ModelConfig:
     in_channels: int | None = None       # null: the number of channels data.channels selects
     num_classes: int = 3
     class_names: list[str] | None = None  # for reports; null: DeepCAM's three classes
+    width: float = 1.0                   # channel multiplier; 1.0 = the reference's DeepLabv3+
 
     def __post_init__(self):
         _choice(self.name, "model.name", MODEL_NAMES)
         _require(self.in_channels is None or self.in_channels > 0, "model.in_channels",
                  "must be positive or null")
         _require(self.num_classes >= 2, "model.num_classes", "must be at least 2")
+        _require(0 < self.width <= 4, "model.width", f"must be in (0, 4], got {self.width}")
         if self.class_names is None:
             _require(self.num_classes == len(CLASS_NAMES), "model.class_names",
                      f"must name the {self.num_classes} classes when model.num_classes is not "
@@ -114,7 +116,7 @@ class ModelConfig:
     def build_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``climseg.model.build_model`` (the names are for reports)."""
         return {"name": self.name, "in_channels": self.in_channels,
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "width": self.width}
 
 
 @dataclass

@@ -85,6 +85,10 @@ DESCRIPTIONS: dict[str, str] = {
     "model.class_names": "Names in reports (TensorBoard `eval/iou_<name>`, the console); "
                          "`null` = `background`, `tropical_cyclone`, `atmospheric_river`, and "
                          "required when `model.num_classes` is not 3.",
+    "model.width": "Channel multiplier of the backbone, ASPP and decoder (depth and output "
+                   "stride stay); `1.0` = the reference's DeepLabv3+ (56.5M parameters, "
+                   "the MLPerf closed division needs it). The test suite trains `0.25` "
+                   "(3.6M): a step and a checkpoint cost a fraction.",
     "loss.class_frequencies": "Pixel frequencies of background, TC and AR in the real "
                               "training set (0.98627, 0.00046, 0.01327, from the MLPerf "
                               "reference), one per class.",

@@ -117,8 +117,10 @@ def model_from_checkpoint(ckpt: dict[str, Any], cfg: Config, source: str,
     describe, in eval mode."""
     m = cfg.model
     described = f"model {m.name}, {m.in_channels} -> {m.num_classes} channels"
+    if m.width != 1:
+        described += f", width {m.width:g}"
     try:
-        model = build_model(name=m.name, in_channels=m.in_channels, num_classes=m.num_classes)
+        model = build_model(**m.build_kwargs())
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: cannot build the {described}: {err}") from None
     state = _strip_wrappers(dict(ckpt["model"]))

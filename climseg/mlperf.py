@@ -110,6 +110,7 @@ def mlperf_division(cfg, train_samples: int, eval_samples: int) -> Division:
          f"data.normalization: {d.normalization}; the reference uses minmax")
     need(m.name == "deeplabv3plus" and m.num_classes == 3,
          f"model: {m.name} with {m.num_classes} classes; the reference is deeplabv3plus, 3")
+    need(m.width == 1, f"model.width: {m.width}; the reference's channels are width 1")
     need([float(f) for f in loss.class_frequencies] == list(DEEPCAM_CLASS_FREQUENCIES)
          and loss.weight_pow == DEEPCAM_WEIGHT_POW,
          "loss: class weights differ from the reference's")

@@ -158,8 +158,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.steps_per_epoch = len(self.data.train) // self.accum
         self.max_steps = t.max_steps or t.max_epochs * self.steps_per_epoch
-        self.tflop_per_sample = tflop_per_sample(*(cfg.data.crop or
-                                                   self.data.train.full_shape[:2]))
+        self.tflop_per_sample = tflop_per_sample(
+            *(cfg.data.crop or self.data.train.full_shape[:2]), cfg.model.width)
         topology = launch_topology(dist.allgather_object(this_rank(self.device.type),
                                                          name="topology"))
         if self.monitor.primary and self.monitor.metrics is None:

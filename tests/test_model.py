@@ -117,6 +117,8 @@ def test_unknown_name_is_rejected():
     ({"num_classes": 1}, "model.num_classes"),
     ({"num_classes": 2.5}, "model.num_classes"),
     ({"dropout": 0.1}, "model.dropout"),
+    ({"width": 0}, "model.width"),
+    ({"width": "half"}, "model.width"),
 ])
 def test_bad_options_are_rejected(kwargs, key):
     with pytest.raises(ValueError, match=key):
@@ -125,3 +127,17 @@ def test_bad_options_are_rejected(kwargs, key):
 
 def test_builder_returns_the_reference_architecture():
     assert isinstance(build_model(), DeepLabV3Plus)
+
+
+def test_a_narrower_model_is_the_same_network_with_scaled_channels(model):
+    """model.width (the suite trains 0.25): the same layers in the same order, every channel
+    count but the input's and the classes' scaled, and the same output."""
+    narrow = build_model(width=0.25)
+    wide_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    narrow_shapes = {k: v.shape for k, v in narrow.state_dict().items()}
+    assert list(narrow_shapes) == list(wide_shapes)
+    assert narrow_shapes["backbone.stem.0.weight"] == (8, 16, 3, 3)      # 32 x 0.25 from 16 in
+    assert narrow_shapes["backbone.exit_convs.6.pointwise.weight"][0] == 512  # 2048 x 0.25
+    assert narrow_shapes["decoder.classifier.weight"][1] == 3
+    assert sum(p.numel() for p in narrow.parameters()) == 3_623_628
+    assert narrow(torch.zeros(1, 16, 32, 48)).shape == (1, 3, 32, 48)

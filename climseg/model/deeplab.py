@@ -34,6 +34,12 @@ _ASPP_CHANNELS = 256
 _LOW_LEVEL_CHANNELS = 48
 
 
+def scaled(channels: int, width: float) -> int:
+    """A reference channel count at ``width`` (a multiplier), never below 4; at 1.0 exactly
+    the reference's."""
+    return max(4, round(channels * width))
+
+
 def _bn_relu(channels: int) -> list[nn.Module]:
     return [nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
 
@@ -97,11 +103,12 @@ class AlignedXception(nn.Module):
     entry block (128 channels) that the decoder fuses.
     """
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, width: float = 1.0):
         super().__init__()
-        c1, c2 = _STEM_CHANNELS
-        e1, e2, e3 = _ENTRY_CHANNELS
-        x1, x2, x3, x4 = _EXIT_CHANNELS
+        c1, c2 = (scaled(c, width) for c in _STEM_CHANNELS)
+        e1, e2, e3 = (scaled(c, width) for c in _ENTRY_CHANNELS)
+        x1, x2, x3, x4 = (scaled(c, width) for c in _EXIT_CHANNELS)
+        self.out_channels, self.low_level_channels = x4, e1
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, c1, 3, stride=2, padding=1, bias=False), *_bn_relu(c1),
             nn.Conv2d(c1, c2, 3, padding=1, bias=False), *_bn_relu(c2))
@@ -223,18 +230,23 @@ class DeconvDecoder(nn.Module):
 
 
 class DeepLabV3Plus(nn.Module):
-    """DeepLabv3+ (aligned Xception, output stride 16, deconvolution decoder)."""
+    """DeepLabv3+ (aligned Xception, output stride 16, deconvolution decoder).
 
-    def __init__(self, in_channels: int = 16, num_classes: int = 3):
+    ``width`` multiplies every channel count but the input's and the classes' (1.0: the
+    reference). Narrower models keep the architecture, depth and output stride; the test suite
+    trains them, so that a step and a checkpoint cost a fraction of the reference's."""
+
+    def __init__(self, in_channels: int = 16, num_classes: int = 3, width: float = 1.0):
         super().__init__()
         self.in_channels = in_channels
         self.num_classes = num_classes
-        self.backbone = AlignedXception(in_channels)
-        self.aspp = ASPP(_EXIT_CHANNELS[-1], _ASPP_CHANNELS)
+        self.width = width
+        self.backbone = AlignedXception(in_channels, width)
+        aspp, low = scaled(_ASPP_CHANNELS, width), scaled(_LOW_LEVEL_CHANNELS, width)
+        self.aspp = ASPP(self.backbone.out_channels, aspp)
         self.low_level = nn.Sequential(
-            nn.Conv2d(_ENTRY_CHANNELS[0], _LOW_LEVEL_CHANNELS, 1, bias=False),
-            *_bn_relu(_LOW_LEVEL_CHANNELS))
-        self.decoder = DeconvDecoder(_ASPP_CHANNELS, _LOW_LEVEL_CHANNELS, num_classes)
+            nn.Conv2d(self.backbone.low_level_channels, low, 1, bias=False), *_bn_relu(low))
+        self.decoder = DeconvDecoder(aspp, low, num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -263,7 +275,7 @@ MODELS = {
 
 
 def build_model(name: str = "deeplabv3plus", in_channels: int = 16, num_classes: int = 3,
-                **kwargs) -> nn.Module:
+                width: float = 1.0, **kwargs) -> nn.Module:
     """Build a segmentation model from the `model` config section.
 
     Raises ValueError naming the config key for an unknown name, a bad channel count or an
@@ -276,6 +288,9 @@ def build_model(name: str = "deeplabv3plus", in_channels: int = 16, num_classes:
             raise ValueError(f"model.{key}: must be a positive integer, got {value!r}")
     if num_classes < 2:
         raise ValueError(f"model.num_classes: need at least 2 classes, got {num_classes}")
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 4:
+        raise ValueError(f"model.width: must be a number in (0, 4], got {width!r}")
     for key in kwargs:
         raise ValueError(f"model.{key}: unknown option for model {name!r}")
-    return MODELS[name](in_channels=in_channels, num_classes=num_classes)
+    options = {"width": float(width)} if width != 1 else {}  # other models may not take it
+    return MODELS[name](in_channels=in_channels, num_classes=num_classes, **options)
