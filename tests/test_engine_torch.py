@@ -157,9 +157,10 @@ def test_accumulation_and_fp16_compression_under_torch(tiny_root, tmp_path):
                  "train.gradient_compression=fp16"))
     lp, lc = losses(plain), losses(packed)
     assert lp[1] == lc[1]  # the first loss comes before any reduced gradient
-    # fp16 gradients move the step-2 loss (the hook is on) by rounding only: measured 2e-6
-    # relative, parameters 3e-3 apart after 2 AdamW steps of lr 0.002.
-    assert 0 < abs(lp[2] - lc[2]) <= 1e-4 * abs(lp[2])
+    # fp16 gradients move the run by rounding only: the step-2 loss within 1e-4 relative (at
+    # width 0.25 it can come out bit-identical), the parameters apart (the hook is on) by at
+    # most 1e-2 after 2 steps of lr 0.002.
+    assert abs(lp[2] - lc[2]) <= 1e-4 * abs(lp[2])
     assert 0 < max_weight_diff(plain, packed, buffers=False) <= 1e-2
 
 
@@ -185,10 +186,14 @@ def _rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     raise AssertionError(f"no rank {rank} under the launcher")
 
 
-def test_sigterm_to_one_rank_stops_all_and_resume_crosses_engines(tiny_root, tmp_path, runs):
+def test_sigterm_to_one_rank_stops_all_and_resume_crosses_engines(tiny_root, tmp_path):
+    # A run far longer than the wait for its step 2, so the signal always lands mid-run
+    # (a step of ci.yaml's narrow model takes a fraction of a second); the resumed runs then
+    # stop 2 steps past the stop and are compared with an uninterrupted run of that length.
     stopped = tmp_path / "stopped"
+    longer = ["train.max_steps=100000", "train.max_epochs=100000"]
     proc = subprocess.Popen(TORCHRUN + ["2"] + _train_args("--engine", "torch",
-                                                           *_common(tiny_root, stopped)),
+                                                           *_common(tiny_root, stopped), *longer),
                             cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -203,20 +208,21 @@ def test_sigterm_to_one_rank_stops_all_and_resume_crosses_engines(tiny_root, tmp
     assert "stopped by SIGTERM (1 of 2 ranks)" in output, output[-3000:]
     assert "exitcode" not in output or "exitcode  : 3" in output, output[-3000:]
     step, _ = step_checkpoints(stopped)[-1]
-    assert 2 <= step < STEPS
+    assert step >= 2
     assert sorted(losses(stopped)) == list(range(1, step + 1))
 
     # Resumed under the same engine, and a copy under the other: both continue exactly.
-    other = tmp_path / "other"
+    end = [f"train.max_steps={step + 2}", "train.max_epochs=100000"]
+    other, whole = tmp_path / "other", tmp_path / "whole"
     shutil.copytree(stopped, other)
-    _ok(torchrun(2, *_common(tiny_root, stopped), "resume=auto"))
-    _ok(horovodrun(2, *_common(tiny_root, other), "resume=auto"))
+    _ok(torchrun(2, *_common(tiny_root, stopped), *end, "resume=auto"))
+    _ok(horovodrun(2, *_common(tiny_root, other), *end, "resume=auto"))
+    _ok(torchrun(2, *_common(tiny_root, whole), *end))
     for resumed in (stopped, other):
-        assert sorted(losses(resumed)) == list(range(1, STEPS + 1))
+        assert sorted(losses(resumed)) == list(range(1, step + 3))
         # Parameters only: a resume broadcasts rank 0's batch-norm running statistics (the
         # stopped run saved them unaveraged), under either engine; the losses show the rest.
-        _assert_same_run(resumed, runs["torch"], steps=range(step + 1, STEPS + 1),
-                         buffers=False)
+        _assert_same_run(resumed, whole, steps=range(step + 1, step + 3), buffers=False)
 
 
 def test_batchnorm_groups_of_two_on_four_torch_ranks(tmp_path):
