@@ -19,9 +19,17 @@ class DivergenceError(RuntimeError):
     """A non-finite loss, gradient or weight: the run cannot go on; the message says where."""
 
 
+class ReportError(OSError):
+    """Rank 0 cannot write its reports (TensorBoard, metrics.jsonl, the MLPerf log): a full
+    disk or a folder gone read-only; the message names the folder and the free space."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 class RunError(RuntimeError):
     """Another rank's one-line error, reported the same on every rank."""
 
 
 # The errors a rank reports as one line and exit status 2.
-RUN_ERRORS = (ConfigError, DataError, CheckpointError, RunLockError)
+RUN_ERRORS = (ConfigError, DataError, CheckpointError, RunLockError, ReportError)

@@ -141,6 +141,14 @@ _MLPERF_SCHEDULER = {"multistep": "multistep", "cosine": "cosine_annealing", "co
 _MLPERF_OPTIMIZER = {"lamb": "LAMB", "adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
 
 
+class _RaisingFileHandler(logging.FileHandler):
+    """A failed write (a full disk) raises to the caller, which reports it in one line;
+    logging's own handler would print a traceback and let the log lose lines silently."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        raise  # emit()'s exception, still being handled
+
+
 class MLPerfLog:
     """The MLPerf HPC DeepCAM log of one run segment, written with ``mlperf-logging``'s mllog.
 
@@ -176,7 +184,7 @@ class MLPerfLog:
             logger.removeHandler(handler)
             handler.close()
         # "x": a segment never appends to, or overwrites, another segment's log.
-        self._handler = logging.FileHandler(self.path, mode="x")
+        self._handler = _RaisingFileHandler(self.path, mode="x")
         logger.addHandler(self._handler)
         self.mllogger = mllog.get_mllogger()
         if self.mllogger.logger is not logger:

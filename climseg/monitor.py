@@ -15,6 +15,7 @@ Epochs are 0-based here, as the trainer counts them, and 1-based in what is repo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -27,8 +28,10 @@ from typing import Any, Iterable, Iterator
 import torch
 import yaml
 
+from climseg.atomic import write_failure
 from climseg.config import Config, ConfigError, save_config
 from climseg.data.format import CHANNELS
+from climseg.errors import ReportError
 from climseg.mlperf import MLPerfLog, Topology, mlperf_log_path
 from climseg.tensorboard import TensorBoard, hparams_of, run_name
 
@@ -40,6 +43,7 @@ class MetricsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        _drop_partial_line(self.path)
         self._f = open(self.path, "a")
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
@@ -48,6 +52,33 @@ class MetricsFile:
 
     def close(self) -> None:
         self._f.close()
+
+    def abandon(self) -> None:
+        """A write failed: close without retrying it (a failed flush would be tried again,
+        and fail again, when the file is closed at exit)."""
+        with contextlib.suppress(OSError):
+            self._f.close()
+
+
+def _drop_partial_line(path: Path) -> None:
+    """A segment that ended on a full disk can leave half a line at the end: cut it, so the
+    next segment's lines start on a line of their own and every line stays JSON."""
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(max(0, size - (1 << 16)))
+        tail = f.read()
+        if tail.endswith(b"\n"):
+            return
+        keep = size - len(tail) + tail.rfind(b"\n") + 1
+        f.truncate(keep)
+        log.warning("%s: removed a partial last line (%d bytes) left by a segment that could "
+                    "not finish writing it", path, size - keep)
 
 
 class DataWait:
@@ -76,6 +107,27 @@ class DataWait:
         result = (self._waited, now - self._window_start)
         self._waited, self._window_start = 0.0, now
         return result
+
+
+def _reports(method):
+    """Rank 0's reports are files in output_dir: a write that fails (a full disk, a folder gone
+    read-only) ends the run with one line naming the folder and its free space, as a failed
+    checkpoint does; the checkpoints already written stay as they were."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as err:
+            if isinstance(err, ReportError):
+                raise
+            for writer in (self.tb, self.metrics):
+                if writer is not None:
+                    writer.abandon()
+            self.tb = self.metrics = None
+            line = write_failure(self.output_dir / "its reports", err)
+            raise ReportError(f"{line}; the checkpoints written so far are intact (free space, "
+                              f"then resume=auto continues the run)") from None
+    return wrapper
 
 
 class RunMonitor:
@@ -117,6 +169,7 @@ class RunMonitor:
                  device, global_batch,
                  yaml.safe_dump(self.cfg.to_dict(), sort_keys=False).rstrip())
 
+    @_reports
     def run_start(self, topology: Topology, *, global_batch: int, batchnorm_group_size: int,
                   train_samples: int, eval_samples: int, resumed_from: Path | None) -> None:
         """Initialisation is over: the writers open (hyperparameters first, so that a run
@@ -141,14 +194,17 @@ class RunMonitor:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, step, epoch + 1, batch)
 
     # -- the loop ----------------------------------------------------------------------------
+    @_reports
     def epoch_start(self, epoch: int, step: int) -> None:
         if self.mlperf:
             self.mlperf.epoch_start(epoch + 1, step)
 
+    @_reports
     def epoch_stop(self, epoch: int, step: int) -> None:
         if self.mlperf:
             self.mlperf.epoch_stop(epoch + 1, step)
 
+    @_reports
     def train_window(self, step: int, max_steps: int, epoch: int, values: dict[str, float],
                      *, eta_seconds: float, data_wait_seconds: float, window_seconds: float,
                      device) -> None:
@@ -168,6 +224,7 @@ class RunMonitor:
                  values["iou"], values["lr"], values["samples_per_second"], 100 * wait,
                  duration(eta_seconds))
 
+    @_reports
     def eval_start(self, epoch: int, step: int, samples: int) -> None:
         if self.mlperf:
             self.mlperf.eval_start(epoch + 1, step)
@@ -187,6 +244,7 @@ class RunMonitor:
                 log.info("validation: %d/%d batches, %.1f batches/s, ETA %s", done, total,
                          rate, duration((total - done) / rate))
 
+    @_reports
     def eval_result(self, step: int, epoch: int, result: dict[str, Any], *,
                     target: float | None, sample=None) -> None:
         """A validation's result. ``sample`` is (field, truth, prediction, title, window) of
@@ -210,10 +268,12 @@ class RunMonitor:
                  step, result["loss"], result["mean_iou"], result["eval_accuracy"],
                  result["seconds"], ious)
 
+    @_reports
     def save_start(self, epoch: int, step: int) -> None:
         if self.mlperf:
             self.mlperf.save_start(epoch + 1, step)
 
+    @_reports
     def saved(self, epoch: int, step: int, path: Path | None) -> None:
         if self.mlperf:
             self.mlperf.save_stop(epoch + 1, step)
@@ -221,6 +281,7 @@ class RunMonitor:
             log.info("saved %s", path)
 
     # -- end ---------------------------------------------------------------------------------
+    @_reports
     def run_stop(self, summary: dict[str, Any], epoch: int) -> None:
         if self.primary:
             status = "success" if summary["stop_reason"] == "target_reached" else "aborted"

@@ -5,8 +5,10 @@ Built on rank 0 only (by :class:`climseg.monitor.RunMonitor`); it runs no collec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -55,6 +57,7 @@ class TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
+        _quiet_writer_thread_errors()
         self.run_dir = Path(log_dir) / name
         self.writer = SummaryWriter(log_dir=str(self.run_dir))
         values = {k: _hparam_value(v) for k, v in hparams.items()}
@@ -111,6 +114,29 @@ class TensorBoard:
         """Ends the HParams session (a killed run, which never gets here, has no end there)."""
         self.writer._get_file_writer().add_summary(self._session_end)
         self.writer.close()
+
+    def abandon(self) -> None:
+        """A write failed (a full disk): close the event file without another write, so
+        that nothing retries it at exit."""
+        with contextlib.suppress(OSError, ValueError):
+            self.writer.close()
+
+
+def _quiet_writer_thread_errors() -> None:
+    """TensorBoard writes events in a thread that keeps a failed write's error for the next
+    write on the main thread, which reports it in one line (climseg.monitor); the thread
+    also re-raises it, and Python's default hook would print its traceback beside that line."""
+    default = threading.excepthook
+    if getattr(default, "climseg_quiet", False):
+        return
+
+    def hook(args) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread"
+                and issubclass(args.exc_type, OSError)):
+            default(args)
+
+    hook.climseg_quiet = True
+    threading.excepthook = hook
 
 
 def _hparam_value(value: Any) -> int | float | str:

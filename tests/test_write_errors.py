@@ -7,6 +7,9 @@ and the atomic rename meet them.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +99,49 @@ def test_make_synthetic_on_a_full_disk_is_one_line(mount_tmpfs):
     assert line.startswith(f"climseg make-synthetic: error: {out / 'raw'}: cannot write data-")
     assert "(No space left on device); " in line and line.endswith(" KiB free there")
     assert not [p for p in (out / "raw").iterdir() if p.name.startswith(".")]  # no temporary
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow   # two short training runs
+def test_training_on_a_full_disk_is_one_line_and_the_checkpoints_stay(tiny_root, mount_tmpfs):
+    """The disk fills while the run's reports are written (TensorBoard's writer thread, the
+    metrics file, the MLPerf log): one line naming the folder and its free space, exit 2, no
+    traceback from any thread; the checkpoint written before is unchanged and, with space
+    again, ``resume=auto`` continues from it."""
+    # Room for two checkpoints (~42 MB each at ci.yaml's width): the resume at the end writes
+    # its own before it removes the one it resumed from.
+    out = mount_tmpfs("small", 128 << 20) / "run"
+
+    def train(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "climseg", "train", "--config", "ci",
+                               "--data", str(tiny_root), "--output", str(out), "--quiet",
+                               *overrides], capture_output=True, text=True, timeout=600)
+
+    first = train("train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (checkpoint,) = out.glob("ckpt-step*.pt")
+    before = _sha(checkpoint)
+    # Leave 64 KiB: enough for the next segment's start (config.yaml, a new MLPerf log, an
+    # event file), not for hundreds of steps' reports and validation maps.
+    filler = out.parent / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(out).free - (64 << 10))
+    full = train("resume=auto", "train.max_steps=2000", "train.max_epochs=1000")
+    assert full.returncode == 2, full.stderr[-2000:]
+    (line,) = full.stderr.strip().splitlines()
+    _clock, line = line.split(" ", 1)  # the run's log lines start with the time of day
+    assert line.startswith(f"error: {out}: cannot write its reports (No space left on device); ")
+    assert line.endswith(" free there; the checkpoints written so far are intact (free space, "
+                         "then resume=auto continues the run)"), line
+    assert _sha(checkpoint) == before
+    assert [p.name for p in out.glob("ckpt-step*.pt")] == [checkpoint.name]
+    filler.unlink()
+    again = train("resume=auto", "train.max_steps=4")
+    assert again.returncode == 0, again.stderr[-2000:]
+    kinds = [json.loads(row)["kind"] for row in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kinds[-1] == "summary"
