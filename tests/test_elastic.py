@@ -222,20 +222,23 @@ def _kill_a_rank(root: Path, out: Path, log: Path, rank: int, after_step: int,
 
 @pytest.fixture(scope="module")
 def survived(tiny_root, tmp_path_factory) -> tuple[Path, str, int]:
-    """A two-rank elastic run whose rank 0 is killed with SIGKILL once step 5 is logged (the
-    last commit: step 4)."""
+    """A two-rank elastic run whose rank 0 is killed with SIGKILL once step 5 is logged.
+    Commits every 3 steps: the roll-back goes to step 3 or 6, inside an epoch (16 samples,
+    global batch 4: epochs end at steps 4, 8, ...), so the redone steps must take up the
+    epoch's order where the commit left it."""
     require_horovod()
     base = tmp_path_factory.mktemp("elastic")
     out = base / "out"
     text, returncode = _kill_a_rank(tiny_root, out, base / "run.log", 0, 5,
-                                    f"train.max_steps={STEPS}", "train.elastic_commit_frequency=2")
+                                    f"train.max_steps={STEPS}", "train.elastic_commit_frequency=3")
     return out, text, returncode
 
 
 def test_elastic_run_survives_losing_rank_0_and_takes_a_rank_back(survived, uninterrupted):
     out, text, returncode = survived
     assert returncode == 0, text[-4000:]
-    assert re.search(r"elastic: a rank was lost; back to the commit at step \d+", text), text
+    back = re.search(r"elastic: a rank was lost; back to the commit at step (\d+)", text)
+    assert back and int(back[1]) % 4, text  # inside an epoch (the fixture's docstring)
     members = _members(text)
     # Two ranks, then the survivor alone as rank 0 (it took over the lock and the reports),
     # then two again once the killed rank's host came back from its cooldown.

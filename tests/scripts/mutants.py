@@ -47,13 +47,20 @@ MUTANTS = {
         ["tests/test_elastic.py::test_two_ranks_with_accumulation_2_train_as_one_process_with_accumulation_4",
          "tests/test_engine_torch.py::test_two_torch_ranks_match_one_process_with_accumulation",
          "tests/test_train.py::test_two_ranks_batchnorm_group_of_two_on_cpu"]),
-    "ranks-read-the-same-samples": (
+    "elastic-ranks-read-the-same-samples": (
         "climseg/data/loader.py",
         "positions = positions[:, rank::ranks].reshape(-1)",
         "positions = positions[:, 0::ranks].reshape(-1)",
-        "every rank reads rank 0's share of each global batch (wrong data order)",
-        ["tests/test_elastic.py::test_two_ranks_with_accumulation_2_train_as_one_process_with_accumulation_4",
-         "tests/test_engine_torch.py::test_two_torch_ranks_match_one_process_with_accumulation"]),
+        "every rank reads rank 0's share of each global batch of the elastic order (wrong "
+        "data order)",
+        ["tests/test_elastic.py::test_two_ranks_with_accumulation_2_train_as_one_process_with_accumulation_4"]),
+    "ranks-read-the-same-files": (
+        "climseg/data/partition.py",
+        "mine = list(files[rank::size])",
+        "mine = list(files[0::size])",
+        "every rank reads rank 0's files in a plain (not elastic) run (wrong data order)",
+        ["tests/test_engine_torch.py::test_two_torch_ranks_match_one_process_with_accumulation",
+         "tests/test_train.py::test_two_ranks_batchnorm_group_of_two_on_cpu"]),
 }
 
 
