@@ -70,6 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         if not dist.is_shutdown_error(err):
             raise
         # Another rank ended (its own error is its one line); this one was only told to stop.
-        log.error("error: stopped because another rank failed or stopped responding; its error, if any, is above")
+        log.error("error: %s", dist.shutdown_line())
         return EXIT_ERROR
     return EXIT_STOPPED if summary["stop_reason"].startswith("stopped") else EXIT_OK

@@ -7,6 +7,7 @@ run resumed with ``resume=auto`` must reproduce its losses step for step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -281,8 +282,47 @@ def test_a_fault_on_one_rank_mid_training_ends_every_rank_with_one_line(horovod,
     errors = {line[:3]: line.split("error: ", 1)[1] for line in _rank_lines(text)
               if "error: " in line}
     assert "truncated" in errors.get("[1]", "") and str(root / "train") in errors["[1]"], text
-    assert errors.get("[0]") == "stopped because another rank failed or stopped responding; its error, if any, is above", text
+    assert errors.get("[0]") == _silent_peer_line(ENV.get("HOROVOD_GLOO_TIMEOUT_SECONDS", "30")), text
     _assert_first_exit_is(proc.returncode, text, "2")
+
+
+def _silent_peer_line(seconds: str) -> str:
+    return ("stopped because another rank failed or stopped responding; its error, if any, is "
+            f"above (a rank silent for HOROVOD_GLOO_TIMEOUT_SECONDS={seconds} s ends the run: "
+            "Horovod's 'Timed out waiting' line above says so; raise it in horovodrun's "
+            "environment)")
+
+
+def test_a_frozen_rank_is_reported_as_a_timeout_with_its_knob(horovod, tiny_root, tmp_path):
+    """Rank 1 stopped (SIGSTOP) mid-run: Gloo's collective times out on rank 0 (5 s here), and
+    rank 0's line says that a silent rank can end the run and which setting waits longer.
+    Rank 1 is let go once rank 0 has said it, and ends on the shut-down as well."""
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    env = dict(ENV, HOROVOD_GLOO_TIMEOUT_SECONDS="5")
+    proc = subprocess.Popen(_hvd_cmd(tiny_root, out, "train.max_steps=100000",
+                                     "train.max_epochs=100000", "train.validation_frequency=0"),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    pid = None
+    try:
+        wait_for(lambda: _train_rows(out) >= 1, proc, log)
+        pid = _rank_pid(out, 1)
+        os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: any(line.startswith("[0]") and "error: " in line
+                             for line in _rank_lines(log.read_text())), proc, log)
+        os.kill(pid, signal.SIGCONT)
+        proc.wait(timeout=300)
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    errors = {line[:3]: line.split("error: ", 1)[1] for line in _rank_lines(text)
+              if "error: " in line}
+    assert "Timed out waiting" in text, text[-3000:]
+    assert errors.get("[0]") == _silent_peer_line("5"), text[-3000:]
+    assert "Traceback" not in "\n".join(_rank_lines(text)), text[-3000:]
 
 
 def test_a_field_of_another_size_is_named_at_start_up_with_every_bad_file(tiny_root, tmp_path):

@@ -227,6 +227,14 @@ def is_shutdown_error(err: BaseException) -> bool:
     return _engine is not None and _engine.is_shutdown_error(err)
 
 
+def shutdown_line() -> str:
+    """What a rank says after :func:`is_shutdown_error`: it did not fail itself, and how long
+    the engine waits for a rank that stops responding (the knob, where there is one)."""
+    line = "stopped because another rank failed or stopped responding; its error, if any, is above"
+    hint = getattr(_engine, "silent_peer_hint", None)
+    return f"{line} ({hint()})" if hint else line
+
+
 # -- training: the model and optimizer meet the engine only here -------------------------------
 
 def wrap_model(model: nn.Module, compression: str = "none") -> nn.Module:

@@ -10,6 +10,7 @@ whose hooks start each allreduce during backward); accumulation is its
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable
 
 import torch
@@ -85,6 +86,14 @@ def start_sum(tensor: torch.Tensor, name: str):
 
 def wait_sum(handle) -> torch.Tensor:
     return _hvd.synchronize(handle)
+
+
+def silent_peer_hint() -> str:
+    # A frozen rank (SIGSTOP, a hung node) makes a collective time out in Gloo; Horovod prints
+    # that wait ("Timed out waiting ...") above, and the others only learn of a shutdown.
+    seconds = os.environ.get("HOROVOD_GLOO_TIMEOUT_SECONDS", "30")
+    return (f"a rank silent for HOROVOD_GLOO_TIMEOUT_SECONDS={seconds} s ends the run: Horovod's "
+            f"'Timed out waiting' line above says so; raise it in horovodrun's environment")
 
 
 def is_shutdown_error(err: BaseException) -> bool:
