@@ -287,8 +287,10 @@ def test_two_node_sbatch_requeued_by_the_warning_signal_finishes_with_uninterrup
     # (measured: to the bit). Signalled after step 1, the run stops at step 2 or 3 (the stop
     # vote is read a step after it starts); 6 steps leave the second segment steps to take
     # even when the signal is slow to arrive.
+    # The reference width: ci.yaml's narrow model took all 6 steps in 2 s, before the signal
+    # reached the ranks (a fresh-clone CI run ended without a requeue).
     overrides = [f"train.max_steps={steps}", "train.log_frequency=1",
-                 f"train.validation_frequency={steps}", *EXACT]
+                 f"train.validation_frequency={steps}", "model.width=1", *EXACT]
     env = dict(cluster.env, DATA=str(data_root), CONFIG="yaml/ci.yaml", OUTPUT=str(out),
                STAGE_DIR=str(cluster.scratch / "requeue"), MAX_REQUEUES="3",
                VENV=str(Path(sys.executable).parent.parent))
