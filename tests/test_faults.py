@@ -282,7 +282,8 @@ def test_a_fault_on_one_rank_mid_training_ends_every_rank_with_one_line(horovod,
     errors = {line[:3]: line.split("error: ", 1)[1] for line in _rank_lines(text)
               if "error: " in line}
     assert "truncated" in errors.get("[1]", "") and str(root / "train") in errors["[1]"], text
-    assert errors.get("[0]") == _silent_peer_line(ENV.get("HOROVOD_GLOO_TIMEOUT_SECONDS", "30")), text
+    timeout = ENV.get("HOROVOD_GLOO_TIMEOUT_SECONDS", "30")
+    assert errors.get("[0]") == _silent_peer_line(timeout), text
     _assert_first_exit_is(proc.returncode, text, "2")
 
 

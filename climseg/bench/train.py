@@ -145,7 +145,8 @@ def train_mode(args) -> tuple[list[Result], dict[str, Any]]:
         name=f"train {Path(args.config).name}, {dist.size()} rank(s), local batch {bs}",
         samples_per_s=rate, ms_per_step=1e3 * seconds, batch_size=bs * accum * dist.size(),
         steps=len(periods) // accum, data_wait_share=sum(waits) / sum(periods),
-        peak_memory_gib=peak_memory_gib(device), tflops=rate * tflop_per_sample(*crop, cfg.model.width),
+        peak_memory_gib=peak_memory_gib(device),
+        tflops=rate * tflop_per_sample(*crop, cfg.model.width),
         extra={"trainer_summary": {k: summary[k] for k in ("steps", "stop_reason",
                                                              "wall_seconds")}})
     return [result], {"config": args.config, "overrides": args.overrides,

@@ -20,6 +20,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
+# The equivalence tests the mutants are run against.
+RESUME = "tests/test_train.py::test_resume_matches_uninterrupted_run"
+STOPPED = ("tests/test_faults.py::"
+           "test_stopped_run_resumes_with_the_losses_of_an_uninterrupted_run")
+REQUEUE = ("tests/test_launch.py::"
+           "test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses")
+ELASTIC_TWO_RANKS = ("tests/test_elastic.py::"
+                     "test_two_ranks_with_accumulation_2_train_as_one_process_with_accumulation_4")
+TORCH_TWO_RANKS = ("tests/test_engine_torch.py::"
+                   "test_two_torch_ranks_match_one_process_with_accumulation")
+BN_GROUP = "tests/test_train.py::test_two_ranks_batchnorm_group_of_two_on_cpu"
+
 # name: (file, the line as it is, the line broken, why it is a fault, tests that must fail)
 MUTANTS = {
     "resume-restarts-the-epoch": (
@@ -27,40 +39,33 @@ MUTANTS = {
         "starts = deque(range(start_batch * bs, len(plan), bs))",
         "starts = deque(range(0, len(plan), bs))",
         "a resumed run reads its epoch from the first batch again (wrong data order)",
-        ["tests/test_train.py::test_resume_matches_uninterrupted_run",
-         "tests/test_faults.py::test_stopped_run_resumes_with_the_losses_of_an_uninterrupted_run",
-         "tests/test_launch.py::test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses",
+        [RESUME, STOPPED, REQUEUE,
          "tests/test_elastic.py::test_elastic_run_survives_losing_rank_0_and_takes_a_rank_back"]),
     "a-step-lost-at-resume": (
         "climseg/checkpoint.py",
         "return Progress(**meta[\"progress\"])",
         "return Progress(**{**meta[\"progress\"], \"step\": meta[\"progress\"][\"step\"] + 1})",
         "the resumed run counts one step it never took (a skipped step)",
-        ["tests/test_train.py::test_resume_matches_uninterrupted_run",
-         "tests/test_faults.py::test_stopped_run_resumes_with_the_losses_of_an_uninterrupted_run",
-         "tests/test_launch.py::test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses"]),
+        [RESUME, STOPPED, REQUEUE]),
     "rank-1-does-not-train": (
         "climseg/engine.py",
         "scaled = loss / len(micro_batches)",
         "scaled = loss / len(micro_batches) * float(dist.rank() == 0)",
         "rank 1's samples add nothing to the gradient (an untrained rank)",
-        ["tests/test_elastic.py::test_two_ranks_with_accumulation_2_train_as_one_process_with_accumulation_4",
-         "tests/test_engine_torch.py::test_two_torch_ranks_match_one_process_with_accumulation",
-         "tests/test_train.py::test_two_ranks_batchnorm_group_of_two_on_cpu"]),
+        [ELASTIC_TWO_RANKS, TORCH_TWO_RANKS, BN_GROUP]),
     "elastic-ranks-read-the-same-samples": (
         "climseg/data/loader.py",
         "positions = positions[:, rank::ranks].reshape(-1)",
         "positions = positions[:, 0::ranks].reshape(-1)",
         "every rank reads rank 0's share of each global batch of the elastic order (wrong "
         "data order)",
-        ["tests/test_elastic.py::test_two_ranks_with_accumulation_2_train_as_one_process_with_accumulation_4"]),
+        [ELASTIC_TWO_RANKS]),
     "ranks-read-the-same-files": (
         "climseg/data/partition.py",
         "mine = list(files[rank::size])",
         "mine = list(files[0::size])",
         "every rank reads rank 0's files in a plain (not elastic) run (wrong data order)",
-        ["tests/test_engine_torch.py::test_two_torch_ranks_match_one_process_with_accumulation",
-         "tests/test_train.py::test_two_ranks_batchnorm_group_of_two_on_cpu"]),
+        [TORCH_TWO_RANKS, BN_GROUP]),
 }
 
 
@@ -81,8 +86,8 @@ def run_tests(tree: Path, tests: list[str]) -> dict[str, str]:
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                "-rA", test], cwd=tree, env=env, capture_output=True, text=True)
         if done.returncode == 0:
-            outcome[test] = "skipped" if " skipped" in done.stdout and " passed" not in done.stdout \
-                else "missed"
+            skipped = " skipped" in done.stdout and " passed" not in done.stdout
+            outcome[test] = "skipped" if skipped else "missed"
         elif done.returncode == 1:
             outcome[test] = "caught"
         else:
