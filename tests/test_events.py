@@ -19,7 +19,8 @@ R = grid.EARTH_RADIUS_KM
 
 
 def _rows(mask, tmq=None):
-    return events.event_rows(mask, grid.regular_grid(*mask.shape), tmq, NAMES)
+    fields = None if tmq is None else {"TMQ": tmq}
+    return events.event_rows(mask, grid.regular_grid(*mask.shape), fields, NAMES)
 
 
 def test_an_event_across_the_seam_counts_once_and_is_centred_on_it():
@@ -108,3 +109,136 @@ def test_a_file_without_a_mask_is_one_line_and_exit_2(tmp_path, capsys, content)
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"climseg events: error: {path}: ")
     assert not (tmp_path / "t.csv").exists()
+
+
+def _field_sample(tmp_path, name="data-2100-07-02-00-1.h5"):
+    """A sample whose storms' statistics are known: a cyclone at rows 10-11, cols 5-6 and a
+    river at rows 3-4, cols 20-29 on an 18x36 (10-degree) grid."""
+    labels = np.zeros((18, 36), np.uint8)
+    labels[10:12, 5:7] = 1
+    labels[3:5, 20:30] = 2
+    data = np.zeros((18, 36, NUM_CHANNELS), np.float32)
+    ch = {name: CHANNELS.index(name) for name in events.FIELDS}
+    rng = np.random.default_rng(0)
+    for key in ("TMQ", "U850", "V850", "UBOT", "VBOT"):
+        data[..., ch[key]] = rng.uniform(1, 30, (18, 36))
+    data[..., ch["PSL"]] = rng.uniform(95000, 102000, (18, 36))
+    path = tmp_path / name
+    write_sample(path, data, labels)
+    return path, data, labels, ch
+
+
+def test_field_statistics_of_each_event_from_the_sample(tmp_path):
+    path, data, labels, ch = _field_sample(tmp_path)
+    rows = events.file_events(path)
+    assert [r["class"] for r in rows] == ["tropical_cyclone", "atmospheric_river"]
+    g = grid.regular_grid(18, 36)
+    area = np.broadcast_to(grid.cell_areas_km2(g), labels.shape)
+    for row, (rs, cs) in zip(rows, [(slice(10, 12), slice(5, 7)), (slice(3, 5), slice(20, 30))]):
+        d = data[rs, cs]
+        # IVT computed here as sqrt(u^2 + v^2) * TMQ, double precision
+        ivt = d[..., ch["TMQ"]].astype(float) * np.sqrt(
+            d[..., ch["U850"]].astype(float) ** 2 + d[..., ch["V850"]].astype(float) ** 2)
+        w = area[rs, cs]
+        assert row["max_tmq"] == float(d[..., ch["TMQ"]].max())
+        assert row["mean_ivt"] == pytest.approx((w * ivt).sum() / w.sum(), rel=1e-6)
+        assert row["max_ivt"] == pytest.approx(ivt.max(), rel=1e-6)
+    cyclone, river = rows
+    d = data[10:12, 5:7]
+    assert cyclone["min_psl"] == float(d[..., ch["PSL"]].min())
+    wind = np.sqrt(d[..., ch["UBOT"]].astype(float) ** 2 + d[..., ch["VBOT"]].astype(float) ** 2)
+    assert cyclone["max_wind"] == pytest.approx(wind.max(), rel=1e-6)
+    assert river["min_psl"] is None and river["max_wind"] is None   # cyclone statistics only
+
+
+def test_summary_counts_events_by_centroid_band_and_month():
+    def row(cls, lat, time):
+        return {"class": cls, "centroid_lat": lat, "time": time}
+
+    rows = [row("tropical_cyclone", 14.9, "2100-08-01T00:00:00"),
+            row("tropical_cyclone", 15.0, "2100-08-03T00:00:00"),   # a band holds its south edge
+            row("tropical_cyclone", -20.0, "2100-01-05T00:00:00"),
+            row("atmospheric_river", 0.0, ""),                       # no time: "unknown"
+            row("atmospheric_river", 89.9, "2100-08-01T00:00:00")]
+    s = events.summarize(rows)
+    assert s["latitude"]["tropical_cyclone"] == {
+        "90S-60S": 0, "60S-30S": 0, "30S-15S": 1, "15S-0": 0, "0-15N": 1, "15N-30N": 1,
+        "30N-60N": 0, "60N-90N": 0}
+    assert s["latitude"]["atmospheric_river"]["0-15N"] == 1
+    assert s["latitude"]["atmospheric_river"]["60N-90N"] == 1
+    assert s["month"] == {"tropical_cyclone": {"01": 1, "08": 2},
+                          "atmospheric_river": {"08": 1, "unknown": 1}}
+    text = events.summary_text(s)
+    assert text.splitlines()[0].split() == ["events", "by", "latitude", "band",
+                                            "tropical_cyclone", "atmospheric_river"]
+    assert "0-15N" in text and "unknown" in text
+
+
+def test_event_scores_match_each_event_once_at_the_overlap_threshold():
+    truth = np.zeros((20, 40), np.uint8)
+    pred = np.zeros_like(truth)
+    truth[2:6, 2:6] = 1        # 16 cells; predicted with 8 of them: IoU 8/16 = 0.5
+    pred[2:6, 2:4] = 1
+    truth[10:14, 10:14] = 1    # 16 cells; predicted by 1 cell: IoU 1/16 < 0.1
+    pred[10, 10] = 1
+    pred[16, 30] = 1           # a false alarm
+    truth[2:4, 20:22] = 2      # two true rivers, one predicted river covering both:
+    truth[6:8, 20:22] = 2      # it may match one of them only
+    pred[2:8, 20:22] = 2
+    scores = events.event_scores(pred, truth, NAMES, overlap=0.1)
+    assert scores == {"tropical_cyclone": {"true": 2, "predicted": 3, "matched": 1},
+                      "atmospheric_river": {"true": 2, "predicted": 1, "matched": 1}}
+    assert events.event_scores(pred, truth, NAMES, overlap=0.05)["tropical_cyclone"][
+        "matched"] == 2     # 1/16 = 0.0625 clears a lower bar
+    skill = events.detection_skill(scores)
+    assert skill["tropical_cyclone"] == pytest.approx(
+        {"precision": 1 / 3, "recall": 1 / 2, "f1": 2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2)})
+    assert events.detection_skill({"x": {"true": 0, "predicted": 0, "matched": 0}})["x"] == {
+        "precision": None, "recall": None, "f1": None}
+
+
+def test_the_cli_prints_the_summary_and_draws_the_plot(tmp_path, capsys):
+    import matplotlib.image
+
+    path, *_ = _field_sample(tmp_path)
+    out, png = tmp_path / "events.csv", tmp_path / "events.png"
+    assert events.main(["--output", str(out), "--plot", str(png), str(path)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(events.COLUMNS) and len(rows) == 2
+    assert rows[1]["min_psl"] == "" and rows[0]["min_psl"] != ""
+    printed = capsys.readouterr().out
+    assert "events by latitude band" in printed and "events by month" in printed
+    image = matplotlib.image.imread(png)
+    assert image.shape[:2] == (480, 1280)
+    # the cyclone's red (#d62728, drawn at alpha 0.55 on white) is somewhere on the map
+    red = (image[..., 0] > 0.85) & (image[..., 1] < 0.6) & (image[..., 2] < 0.6)
+    assert red.sum() > 20
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_under_horovodrun_write_the_one_process_table(tmp_path, horovod):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    files = [_field_sample(tmp_path, f"data-2100-0{m}-02-00-1.h5")[0] for m in range(1, 6)]
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    assert events.main(["--quiet", "--output", str(one), *map(str, files)]) == 0
+    horovodrun = Path(sys.executable).parent / "horovodrun"
+    cmd = [str(horovodrun), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
+           "climseg.events", "--output", str(two), *map(str, files)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert two.read_bytes() == one.read_bytes()   # five files over two ranks, input order kept
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    # the sixth file is rank 1's (file i is rank i % 2's); rank 0 prints its line
+    proc = subprocess.run(cmd + [str(bad)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2
+    assert f"climseg events: error: rank 1: {bad}: " in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not two.with_name("two.csv.tmp").exists()
