@@ -13,7 +13,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -152,13 +152,15 @@ def average_batchnorm_stats(model: nn.Module) -> None:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              loss_fn: nn.Module, prec: Precision, num_classes: int = 3,
-             keep_first: bool = False) -> dict:
+             keep_first: bool = False,
+             on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> dict:
     """Score ``batches`` (this rank's partition) and reduce over ranks with one allreduce.
 
     Returns per-class and mean IoU from the summed confusion matrix, the MLPerf
     ``eval_accuracy`` (mean over all ranks' batches of the per-batch IoU), the mean loss,
     the sample count and samples/s. With ``keep_first`` the dict also holds ``first``:
-    (x, y, prediction) of this rank's first sample, for a picture.
+    (x, y, prediction) of this rank's first sample, for a picture. ``on_batch(prediction,
+    labels)`` sees every batch's class ids, for scores the confusion matrix cannot give.
     """
     was_training = model.training
     model.eval()
@@ -178,6 +180,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         iou_sum += mlperf_iou(pred, y, num_classes).double()
         n_batches += 1
         n_samples += x.shape[0]
+        if on_batch is not None:
+            on_batch(pred, y)
         if keep_first and first is None:
             first = (x[0].cpu(), y[0].cpu(), pred[0].cpu())
     model.train(was_training)

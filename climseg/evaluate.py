@@ -20,6 +20,7 @@ Logs and progress go to stderr; the result table to stdout, so that it can be re
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from climseg import dist
@@ -39,6 +41,7 @@ from climseg.data.format import DataError, Progress, validate_file
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.engine import Precision, evaluate
+from climseg.events import EVENT_OVERLAP, detection_skill, event_scores
 from climseg.inference import (OUTPUT_STRIDE, TiledModel, add_model_arguments, class_names,
                                input_spec, model_from_checkpoint, read_checkpoint, run_field,
                                scored_region, select_device)
@@ -70,12 +73,15 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
           batch_size: int | None = None, crop: tuple[int, int] | None = None,
           stats_file: str | os.PathLike | None = None, device: str | None = None,
           precision: str = "auto", threads: int = 2,
-          full_field: bool = False, progress: bool = False) -> dict[str, Any]:
+          full_field: bool = False, progress: bool = False,
+          event_overlap: float = EVENT_OVERLAP) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``data_root/split``; the same result dict on every rank.
 
     The whole field is scored unless ``crop`` names a centred crop; in tiles of the run's
     validation size where that is smaller, or in one piece with ``full_field``.
-    ``progress``: a progress line on stderr (this rank's batches).
+    ``progress``: a progress line on stderr (this rank's batches). Beside the pixel scores,
+    events are matched per sample (:func:`climseg.events.event_scores` at IoU
+    ``event_overlap``): the detection skill the ClimateNet paper reports.
     """
     device = select_device(device, dist.local_rank())
     ckpt, cfg = read_checkpoint(checkpoint, device)
@@ -116,7 +122,10 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
                          weight_pow=cfg.loss.weight_pow).to(device)
 
     bar = Progress(len(loader), "scoring", unit="batches", enabled=progress)
-    result = evaluate(model, _counted(loader.epoch(0), bar), loss_fn, prec, num_classes)
+    names = class_names(cfg)
+    tally = EventTally(names, event_overlap, periodic=region["fraction"] == 1.0)
+    result = evaluate(model, _counted(loader.epoch(0), bar), loss_fn, prec, num_classes,
+                      on_batch=tally.add)
     result["per_class_iou"] = _finite_or_none(result["per_class_iou"])
     if not math.isfinite(result["mean_iou"]):
         result["mean_iou"] = None
@@ -124,8 +133,10 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
         "checkpoint": str(checkpoint),
         "step": step,
         "data": str(split_dir),
-        "classes": list(class_names(cfg)),
+        "classes": list(names),
         **result,
+        "event_overlap": event_overlap,
+        "events": tally.reduced(),
         "pixel_frequency": pixel_frequencies(result["confusion"]),
         "ranks": dist.size(),
         "batch_size": batch_size,
@@ -133,6 +144,27 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
         "device": device.type,
         "precision": prec.name,
     }
+
+
+class EventTally:
+    """Object-based counts (true, predicted and matched events per class) summed over this
+    rank's samples by :meth:`add`, then over ranks by :meth:`reduced`."""
+
+    def __init__(self, names: tuple[str, ...], overlap: float, periodic: bool):
+        self.names, self.overlap, self.periodic = names, overlap, periodic
+        self.counts = np.zeros((len(names) - 1, 3), dtype=np.int64)  # true, predicted, matched
+
+    def add(self, prediction: torch.Tensor, labels: torch.Tensor) -> None:
+        for p, y in zip(prediction.cpu().numpy(), labels.cpu().numpy()):
+            scores = event_scores(p, y, self.names, self.overlap, self.periodic)
+            self.counts += [[c["true"], c["predicted"], c["matched"]] for c in scores.values()]
+
+    def reduced(self) -> dict[str, dict[str, int | float | None]]:
+        total = dist.allreduce_sum(torch.from_numpy(self.counts), name="event_counts")
+        counts = {name: dict(zip(("true", "predicted", "matched"), map(int, row)))
+                  for name, row in zip(self.names[1:], total.tolist())}
+        skill = detection_skill(counts)
+        return {name: {**counts[name], **skill[name]} for name in counts}
 
 
 def _scoring_model(model: torch.nn.Module, region: dict[str, Any],
@@ -171,7 +203,23 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"{name:<20}{iou(result['per_class_iou'][c]):>8}"
                      f"{pct(freq['truth'][c]):>12}{pct(freq['prediction'][c]):>14}")
     lines.append("confusion (rows truth, columns prediction): " + str(result["confusion"]))
+    lines.append(f"{'events (IoU >= ' + format(result['event_overlap'], 'g') + ')':<20}"
+                 f"{'true':>8}{'predicted':>12}{'matched':>10}{'precision':>11}{'recall':>8}"
+                 f"{'F1':>8}")
+    for name, e in result["events"].items():
+        lines.append(f"{name:<20}{e['true']:>8}{e['predicted']:>12}{e['matched']:>10}"
+                     f"{iou(e['precision']):>11}{iou(e['recall']):>8}{iou(e['f1']):>8}")
     return "\n".join(lines)
+
+
+def _overlap(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
+    return value
 
 
 def parse_args(argv: list[str] | None):
@@ -187,6 +235,9 @@ def parse_args(argv: list[str] | None):
                    help="samples per batch and rank (default: the run's train.local_batch_size)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="score only the centred HxW crop (default: the whole field)")
+    p.add_argument("--event-overlap", type=_overlap, default=EVENT_OVERLAP, metavar="IOU",
+                   help="IoU at which a predicted event finds a true one, for the event "
+                        f"precision/recall/F1 (default: {EVENT_OVERLAP})")
     add_model_arguments(p)
     p.add_workers("reader threads", 2, "--threads")
     p.add_option("--output", "--out", type=Path, default=None,
@@ -206,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         result = score(args.checkpoint, args.data, args.split, args.batch_size,
                        tuple(args.crop) if args.crop else None, args.stats, args.device,
                        args.precision, args.workers, args.full_field,
-                       progress=dist.is_primary() and not args.quiet)
+                       progress=dist.is_primary() and not args.quiet,
+                       event_overlap=args.event_overlap)
         if dist.is_primary() and args.output is not None:
             write_json(result, args.output)
     except (DataError, CheckpointError, ConfigError) as err:

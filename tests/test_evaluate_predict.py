@@ -22,7 +22,7 @@ from torch import nn
 
 import climseg
 from climseg import config as config_module
-from climseg import dist, evaluate, grid, inference, netcdf, predict
+from climseg import dist, evaluate, events, grid, inference, netcdf, predict
 from climseg.engine import Precision
 from climseg.checkpoint import CheckpointError, save_checkpoint
 from climseg.config import load_config
@@ -152,6 +152,17 @@ def test_evaluate_matches_iou_of_saved_masks(tiny_root, tiny_model, tmp_path, ov
     assert result["samples"] == len(files) and result["samples_per_second"] > 0
     assert result["step"] == 7 and result["classes"][1] == "tropical_cyclone"
     assert (cm.sum(0) > 0).sum() >= 2, "a constant prediction would make this test weak"
+    # Object scores: the same events matched on predict's masks, file by file, add up to
+    # evaluate's per-rank tally (both whole-field, so the 0/360 seam joins).
+    totals = {}
+    for t, p in zip(truths, preds):
+        for name, c in events.event_scores(p, t, tuple(result["classes"])).items():
+            totals[name] = {k: totals.get(name, {}).get(k, 0) + v for k, v in c.items()}
+    assert {n: {k: e[k] for k in ("true", "predicted", "matched")}
+            for n, e in result["events"].items()} == totals
+    assert sum(c["true"] for c in totals.values()) > 0
+    skill = events.detection_skill(totals)
+    assert all(result["events"][n][k] == skill[n][k] for n in skill for k in skill[n])
 
 
 def test_two_ranks_give_the_single_rank_result(tiny_root, tiny_model, tmp_path, monkeypatch):
@@ -159,17 +170,17 @@ def test_two_ranks_give_the_single_rank_result(tiny_root, tiny_model, tmp_path, 
     ckpt = make_checkpoint(tmp_path / "tiny.pt", tiny_root)
     single = evaluate.score(ckpt, tiny_root, batch_size=1)
 
-    calls = []
+    sent = {}  # rank 1's tensor of each allreduce, by name; rank 0's sum adds its own
     monkeypatch.setattr(dist, "size", lambda: 2)
     monkeypatch.setattr(dist, "rank", lambda: 1)
-    monkeypatch.setattr(dist, "allreduce_sum", lambda t, name=None: calls.append(t) or t.clone())
+    monkeypatch.setattr(dist, "allreduce_sum", lambda t, name: sent.setdefault(name, t.clone()))
     rank1 = evaluate.score(ckpt, tiny_root, batch_size=1)
     monkeypatch.setattr(dist, "rank", lambda: 0)
-    monkeypatch.setattr(dist, "allreduce_sum",
-                        lambda t, name=None: calls.append(t) or t + calls[0])
+    monkeypatch.setattr(dist, "allreduce_sum", lambda t, name: t + sent[name])
     rank0 = evaluate.score(ckpt, tiny_root, batch_size=1)
-    assert len(calls) == 2  # one allreduce per rank
+    assert sorted(sent) == ["eval_counts", "event_counts"]  # the pixel and the event counts
     assert rank1["samples"] == 1
+    assert rank0["events"] == single["events"]
     assert rank0["confusion"] == single["confusion"]
     assert rank0["eval_accuracy"] == pytest.approx(single["eval_accuracy"])
     assert rank0["samples"] == single["samples"] == 2
