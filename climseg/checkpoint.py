@@ -62,12 +62,16 @@ def world_size_of(state: dict[str, Any]) -> int:
 
 def training_state(*, model, optimizer, scheduler, scaler, progress: Progress,
                    rng: list[dict[str, Any]], config: dict[str, Any],
-                   identity: dict[str, Any] | None = None) -> dict[str, Any]:
+                   identity: dict[str, Any] | None = None,
+                   grid: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """Everything a resumed run needs, as a weights-only-loadable dict.
 
     ``model`` is the unwrapped model (no compile/DDP prefixes in its keys); ``rng`` holds one
     :func:`rng_state` per rank; ``config`` is the resolved config as a plain dict;
-    ``identity`` is what a resume must match (:func:`climseg.identity.run_identity`).
+    ``identity`` is what a resume must match (:func:`climseg.identity.run_identity`);
+    ``grid`` the latitude/longitude grid of the fields the model learned on
+    (:func:`climseg.grid.grid_record`; for a crop-trained run, the fields it cropped from:
+    the pixel scale is what the model learned), which ``predict`` regrids other inputs to.
     """
     return {
         "model": model.state_dict(),
@@ -79,6 +83,7 @@ def training_state(*, model, optimizer, scheduler, scaler, progress: Progress,
         "world_size": len(rng),
         "config": config,
         "identity": identity,
+        "grid": grid,
     }
 
 
@@ -345,6 +350,7 @@ class CheckpointManager:
         self.saver = CheckpointSaver(cfg.output_dir, cfg.train.keep_checkpoints, enabled=False)
         self.resumed_from: Path | None = None
         self.identity: dict[str, Any] = {}  # what a resume must match (resume sets it)
+        self.grid: dict[str, list[float]] | None = None  # the data's grid (the trainer sets it)
 
     def follow(self, plan, fingerprint: dict[str, str]) -> None:
         """The ranks changed (elastic): the new launch, and rank 0 may be another process,
@@ -388,7 +394,8 @@ class CheckpointManager:
         rng = dist.allgather_object(rng_state(), name="rng_state")
         return training_state(model=self.model, optimizer=self.optimizer,
                               scheduler=self.scheduler, scaler=self.scaler, progress=progress,
-                              rng=rng, config=self.plan.config.to_dict(), identity=self.identity)
+                              rng=rng, config=self.plan.config.to_dict(), identity=self.identity,
+                              grid=self.grid)
 
     def save(self, progress: Progress, last_eval: dict[str, Any], monitor) -> None:
         """A checkpoint of this step (a collective); best.pt follows it when this step's
