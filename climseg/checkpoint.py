@@ -350,12 +350,13 @@ class CheckpointManager:
         self.saver = CheckpointSaver(cfg.output_dir, cfg.train.keep_checkpoints, enabled=False)
         self.resumed_from: Path | None = None
         self.identity: dict[str, Any] = {}  # what a resume must match (resume sets it)
-        self.grid: dict[str, list[float]] | None = None  # the data's grid (the trainer sets it)
+        self.grid: dict[str, list[float]] | None = None  # the data's grid (resume sets it)
 
-    def follow(self, plan, fingerprint: dict[str, str]) -> None:
+    def follow(self, plan, fingerprint: dict[str, str],
+               grid: dict[str, list[float]] | None = None) -> None:
         """The ranks changed (elastic): the new launch, and rank 0 may be another process,
         perhaps one that joined since the resume (so the identity its checkpoints record)."""
-        self.plan = plan
+        self.plan, self.grid = plan, grid
         self.saver.enabled = dist.is_primary()
         self.identity = run_identity(plan.config.to_dict(), fingerprint)
 
@@ -424,14 +425,16 @@ class CheckpointManager:
         self.last_save_time = time.monotonic()
 
     # -- resume ----------------------------------------------------------------------------
-    def resume(self, fingerprint: dict[str, str]) -> Progress:
+    def resume(self, fingerprint: dict[str, str],
+               grid: dict[str, list[float]] | None = None) -> Progress:
         """Where the run starts: ``resume`` (none | auto | a path) read by rank 0, checked
         against this run (its config and the data's ``fingerprint``) and loaded, its contents
         sent to every rank by broadcast, so that only rank 0 needs to see ``output_dir``. A
         collective; ``resumed_from`` names the file. A run that does not continue the run
         whose checkpoints output_dir holds is refused. Nothing is written before these
-        checks; after them, with ``overwrite``, the folder's previous run is moved aside."""
-        cfg = self.plan.config
+        checks; after them, with ``overwrite``, the folder's previous run is moved aside.
+        ``grid``: the data's grid, which the checkpoints record."""
+        cfg, self.grid = self.plan.config, grid
         self.identity = run_identity(cfg.to_dict(), fingerprint)
         path = meta = None
         with every_rank_agrees("resume"):

@@ -26,7 +26,6 @@ from climseg.data.build import Data, build_data
 from climseg.elastic import ElasticDriver
 from climseg.engine import (Precision, average_batchnorm_stats, configure_torch, evaluate,
                             grad_norm, tflop_per_sample, train_step)
-from climseg.grid import grid_record, regular_grid
 from climseg.health import Health, StepFiles
 from climseg.inference import select_device
 from climseg.losses import build_loss
@@ -146,7 +145,7 @@ class Trainer:
 
     def begin(self) -> None:
         """Resume (checked before output_dir changes) or start fresh, open reports. A collective."""
-        p = self.progress = self.checkpoints.resume(self.data.fingerprint)
+        p = self.progress = self.checkpoints.resume(self.data.fingerprint, self.data.grid)
         with every_rank_agrees("reports"):
             self.open_reports()
         if self.checkpoints.resumed_from is not None:
@@ -161,7 +160,6 @@ class Trainer:
         self.max_steps = t.max_steps or t.max_epochs * self.steps_per_epoch
         self.tflop_per_sample = tflop_per_sample(
             *(cfg.data.crop or self.data.train.full_shape[:2]), cfg.model.width)
-        self.checkpoints.grid = grid_record(regular_grid(*self.data.train.full_shape[:2]))
         topology = launch_topology(dist.allgather_object(this_rank(self.device.type),
                                                          name="topology"))
         if self.monitor.primary and self.monitor.metrics is None:
