@@ -11,6 +11,7 @@ reproduces exactly, and the nearest cell found by arithmetic on the cell edges.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import h5netcdf
 import h5py
@@ -27,7 +28,8 @@ from climseg.config import load_config
 from climseg.data.format import CHANNELS, DATA_KEY, read_sample
 from climseg.data.partition import list_files
 from climseg.engine import Precision
-from climseg.grid import (describe, grid_from_record, grid_record, regular_grid, same_grid)
+from climseg.grid import (axis_grid, describe, grid_from_record, grid_record, regular_grid,
+                          same_grid)
 from climseg.inputs import open_gridded, variable_map
 from climseg.model import deeplab
 from climseg.plan import plan_run
@@ -39,6 +41,7 @@ xr = pytest.importorskip("xarray")  # a test dependency (requirements.txt, "# te
 USED = ["TMQ", "U850", "V850", "PSL"]
 ERA5_NAMES = {"TMQ": "tcwv", "U850": "u850", "V850": "v850", "PSL": "msl"}
 ERA5_MAP = ",".join(f"{c}={n}" for c, n in ERA5_NAMES.items())
+CI = Path(__file__).resolve().parent.parent / "yaml" / "ci.yaml"
 
 
 class GridNet(nn.Module):
@@ -146,7 +149,7 @@ def test_the_trainer_records_the_full_fields_grid_in_checkpoints(tiny_root, tmp_
     # checkpoint is what CheckpointManager.save writes.
     from climseg.train import Trainer
 
-    cfg = load_config(inference_ci(), [f"data.root={tiny_root}", f"output_dir={tmp_path}"])
+    cfg = load_config(CI, [f"data.root={tiny_root}", f"output_dir={tmp_path}"])
     trainer = Trainer(cfg)
     try:
         state = trainer.checkpoints.state_dict(trainer.progress)
@@ -156,11 +159,6 @@ def test_the_trainer_records_the_full_fields_grid_in_checkpoints(tiny_root, tmp_
     assert state["grid"] == {"lat": [-90 + 90 / 64, 180 / 64, 64], "lon": [1.875, 3.75, 96]}
     path = save_checkpoint(state, tmp_path / "c.pt")
     assert load_checkpoint(path)["grid"] == state["grid"]  # weights_only loads it
-
-
-def inference_ci():
-    from pathlib import Path
-    return Path(__file__).resolve().parent.parent / "yaml" / "ci.yaml"
 
 
 def test_a_checkpoint_without_a_grid_takes_its_training_datas_and_says_so(
@@ -244,7 +242,6 @@ def test_the_seam_and_the_poles():
     # A 4x4 centred grid to targets on the seam and the poles: exact values by hand.
     src = regular_grid(4, 4)  # lat ±22.5, ±67.5; lon 45, 135, 225, 315
     field = np.arange(16, dtype=np.float64).reshape(4, 4)
-    from climseg.grid import axis_grid
     target = axis_grid(np.array([-90.0, -67.5, 90.0]), np.array([0.0, 45.0, 350.0]))
     out = Regridder(src, target).bilinear(field)
     south_pole, north_pole = field[0].mean(), field[3].mean()
@@ -310,7 +307,7 @@ def _linear_fields(lat, lon, steps):
             for k in range(len(USED))}
 
 
-def _expected(job_shape, lat, lon, steps, ckpt, tiny_root):
+def _expected(job_shape, lat, lon, steps, ckpt):
     """The mask on the input's grid by another route: the model run on the field computed on
     its own grid, then each input point given the class of the model cell it lies in (a
     point on an edge taking the southern / western cell, as the regridder's tie rule)."""
@@ -359,7 +356,7 @@ def test_a_file_on_another_grid_is_regridded_and_masked_on_its_own_coordinates(
         assert ds["time"].attrs.get("calendar", ds["time"].encoding.get("calendar")) == units[1]
     mask = ds["class_mask"].values
     assert mask.shape == (steps, len(lat), len(lon))
-    expected = _expected((32, 48), lat, lon, steps, ckpt, tiny_root)
+    expected = _expected((32, 48), lat, lon, steps, ckpt)
     np.testing.assert_array_equal(mask, expected)
     assert len(np.unique(mask)) >= 2, "a constant mask would make this test weak"
     probs = ds["probability"].values
