@@ -4,7 +4,8 @@ One file per input: ``lat``/``lon`` coordinates with cell bounds (from the input
 :mod:`climseg.grid`), a ``time`` coordinate of length 1 when the input's name gives its time
 (``data-YYYY-MM-DD-HH-N.h5``), the class mask as a byte variable ``class_mask`` with CF
 ``flag_values``/``flag_meanings``, optionally ``probability`` (class, lat, lon) float32, and
-provenance attributes. ``xarray.open_dataset`` opens it as it is.
+provenance attributes. ``xarray.open_dataset`` opens it as it is. The mask of a netCDF input
+is written on that input's own coordinates instead (:func:`write_mask_on_coordinates`).
 
 Written with h5netcdf, not netCDF4-python: a netCDF-4 file is an HDF5 file, and h5netcdf writes
 it through h5py, which climseg already pins, in pure Python, so it adds no C library (netCDF4

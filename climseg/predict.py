@@ -1,6 +1,13 @@
-"""``python -m climseg.predict``: segment sample files with a trained checkpoint.
+"""``python -m climseg.predict``: segment sample files or CF-netCDF fields with a trained
+checkpoint.
 
-For each input ``<name>.h5`` writes, into ``--out``:
+Inputs are climseg sample files (``<name>.h5``, on the grid their shape implies) or netCDF
+files on any regular global lat/lon grid (:mod:`climseg.inputs`). An input on another grid
+than the one the checkpoint records (:func:`climseg.inference.model_grid`) is regridded
+bilinearly to it, predicted there and brought back (:mod:`climseg.regrid`): the mask by
+nearest neighbour, probabilities bilinearly. A netCDF input's mask is ``<name>-mask.nc`` on
+its own coordinates (time axis included), with a map per time step. For each sample file
+``<name>.h5`` writes, into ``--out``:
 
 - ``<name>-mask.h5`` with ``climate/prediction``: uint8 (lat, lon) class ids (0 background,
   1 tropical cyclone, 2 atmospheric river); with ``--probabilities`` also
