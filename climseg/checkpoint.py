@@ -62,12 +62,16 @@ def world_size_of(state: dict[str, Any]) -> int:
 
 def training_state(*, model, optimizer, scheduler, scaler, progress: Progress,
                    rng: list[dict[str, Any]], config: dict[str, Any],
-                   identity: dict[str, Any] | None = None) -> dict[str, Any]:
+                   identity: dict[str, Any] | None = None,
+                   grid: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """Everything a resumed run needs, as a weights-only-loadable dict.
 
     ``model`` is the unwrapped model (no compile/DDP prefixes in its keys); ``rng`` holds one
     :func:`rng_state` per rank; ``config`` is the resolved config as a plain dict;
-    ``identity`` is what a resume must match (:func:`climseg.identity.run_identity`).
+    ``identity`` is what a resume must match (:func:`climseg.identity.run_identity`);
+    ``grid`` the latitude/longitude grid of the fields the model learned on
+    (:func:`climseg.grid.grid_record`; for a crop-trained run, the fields it cropped from:
+    the pixel scale is what the model learned), which ``predict`` regrids other inputs to.
     """
     return {
         "model": model.state_dict(),
@@ -79,6 +83,7 @@ def training_state(*, model, optimizer, scheduler, scaler, progress: Progress,
         "world_size": len(rng),
         "config": config,
         "identity": identity,
+        "grid": grid,
     }
 
 
@@ -345,11 +350,13 @@ class CheckpointManager:
         self.saver = CheckpointSaver(cfg.output_dir, cfg.train.keep_checkpoints, enabled=False)
         self.resumed_from: Path | None = None
         self.identity: dict[str, Any] = {}  # what a resume must match (resume sets it)
+        self.grid: dict[str, list[float]] | None = None  # the data's grid (resume sets it)
 
-    def follow(self, plan, fingerprint: dict[str, str]) -> None:
+    def follow(self, plan, fingerprint: dict[str, str],
+               grid: dict[str, list[float]] | None = None) -> None:
         """The ranks changed (elastic): the new launch, and rank 0 may be another process,
         perhaps one that joined since the resume (so the identity its checkpoints record)."""
-        self.plan = plan
+        self.plan, self.grid = plan, grid
         self.saver.enabled = dist.is_primary()
         self.identity = run_identity(plan.config.to_dict(), fingerprint)
 
@@ -388,7 +395,8 @@ class CheckpointManager:
         rng = dist.allgather_object(rng_state(), name="rng_state")
         return training_state(model=self.model, optimizer=self.optimizer,
                               scheduler=self.scheduler, scaler=self.scaler, progress=progress,
-                              rng=rng, config=self.plan.config.to_dict(), identity=self.identity)
+                              rng=rng, config=self.plan.config.to_dict(), identity=self.identity,
+                              grid=self.grid)
 
     def save(self, progress: Progress, last_eval: dict[str, Any], monitor) -> None:
         """A checkpoint of this step (a collective); best.pt follows it when this step's
@@ -417,14 +425,16 @@ class CheckpointManager:
         self.last_save_time = time.monotonic()
 
     # -- resume ----------------------------------------------------------------------------
-    def resume(self, fingerprint: dict[str, str]) -> Progress:
+    def resume(self, fingerprint: dict[str, str],
+               grid: dict[str, list[float]] | None = None) -> Progress:
         """Where the run starts: ``resume`` (none | auto | a path) read by rank 0, checked
         against this run (its config and the data's ``fingerprint``) and loaded, its contents
         sent to every rank by broadcast, so that only rank 0 needs to see ``output_dir``. A
         collective; ``resumed_from`` names the file. A run that does not continue the run
         whose checkpoints output_dir holds is refused. Nothing is written before these
-        checks; after them, with ``overwrite``, the folder's previous run is moved aside."""
-        cfg = self.plan.config
+        checks; after them, with ``overwrite``, the folder's previous run is moved aside.
+        ``grid``: the data's grid, which the checkpoints record."""
+        cfg, self.grid = self.plan.config, grid
         self.identity = run_identity(cfg.to_dict(), fingerprint)
         path = meta = None
         with every_rank_agrees("resume"):

@@ -82,7 +82,7 @@ class ElasticDriver:
         p.batch_in_epoch = p.batch_in_epoch // t.accum * plan.accumulation  # same steps in
         t.accum = plan.accumulation
         dist.set_accumulation(t.optimizer, plan.accumulation)
-        t.checkpoints.follow(plan, t.data.fingerprint)
+        t.checkpoints.follow(plan, t.data.fingerprint, t.data.grid)
         t.stop.reset()  # a vote in flight died with the reset
         t.watchdog.pause()  # waiting for hosts is not a hang
         if first:

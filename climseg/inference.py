@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,14 +23,17 @@ import torch.nn.functional as F
 
 from climseg.checkpoint import CheckpointError, load_checkpoint
 from climseg.config import PRECISIONS, Config, ConfigError, config_from_dict
-from climseg.data.format import CLASS_NAMES, DataError
+from climseg.data.format import CLASS_NAMES, FILE_GLOB, DataError, validate_file
 from climseg.data.stats import channel_indices, normalization, read_stats
 from climseg.engine import Precision
+from climseg.grid import RegularGrid, grid_from_record, regular_grid
 from climseg.model import build_model
 from climseg.model.deeplab import OUTPUT_STRIDE  # input sides must be multiples of this
 # Prefixes that wrappers add to parameter names: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _LIST_AT_MOST = 5
+
+log = logging.getLogger("climseg.inference")
 
 
 def select_device(name: str | None, local_rank: int = 0) -> torch.device:
@@ -134,6 +139,34 @@ def load_model(checkpoint_path: str | os.PathLike,
     """The checkpoint's model in eval mode on ``device``, and its run's config."""
     ckpt, cfg = read_checkpoint(checkpoint_path, device)
     return model_from_checkpoint(ckpt, cfg, str(checkpoint_path), device), cfg
+
+
+def model_grid(ckpt: dict[str, Any], cfg: Config, source: str) -> RegularGrid | None:
+    """The latitude/longitude grid the checkpoint's model learned on: the one it records
+    (:func:`climseg.grid.grid_record`); for a checkpoint written before climseg recorded it,
+    the grid implied by the shape of its training data (``data.root``/``data.train_split``),
+    when they are at hand; else None, and inputs are then taken on their own grids, as
+    before. Either fallback is said in a log line."""
+    record = ckpt.get("grid")
+    if record is not None:
+        try:
+            return grid_from_record(record)
+        except ValueError as err:
+            raise CheckpointError(f"{source}: the checkpoint's grid: {err}") from None
+    train_dir = Path(cfg.data.root) / cfg.data.train_split
+    files = sorted(train_dir.glob(FILE_GLOB)) if train_dir.is_dir() else []
+    try:
+        shape = validate_file(files[0])[:2] if files else None
+    except DataError:
+        shape = None
+    if shape is None:
+        log.warning("%s records no grid (written before climseg did) and its training data "
+                    "are not at %s: inputs are taken on their own grids, not regridded",
+                    source, train_dir)
+        return None
+    log.info("%s records no grid (written before climseg did): taking the %dx%d grid its "
+             "training data in %s imply", source, *shape, train_dir)
+    return regular_grid(*shape)
 
 
 def config_hash(cfg: Config) -> str:

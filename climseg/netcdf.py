@@ -4,7 +4,8 @@ One file per input: ``lat``/``lon`` coordinates with cell bounds (from the input
 :mod:`climseg.grid`), a ``time`` coordinate of length 1 when the input's name gives its time
 (``data-YYYY-MM-DD-HH-N.h5``), the class mask as a byte variable ``class_mask`` with CF
 ``flag_values``/``flag_meanings``, optionally ``probability`` (class, lat, lon) float32, and
-provenance attributes. ``xarray.open_dataset`` opens it as it is.
+provenance attributes. ``xarray.open_dataset`` opens it as it is. The mask of a netCDF input
+is written on that input's own coordinates instead (:func:`write_mask_on_coordinates`).
 
 Written with h5netcdf, not netCDF4-python: a netCDF-4 file is an HDF5 file, and h5netcdf writes
 it through h5py, which climseg already pins, in pure Python, so it adds no C library (netCDF4
@@ -53,6 +54,31 @@ def _coordinates(f: h5netcdf.File, shape: tuple[int, int],
     return ("time", "lat", "lon")
 
 
+def _mask_variables(f: h5netcdf.File, dims: tuple[str, ...], prediction: np.ndarray,
+                    probabilities: np.ndarray | None, names: tuple[str, ...]) -> None:
+    """``class_mask`` of dims ``dims`` and, when given, ``probability`` (class before the two
+    grid dimensions); the arrays already have the shapes the dims say."""
+    codes = np.arange(len(names), dtype=np.int8)
+    mask = f.create_variable(MASK_VARIABLE, dims, data=prediction.astype(np.int8),
+                             compression="gzip", compression_opts=1)
+    mask.attrs.update({"long_name": "predicted class", "flag_values": codes,
+                       "flag_meanings": " ".join(names)})
+    if probabilities is None:
+        return
+    f.dimensions["class"] = len(names)
+    f.create_variable("class", ("class",), data=codes).attrs.update(
+        {"long_name": "class id", "flag_values": codes, "flag_meanings": " ".join(names)})
+    var = f.create_variable(PROBABILITY_VARIABLE, (*dims[:-2], "class", *dims[-2:]),
+                            data=probabilities.astype(np.float32),
+                            compression="gzip", compression_opts=1)
+    var.attrs.update({"long_name": "predicted class probability", "units": "1"})
+
+
+def _global_attrs(f: h5netcdf.File, names: tuple[str, ...], attrs: dict[str, str]) -> None:
+    f.attrs.update({"Conventions": CONVENTIONS,
+                    "title": "climseg segmentation: " + ", ".join(names[1:]), **attrs})
+
+
 def write_mask_netcdf(path: str | Path, prediction: np.ndarray,
                       probabilities: np.ndarray | None, attrs: dict[str, str],
                       names: tuple[str, ...], time: dt.datetime | None = None) -> None:
@@ -62,20 +88,31 @@ def write_mask_netcdf(path: str | Path, prediction: np.ndarray,
     with hdf5_writer(path) as h5, h5netcdf.File(h5, "w") as f:
         dims = _coordinates(f, prediction.shape, time)
         lead = (np.newaxis,) if dims[0] == "time" else ()
-        codes = np.arange(len(names), dtype=np.int8)
-        mask = f.create_variable(MASK_VARIABLE, dims, data=prediction.astype(np.int8)[lead],
-                                 compression="gzip", compression_opts=1)
-        mask.attrs.update({"long_name": "predicted class", "flag_values": codes,
-                           "flag_meanings": " ".join(names)})
-        if probabilities is not None:
-            f.dimensions["class"] = len(names)
-            f.create_variable("class", ("class",), data=codes).attrs.update(
-                {"long_name": "class id", "flag_values": codes,
-                 "flag_meanings": " ".join(names)})
-            data = np.moveaxis(probabilities.astype(np.float32), -1, 0)[lead]
-            var = f.create_variable(PROBABILITY_VARIABLE, (*dims[:-2], "class", "lat", "lon"),
-                                    data=data, compression="gzip", compression_opts=1)
-            var.attrs.update({"long_name": "predicted class probability", "units": "1"})
-        f.attrs.update({"Conventions": CONVENTIONS,
-                        "title": "climseg segmentation: " + ", ".join(names[1:]),
-                        **attrs})
+        _mask_variables(f, dims, prediction[lead],
+                        None if probabilities is None
+                        else np.moveaxis(probabilities, -1, 0)[lead], names)
+        _global_attrs(f, names, attrs)
+
+
+def write_mask_on_coordinates(path: str | Path, prediction: np.ndarray,
+                              probabilities: np.ndarray | None, attrs: dict[str, str],
+                              names: tuple[str, ...], lat, lon, time=None) -> None:
+    """Write a CF-1.8 mask file atomically on an input file's own coordinates: ``lat``,
+    ``lon`` and ``time`` (:class:`climseg.inputs.Coordinate`: names, values, attributes as
+    the input has them; ``time`` None for a file without a time axis). ``prediction`` is
+    (time, lat, lon) class ids, ``probabilities`` (time, class, lat, lon) or None, both in the
+    file's own row and column order."""
+    with hdf5_writer(path) as h5, h5netcdf.File(h5, "w") as f:
+        dims = ()
+        for c in (time, lat, lon):
+            if c is None:
+                continue
+            f.dimensions[c.dim] = len(c.values)
+            var = f.create_variable(c.name, (c.dim,), data=c.values)
+            var.attrs.update(c.attrs)
+            dims += (c.dim,)
+        if time is None:
+            prediction = prediction[0]
+            probabilities = None if probabilities is None else probabilities[0]
+        _mask_variables(f, dims, prediction, probabilities, names)
+        _global_attrs(f, names, attrs)

@@ -1,6 +1,13 @@
-"""``python -m climseg.predict``: segment sample files with a trained checkpoint.
+"""``python -m climseg.predict``: segment sample files or CF-netCDF fields with a trained
+checkpoint.
 
-For each input ``<name>.h5`` writes, into ``--out``:
+Inputs are climseg sample files (``<name>.h5``, on the grid their shape implies) or netCDF
+files on any regular global lat/lon grid (:mod:`climseg.inputs`). An input on another grid
+than the one the checkpoint records (:func:`climseg.inference.model_grid`) is regridded
+bilinearly to it, predicted there and brought back (:mod:`climseg.regrid`): the mask by
+nearest neighbour, probabilities bilinearly. A netCDF input's mask is ``<name>-mask.nc`` on
+its own coordinates (time axis included), with a map per time step. For each sample file
+``<name>.h5`` writes, into ``--out``:
 
 - ``<name>-mask.h5`` with ``climate/prediction``: uint8 (lat, lon) class ids (0 background,
   1 tropical cyclone, 2 atmospheric river); with ``--probabilities`` also
@@ -22,6 +29,7 @@ import datetime as dt
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -36,13 +44,16 @@ from climseg.config import ConfigError
 from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, NUM_CHANNELS,
                                  DataError, hdf5_writer, read_sample, sample_time)
 from climseg.engine import Precision
+from climseg.grid import RegularGrid, describe, regular_grid
 from climseg.inference import (InputSpec, add_model_arguments, class_names, config_hash,
-                               input_spec, model_from_checkpoint, predict_probabilities,
-                               prepare, read_checkpoint, run_field, scored_region,
-                               select_device)
+                               input_spec, model_from_checkpoint, model_grid,
+                               predict_probabilities, prepare, read_checkpoint, run_field,
+                               scored_region, select_device)
+from climseg.inputs import is_netcdf, open_gridded, variable_map
 from climseg.logs import setup_logging
-from climseg.netcdf import write_mask_netcdf
+from climseg.netcdf import write_mask_netcdf, write_mask_on_coordinates
 from climseg.plot import map_title, plot_sample, save_map
+from climseg.regrid import Regridder
 
 log = logging.getLogger("climseg.predict")
 
@@ -96,51 +107,126 @@ def write_mask(path: Path, prediction: np.ndarray, probabilities: np.ndarray | N
 MASK_SUFFIX = {"hdf5": "-mask.h5", "netcdf": "-mask.nc"}  # --format -> file name ending
 
 
-def _write_mask_file(fmt: str, mask: Path, source: Path, prediction: np.ndarray,
-                     probabilities: np.ndarray | None, attrs: dict[str, str],
-                     names: tuple[str, ...]) -> None:
-    """The mask of ``source`` in format ``fmt`` (a key of MASK_SUFFIX)."""
-    if fmt == "netcdf":
-        write_mask_netcdf(mask, prediction, probabilities, {"input_file": str(source), **attrs},
-                          names, time=sample_time(source))
-    else:
-        write_mask(mask, prediction, probabilities, {"source": str(source), **attrs}, names)
+@dataclass
+class Job:
+    """What every input of one predict run shares: the model and how it is run, what it
+    learned on (``grid``; None where unknown), what to write and where."""
+
+    model: torch.nn.Module
+    spec: InputSpec
+    prec: Precision
+    tile: tuple[int, int] | None      # the run's validation size: tiles of it; None: whole
+    names: tuple[str, ...]            # class names, recorded in every mask
+    provenance: dict[str, str]        # checkpoint, config hash, version, history
+    made_with: str                    # the maps' titles: checkpoint and step
+    out_dir: Path
+    probabilities: bool = False
+    fmt: str | None = None            # hdf5 | netcdf; None: the input's own kind
+    grid: RegularGrid | None = None
+    variables: dict[str, str] = field(default_factory=lambda: variable_map(None))
 
 
-def predict_file(model, spec: InputSpec, path: Path, out_dir: Path, prec: Precision,
-                 probabilities: bool, provenance: dict[str, str],
-                 tile: tuple[int, int] | None = None,
-                 names: tuple[str, ...] = CLASS_NAMES, fmt: str = "hdf5",
-                 made_with: str | None = None) -> dict[str, int]:
-    """Write ``<name>-mask.h5`` (``-mask.nc`` with ``fmt`` netcdf) and ``<name>.png`` for one
-    file; return predicted pixel counts per class name.
+def segment(job: Job, data: np.ndarray, source: RegularGrid) -> tuple[np.ndarray, np.ndarray,
+                                                                       str]:
+    """(probabilities (K, H, W) float32, class mask (H, W) uint8, how) of one field ``data``
+    (H, W, NUM_CHANNELS) on its grid ``source``. On the model's grid as it is; on another, its
+    channels are regridded bilinearly to the model's grid, predicted there, and brought back:
+    probabilities bilinearly, the mask by nearest neighbour (class ids are not averaged).
+    ``how`` says which, for the mask file."""
+    to_model = None if job.grid is None else Regridder(source, job.grid)
+    if to_model is None or to_model.identity:
+        probs = predict_probabilities(job.model, prepare(data, job.spec), job.prec, job.tile)[0]
+        how = "on the model's own grid" if to_model else "on the input's grid (model's unknown)"
+        return probs.numpy(), probs.argmax(0).to(torch.uint8).numpy(), f"{how}, {describe(source)}"
+    used = job.spec.channels
+    on_model = np.zeros((*job.grid.shape, data.shape[-1]), np.float32)
+    on_model[..., used] = np.moveaxis(to_model.bilinear(np.moveaxis(data[..., used], -1, 0)),
+                                      0, -1)
+    probs = predict_probabilities(job.model, prepare(on_model, job.spec), job.prec, job.tile)[0]
+    back = Regridder(job.grid, source)
+    return (back.bilinear(probs.numpy()), back.nearest(probs.argmax(0).to(torch.uint8).numpy()),
+            f"on the model's grid {describe(job.grid)}, regridded bilinearly from and back to "
+            f"the input's {describe(source)}; the class mask by nearest neighbour")
 
-    ``provenance``: attributes every mask file records (checkpoint, config hash, version).
-    ``tile``: score the field in tiles of this size (the run's validation size).
-    ``made_with``: what the map's title says made the prediction (checkpoint, step)."""
-    data, labels = read_input(path)
-    probs = predict_probabilities(model, prepare(data, spec), prec, tile=tile)[0]  # (K, H, W)
-    prediction = probs.argmax(0).to(torch.uint8).numpy()
-    name = path.stem
-    png, mask = out_dir / f"{name}.png", out_dir / f"{name}{MASK_SUFFIX[fmt]}"
-    fig = plot_sample(data[..., TMQ], prediction, labels, title=map_title(path, made_with))
-    # The map first, then the mask, and the map goes again when the mask cannot be written:
-    # a mask is never there without its map, and a failure leaves neither.
-    target = png
+
+def _region(job: Job, shape: tuple[int, int]) -> str:
+    """What was run, in words: the field on the model's grid, in tiles or in one piece."""
+    return scored_region(job.grid.shape if job.grid is not None else shape, None,
+                         job.tile)["region"]
+
+
+def _save(maps: list[tuple[Path, object]], write_mask, mask: Path) -> None:
+    """The maps first, then the mask; the maps go again when the mask cannot be written: a
+    mask is never there without its maps, and a failure leaves neither."""
+    target = mask
     try:
-        save_map(fig, png)
+        for png, fig in maps:
+            target = png
+            save_map(fig, png)
         target = mask
-        _write_mask_file(fmt, mask, path, prediction,
-                         probs.permute(1, 2, 0).numpy() if probabilities else None,
-                         {**provenance,
-                          "region": scored_region(prediction.shape, None, tile)["region"]},
-                         names)
+        write_mask()
     except OSError as err:
+        for png, _ in maps:
+            png.unlink(missing_ok=True)
         raise DataError(write_failure(target, err)) from None
     except DataError:  # the mask (hdf5_writer says why)
-        png.unlink(missing_ok=True)
+        for png, _ in maps:
+            png.unlink(missing_ok=True)
         raise
-    return {names[c]: int((prediction == c).sum()) for c in range(len(names))}
+
+
+def predict_sample(job: Job, path: Path) -> dict[str, int]:
+    """Write ``<name>-mask.h5`` (``-mask.nc`` with ``job.fmt`` netcdf) and ``<name>.png`` for
+    one climseg sample file, on the grid its shape implies; return predicted pixel counts per
+    class name."""
+    data, labels = read_input(path)
+    probs, prediction, how = segment(job, data, regular_grid(*data.shape[:2]))
+    name, fmt = path.stem, job.fmt or "hdf5"
+    mask = job.out_dir / f"{name}{MASK_SUFFIX[fmt]}"
+    fig = plot_sample(data[..., TMQ], prediction, labels, title=map_title(path, job.made_with))
+    attrs = {**job.provenance, "region": _region(job, prediction.shape), "grid": how}
+    chosen = np.moveaxis(probs, 0, -1) if job.probabilities else None
+
+    def write():
+        if fmt == "netcdf":
+            write_mask_netcdf(mask, prediction, chosen, {"input_file": str(path), **attrs},
+                              job.names, time=sample_time(path))
+        else:
+            write_mask(mask, prediction, chosen, {"source": str(path), **attrs}, job.names)
+
+    _save([(job.out_dir / f"{name}.png", fig)], write, mask)
+    return {job.names[c]: int((prediction == c).sum()) for c in range(len(job.names))}
+
+
+def predict_gridded(job: Job, path: Path) -> dict[str, int]:
+    """Write ``<name>-mask.nc`` on a netCDF input's own coordinates (its time axis, rows and
+    columns as the file has them) and one map per time step (``<name>.png``, or
+    ``<name>-tN.png`` for several); return predicted pixel counts per class name, all steps."""
+    target = describe(job.grid) if job.grid is not None else "unknown"
+    with open_gridded(path, job.variables, job.spec.channels, target,
+                      optional=[TMQ]) as src:
+        masks, probs, maps, how = [], [], [], ""
+        for t in range(src.steps):
+            data = src.read_step(t)
+            p, m, how = segment(job, data, src.grid)
+            masks.append(src.to_file_layout(m))
+            if job.probabilities:
+                probs.append(src.to_file_layout(p))
+            note = job.made_with if src.steps == 1 else f"step {t + 1} of {src.steps}, " \
+                                                        f"{job.made_with}"
+            png = job.out_dir / (f"{path.stem}.png" if src.steps == 1
+                                 else f"{path.stem}-t{t}.png")
+            maps.append((png, plot_sample(data[..., TMQ], m, src.read_labels(t),
+                                          title=map_title(path, note))))
+        lat, lon, time = src.lat, src.lon, src.time
+    mask = job.out_dir / f"{path.stem}{MASK_SUFFIX['netcdf']}"
+    attrs = {"input_file": str(path), **job.provenance,
+             "region": _region(job, masks[0].shape), "grid": how}
+    _save(maps, lambda: write_mask_on_coordinates(
+        mask, np.stack(masks), np.stack(probs) if probs else None, attrs, job.names,
+        lat, lon, time), mask)
+    every = np.stack(masks)
+    return {job.names[c]: int((every == c).sum()) for c in range(len(job.names))}
 
 
 def provenance(checkpoint: str | Path, cfg) -> dict[str, str]:
@@ -158,21 +244,75 @@ def checkpoint_note(path: str | Path, ckpt: dict) -> str:
 
 def parse_args(argv: list[str] | None):
     p = ArgumentParser("predict", description=(
-        "Segment sample files with a trained checkpoint: NAME-mask.h5 and NAME.png per input "
-        "file.\n\nExample: climseg predict --checkpoint runs/demo/best.pt --output "
-        "runs/demo/predictions data/demo/cam/test/*.h5"))
+        "Segment climseg sample files or CF-netCDF fields with a trained checkpoint: a mask "
+        "file and a map per input file.\n\n"
+        "Inputs: climseg samples (NAME.h5, climate/data on the grid their shape implies) and "
+        "netCDF files\n(ClimateNet, CAM5 history, ERA5/MERRA-2 style) with 1-D lat/latitude "
+        "and lon/longitude\ncoordinates and an optional time axis (one prediction per step). "
+        "An input on another regular\nglobal grid than the model's (recorded in its "
+        "checkpoint) is regridded bilinearly to it, and\nthe mask brought back to the input's "
+        "grid (nearest neighbour; probabilities bilinearly).\nSee docs/inference.md.\n\n"
+        "Example: climseg predict --checkpoint runs/demo/best.pt --output "
+        "runs/demo/predictions data/demo/cam/test/*.h5\n"
+        "         climseg predict --checkpoint best.pt --output pred "
+        "--variables TMQ=tcwv,PSL=msl era5.nc"))
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by climseg train")
     p.add_option("--output", "--out", required=True, type=Path, help="output folder (created)")
     p.add_argument("--probabilities", action="store_true",
-                   help="also store per-class probabilities, float16 (lat, lon, class)")
-    p.add_argument("--format", choices=tuple(MASK_SUFFIX), default="hdf5",
+                   help="also store per-class probabilities (HDF5: float16 (lat, lon, class); "
+                        "netCDF: float32 (time, class, lat, lon))")
+    p.add_argument("--format", choices=tuple(MASK_SUFFIX), default=None,
                    help="mask files: hdf5 (NAME-mask.h5, climseg's layout) or netcdf "
-                        "(NAME-mask.nc, CF-1.8 with lat/lon/time; default hdf5)")
+                        "(NAME-mask.nc, CF-1.8 with lat/lon/time); default: hdf5 for sample "
+                        "files, netcdf (on the input's own coordinates) for netCDF inputs, "
+                        "which can have no other")
+    p.add_argument("--variables", default=None, metavar="CHANNEL=NAME,...",
+                   help="netCDF variable names of climseg channels where they differ from the "
+                        "channel names (ClimateNet's and CAM5's), e.g. TMQ=tcwv,PSL=msl; "
+                        "the values are used as they are (no unit conversion)")
     add_model_arguments(p)
     p.add_quiet()
     p.add_argument("files", nargs="+", type=Path,
-                   help=f"sample files (climate/data (H, W, {NUM_CHANNELS}))")
+                   help=f"sample files (climate/data (H, W, {NUM_CHANNELS})) or netCDF files")
     return p.parse_args(argv)
+
+
+def check_inputs(files: list[Path], fmt: str | None) -> dict[Path, bool]:
+    """Every input exists and no two share a name (their outputs would collide); which are
+    netCDF. A netCDF input with ``--format hdf5`` is refused: its mask lies on its own
+    coordinates, which climseg's HDF5 layout cannot hold."""
+    names = [f.stem for f in files]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"{files[names.index(dupes[0])]}: several inputs are named "
+                        f"{dupes[0]}.*; their outputs would overwrite each other")
+    kinds = {}
+    for f in files:
+        if not f.is_file():
+            raise DataError(f"{f}: file not found")
+        kinds[f] = is_netcdf(f)
+        if kinds[f] and fmt == "hdf5":
+            raise DataError(f"{f}: a netCDF input's mask is written as netCDF on the file's "
+                            "own coordinates; --format hdf5 cannot hold them (leave --format "
+                            "out, or use --format netcdf)")
+    return kinds
+
+
+def build_job(args, device: torch.device) -> Job:
+    """The model of ``--checkpoint`` on ``device`` and everything the inputs share."""
+    variables = variable_map(args.variables)
+    ckpt, cfg = read_checkpoint(args.checkpoint, device)
+    model = model_from_checkpoint(ckpt, cfg, str(args.checkpoint), device)
+    grid = model_grid(ckpt, cfg, str(args.checkpoint))
+    made_with = checkpoint_note(args.checkpoint, ckpt)
+    del ckpt
+    prec = Precision.build(device, args.precision, None)
+    if prec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return Job(model, input_spec(cfg, args.stats), prec,
+               None if args.full_field else run_field(cfg), class_names(cfg),
+               provenance(args.checkpoint, cfg), made_with, args.output, args.probabilities,
+               args.format, grid, variables)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,26 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail("predict", str(err))
     setup_logging(dist.rank(), dist.size(), args.quiet)
     try:
-        names = [f.stem for f in args.files]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise DataError(f"{args.files[names.index(dupes[0])]}: several inputs are named "
-                            f"{dupes[0]}.h5; their outputs would overwrite each other")
-        for f in args.files:
-            if not f.is_file():
-                raise DataError(f"{f}: file not found")
-        device = select_device(args.device, dist.local_rank())
-        ckpt, cfg = read_checkpoint(args.checkpoint, device)
-        model = model_from_checkpoint(ckpt, cfg, str(args.checkpoint), device)
-        made_with = checkpoint_note(args.checkpoint, ckpt)
-        del ckpt
-        spec = input_spec(cfg, args.stats)
-        tile = None if args.full_field else run_field(cfg)
-        names = class_names(cfg)
-        made_by = provenance(args.checkpoint, cfg)
-        prec = Precision.build(device, args.precision, None)
-        if prec.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        netcdf_input = check_inputs(args.files, args.format)
+        job = build_job(args, select_device(args.device, dist.local_rank()))
         try:
             args.output.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -211,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         mine = args.files[dist.rank()::dist.size()]
         for i, path in enumerate(mine, 1):
             start = time.perf_counter()
-            counts = predict_file(model, spec, path, args.output, prec, args.probabilities,
-                                  made_by, tile, names, args.format, made_with)
+            gridded = netcdf_input[path]
+            counts = (predict_gridded if gridded else predict_sample)(job, path)
+            suffix = MASK_SUFFIX["netcdf" if gridded else job.fmt or "hdf5"]
             log.info("[%d/%d] %s: %.1fs, predicted pixels %s -> %s", i, len(mine), path.name,
-                     time.perf_counter() - start, counts,
-                     args.output / f"{path.stem}{MASK_SUFFIX[args.format]}")
+                     time.perf_counter() - start, counts, args.output / f"{path.stem}{suffix}")
     except (DataError, CheckpointError, ConfigError) as err:
         return fail("predict", f"rank {dist.rank()}: {err}" if dist.size() > 1 else str(err))
     return 0

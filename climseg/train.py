@@ -145,7 +145,7 @@ class Trainer:
 
     def begin(self) -> None:
         """Resume (checked before output_dir changes) or start fresh, open reports. A collective."""
-        p = self.progress = self.checkpoints.resume(self.data.fingerprint)
+        p = self.progress = self.checkpoints.resume(self.data.fingerprint, self.data.grid)
         with every_rank_agrees("reports"):
             self.open_reports()
         if self.checkpoints.resumed_from is not None:

@@ -15,6 +15,7 @@ from climseg.data.format import DataError, validate_file
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.data.stats import normalization, read_stats
+from climseg.grid import grid_record, regular_grid
 from climseg.identity import data_fingerprint
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ class Data:
     shift: np.ndarray
     scale: np.ndarray
     fingerprint: dict[str, str]  # what identifies the data wherever they lie (climseg.identity)
+    grid: dict[str, list[float]]  # the fields' grid (climseg.grid.grid_record), for checkpoints
 
 
 # Bad files named in the start-up error; the rest are counted (climseg check lists them all).
@@ -113,4 +115,5 @@ def build_data(plan: RunPlan, rank: int, device: torch.device) -> Data:
     except ValueError as err:
         key = "data.validation_crop" if d.validation_crop is not None else "data.crop"
         raise ConfigError(f"{key}: {err}") from None
-    return Data(train, validation, len(train_files), len(val_files), shift, scale, fingerprint)
+    return Data(train, validation, len(train_files), len(val_files), shift, scale, fingerprint,
+                grid_record(regular_grid(*train.full_shape[:2])))
