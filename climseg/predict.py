@@ -166,13 +166,21 @@ def _save(maps: list[tuple[Path, object]], write_mask, mask: Path) -> None:
         target = mask
         write_mask()
     except OSError as err:
-        for png, _ in maps:
-            png.unlink(missing_ok=True)
+        _remove(png for png, _ in maps)
         raise DataError(write_failure(target, err)) from None
     except DataError:  # the mask (hdf5_writer says why)
-        for png, _ in maps:
-            png.unlink(missing_ok=True)
+        _remove(png for png, _ in maps)
         raise
+
+
+def _remove(paths) -> None:
+    """Remove what was written of a failed prediction; on a read-only file system, where even
+    an absent file cannot be unlinked (EROFS before ENOENT), nothing was written to remove."""
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def predict_sample(job: Job, path: Path) -> dict[str, int]:

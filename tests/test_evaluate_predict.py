@@ -26,7 +26,8 @@ from climseg import dist, evaluate, events, grid, inference, netcdf, predict
 from climseg.engine import Precision
 from climseg.checkpoint import CheckpointError, save_checkpoint
 from climseg.config import load_config
-from climseg.data.format import CLASS_NAMES, DATA_KEY, LABEL_KEY, read_sample, write_sample
+from climseg.data.format import (CLASS_NAMES, DATA_KEY, LABEL_KEY, read_sample, validate_file,
+                                 write_sample)
 from climseg.data.partition import list_files
 from climseg.model import build_model, deeplab
 from climseg.plot import DPI, PANEL_SIZE
@@ -58,7 +59,8 @@ def _model_kwargs(config: dict) -> dict:
 
 
 def make_checkpoint(path, root, name="tiny", state=None, seed=0, overrides=()):
-    """A checkpoint laid out as docs/design.md says, with a randomly initialised model."""
+    """A checkpoint laid out as docs/design.md says, with a randomly initialised model and
+    the grid of ``root``'s fields recorded, as the trainer records that of its training data."""
     config = load_config(None, [f"data.root={root}", f"model.name={name}",
                                 *overrides]).to_dict()
     torch.manual_seed(seed)
@@ -70,7 +72,10 @@ def make_checkpoint(path, root, name="tiny", state=None, seed=0, overrides=()):
                 m.running_var.fill_(0.01)
     save_checkpoint({"model": model.state_dict() if state is None else state,
                      "optimizer": {}, "scheduler": {}, "scaler": None, "step": 7, "epoch": 1,
-                     "batch_in_epoch": 0, "rng": [], "best_iou": 0.0, "config": config}, path)
+                     "batch_in_epoch": 0, "rng": [], "best_iou": 0.0, "config": config,
+                     "grid": grid.grid_record(grid.regular_grid(
+                         *validate_file(sorted(Path(root).glob("*/data-*.h5"))[0])[:2]))},
+                    path)
     return path
 
 
