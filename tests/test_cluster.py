@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,8 +30,11 @@ import pytest
 from climseg.data.split import split_dataset
 from climseg.data.summarize import summarize_split
 from climseg.data.synthetic import generate_dataset
-from conftest import HUNG_S, TINY_HEIGHT, TINY_SEED, TINY_WIDTH, require_horovod
-from exact import EXACT, assert_same_losses, losses
+import psutil
+
+from climseg.checkpoint import step_checkpoints
+from conftest import HUNG_S, TINY_HEIGHT, TINY_SEED, TINY_WIDTH, require_horovod, wait_for
+from exact import EXACT, assert_same_losses, assert_same_weights, losses
 from test_launch import _env, _horovod_features, require_slurm, run_requeued
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -60,6 +66,25 @@ class Cluster:
 
     def on(self, node: int, *cmd) -> subprocess.CompletedProcess:
         return self.run("bash", CLUSTER, "on", node, self.dir, *cmd, timeout=60)
+
+    def horovodrun(self, *args, log: Path) -> subprocess.Popen:
+        """``horovodrun -np 4 -H node1:2,node2:2 --gloo ARGS`` started on node1, as a user
+        logged into a compute node would: ranks 0, 1 are its own, ranks 2, 3 are started on
+        node2 through tests/cluster_bin/ssh. Output (both streams) to ``log``.
+
+        Tensor fusion off: Horovod packs the gradients that are ready in each cycle into one
+        buffer, so which tensors share it depends on timing, and with 4 ranks Gloo's ring sums
+        an element in an order set by its offset in that buffer; two runs then differ in the
+        last bit from the first step (measured: 2.4e-8 at step 2, 2e-3 by step 5). One
+        allreduce per tensor has one order, and runs repeat to the bit (2 ranks have one
+        order of a + b whatever the buffer: the one-host tests need no such setting)."""
+        env = dict(self.env, CLUSTER_DIR=str(self.dir), HOROVOD_FUSION_THRESHOLD="0",
+                   PATH=f"{REPO / 'tests' / 'cluster_bin'}:{self.env['PATH']}")
+        with open(log, "w") as f:
+            return subprocess.Popen(
+                ["bash", str(CLUSTER), "on", "1", str(self.dir), "horovodrun", "-np", "4",
+                 "-H", "node1:2,node2:2", "--gloo", *map(str, args)],
+                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
 
     def files(self, node: int, folder: Path) -> list[str]:
         """The sample files under ``folder`` as node ``node`` sees them (relative paths)."""
@@ -306,3 +331,121 @@ def test_two_node_sbatch_requeued_by_the_warning_signal_finishes_with_uninterrup
     got = losses(out)
     assert sorted(got) == list(range(1, steps + 1))
     assert_same_losses(got, losses(ref), range(1, steps + 1))
+
+
+# --- i. Ctrl-C to horovodrun across two nodes: every rank stops at one step, rank 0 saves -------
+def _processes_of(out: Path) -> list[psutil.Process]:
+    """The live processes whose command line names the run folder ``out``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if f"output_dir={out}" in " ".join(proc.info["cmdline"] or ()):
+            found.append(proc)
+    return found
+
+
+def test_ctrl_c_to_horovodrun_across_two_nodes_saves_and_the_run_resumes_exactly(
+        cluster, data_root, tmp_path):
+    # horovodrun's stop signal reaches its own node's ranks only: ssh (and the stand-in) gives a
+    # remote command no signal, just a dropped connection. The stop vote (an allreduce) takes
+    # node2's ranks to the same step boundary; rank 0 saves there.
+    run = ["-m", "climseg.train", *TRAIN, "train.validation_frequency=1000", *EXACT,
+           f"data.root={data_root}"]
+    out, log = tmp_path / "stopped", tmp_path / "stopped.log"
+    proc = cluster.horovodrun(sys.executable, *run, "train.max_steps=100000",
+                              "train.max_epochs=100000", f"output_dir={out}", log=log)
+    try:
+        wait_for(lambda: max(losses(out), default=0) >= 2 if (out / "metrics.jsonl").exists()
+                 else False, proc, log)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=HUNG_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            for rank in _processes_of(out):
+                rank.kill()
+    text = log.read_text()
+    assert proc.returncode != 0, text[-3000:]
+    ((step, path),) = step_checkpoints(out)
+    line = f"stopped by SIGTERM (2 of 4 ranks) at step {step}; checkpoint {path}"
+    said = [r for r in range(4) if re.search(rf"^\[{r}\]<stderr>:.*{re.escape(line)}", text,
+                                             re.M)]
+    assert said == [0, 1, 2, 3], text[-3000:]   # node2's ranks too, through the vote
+    assert sorted(losses(out)) == list(range(1, step + 1))
+    # node2's ranks, whose ssh clients died at the signal, ended too (none lingers)
+    deadline = time.monotonic() + 60
+    while _processes_of(out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _processes_of(out), [p.info["cmdline"] for p in _processes_of(out)]
+
+    end = [f"train.max_steps={step + 2}", "train.max_epochs=100000"]
+    whole, whole_log = tmp_path / "whole", tmp_path / "whole.log"
+    for folder, extra, folder_log in ((out, ["resume=auto"], tmp_path / "resumed.log"),
+                                      (whole, [], whole_log)):
+        proc = cluster.horovodrun(sys.executable, *run, *end, *extra, f"output_dir={folder}",
+                                  log=folder_log)
+        assert proc.wait(timeout=HUNG_S) == 0, folder_log.read_text()[-3000:]
+    got = losses(out)
+    assert sorted(got) == list(range(1, step + 3))
+    assert_same_losses(got, losses(whole), range(1, step + 3))
+    # The parameters; not the batch-norm running statistics, which a resume takes from rank 0
+    # for every rank (as test_faults' resume tests say)
+    assert_same_weights(out, whole, buffers=False)
+
+
+# --- j. a node lost: every rank of node2 killed mid-run -----------------------------------------
+def _kill_node_ranks(out: Path, node: str) -> int:
+    """SIGKILL every rank of the run in ``out`` that Slurm placed on ``node``; how many."""
+    killed = 0
+    for proc in _processes_of(out):
+        try:
+            if proc.environ().get("SLURMD_NODENAME") == node:
+                proc.kill()
+                killed += 1
+        except psutil.Error:
+            pass
+    return killed
+
+
+def test_a_lost_node_ends_the_job_naming_it_and_resume_continues_exactly(cluster, data_root,
+                                                                          tmp_path):
+    # The ranks left on node1 wait in an allreduce that cannot finish: the watchdog
+    # (train.stall_timeout, here 20 s; never under 10x the longest step gap seen) ends each with
+    # its line, exit 2, and srun names the lost node and tasks. Checkpoints every 2 steps.
+    run = [sys.executable, "-m", "climseg.train", *TRAIN, "train.validation_frequency=1000",
+           *EXACT, f"data.root={data_root}", "train.save_frequency=2"]
+    out, log = tmp_path / "lost", tmp_path / "lost.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["srun", "--time=10", "-N2", "-n4", "--mpi=pmi2", *run,
+                                 "train.max_steps=100000", "train.max_epochs=100000",
+                                 "train.stall_timeout=20", f"output_dir={out}"],
+                                cwd=REPO, env=cluster.env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(step_checkpoints(out)) >= 2 if out.exists() else False, proc, log)
+        assert _kill_node_ranks(out, "node2") == 2
+        proc.wait(timeout=HUNG_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            for rank in _processes_of(out):
+                rank.kill()
+    text = log.read_text()
+    assert proc.returncode != 0
+    assert "srun: error: node2: tasks 2-3: Killed" in text, text[-3000:]
+    for rank in (0, 1):
+        line = next((x for x in text.splitlines()
+                     if x.startswith(f"climseg: error: rank {rank}: no progress for ")), "")
+        assert "train.stall_timeout" in line and "exit status 2" in line, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+
+    # resume=auto from the last checkpoint redoes what came after it; the losses of every
+    # step then equal an uninterrupted run's (srun + MPI runs repeat to the bit)
+    end = max(losses(out)) + 2
+    whole = tmp_path / "whole"
+    for folder, extra in ((out, ["resume=auto"]), (whole, [])):
+        result = cluster.srun("-N2", "-n4", "--mpi=pmi2", *run, f"train.max_steps={end}",
+                              "train.max_epochs=100000", *extra, f"output_dir={folder}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    got = losses(out)
+    assert sorted(got) == list(range(1, end + 1))
+    assert_same_losses(got, losses(whole), range(1, end + 1))
+    assert_same_weights(out, whole, buffers=False)
