@@ -74,7 +74,7 @@ def label_events(region: np.ndarray, periodic: bool = True) -> tuple[np.ndarray,
     region spans all longitudes; a crop does not); labels 1..count."""
     labels, count = ndimage.label(region, structure=_EIGHT_CONNECTED)
     if count == 0 or not periodic:
-        return labels, 0
+        return labels, int(count)
     parent = np.arange(count + 1)
 
     def root(i: int) -> int:

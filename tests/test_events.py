@@ -45,6 +45,19 @@ def test_cells_touching_diagonally_across_the_seam_are_one_event():
     assert sorted(r["cells"] for r in rows) == [1, 1, 3]
 
 
+def test_a_crop_is_not_joined_across_its_edges_and_its_events_are_counted():
+    mask = np.zeros((18, 36), bool)
+    mask[5:8, 34:] = mask[5:8, :2] = True     # one event on the globe, two on a crop
+    mask[12, 10] = True
+    _, globe = events.label_events(mask)
+    labels, crop = events.label_events(mask, periodic=False)
+    assert (globe, crop) == (2, 3)
+    assert sorted(np.bincount(labels.ravel())[1:]) == [1, 6, 6]
+    truth = mask.astype(np.uint8)
+    scores = events.event_scores(truth, truth, NAMES, periodic=False)
+    assert scores["tropical_cyclone"] == {"true": 3, "predicted": 3, "matched": 3}
+
+
 def test_area_of_a_box_is_the_spherical_zone_formula():
     # A box from 10°S to 30°N and 40° of longitude on a 1-degree grid: the difference of two
     # spherical caps, 2πR²(1 − sin φ), times the box's share of a full circle.
