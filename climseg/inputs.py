@@ -64,6 +64,15 @@ def variable_map(text: str | None) -> dict[str, str]:
     return names
 
 
+def add_variables_option(parser) -> None:
+    """``--variables``, the map of :func:`variable_map`, as predict and evaluate take it."""
+    parser.add_argument("--variables", default=None, metavar="CHANNEL=NAME,...",
+                        help="netCDF variable names of climseg channels where they differ from "
+                             "the channel names (ClimateNet's and CAM5's), e.g. "
+                             "TMQ=tcwv,PSL=msl; the values are used as they are (no unit "
+                             "conversion)")
+
+
 def is_netcdf(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a netCDF input rather than a climseg sample file: a classic netCDF
     file, or an HDF5 file without a ``climate`` group (netCDF-4)."""
