@@ -23,7 +23,8 @@ from typing import NoReturn
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("climseg.train_cli", "main",
               "train from a YAML config (alone, under horovodrun or srun)"),
-    "evaluate": ("climseg.evaluate", "main", "score a checkpoint on a data split (IoU)"),
+    "evaluate": ("climseg.evaluate", "main",
+                 "score a checkpoint on a data split or labelled netCDF files (IoU)"),
     "predict": ("climseg.predict", "main", "segment sample files with a checkpoint"),
     "events": ("climseg.events", "main",
                "a table of the tropical cyclones and atmospheric rivers in masks"),

@@ -1,4 +1,5 @@
-"""``python -m climseg.evaluate``: score a checkpoint on a data split.
+"""``python -m climseg.evaluate``: score a checkpoint on a data split, or on labelled netCDF
+files.
 
 Alone or under ``horovodrun``/``srun``: rank ``r`` of ``n`` scores ``files[r::n]`` of the split
 with the trainer's own evaluation loop (:func:`climseg.engine.evaluate`), whose confusion counts
@@ -15,6 +16,14 @@ tiles give it inputs of its own size and still score every pixel. ``--full-field
 field in one piece anyway; ``--crop H W`` scores only a centred crop, and says so: the printed
 result and the JSON's ``region`` name what was scored and its share of the field.
 
+``--data`` may instead name netCDF files, or folders of them (:func:`netcdf_inputs`), with a
+label variable (ClimateNet's ``LABELS``, else ``labels``, or ``--labels NAME``): each time
+step is a sample, scored on the file's own grid against its labels (:func:`gridded_source`).
+A file on another grid than the model's is taken as ``predict`` takes it (its channels
+regridded bilinearly to the model's grid and predicted there, in the same tiles), and the
+class prediction is brought back to the file's grid by nearest neighbour; the result's
+``grid`` says which grid was scored and whether it was regridded.
+
 Logs and progress go to stderr; the result table to stdout, so that it can be redirected.
 """
 
@@ -26,8 +35,9 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,19 +46,26 @@ from climseg import dist
 from climseg.atomic import atomic_path
 from climseg.checkpoint import CheckpointError
 from climseg.cli import ArgumentParser, fail, positive_int
-from climseg.config import ConfigError
+from climseg.config import Config, ConfigError
 from climseg.data.format import DataError, Progress, validate_file
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.engine import Precision, evaluate
 from climseg.events import EVENT_OVERLAP, detection_skill, event_scores
-from climseg.inference import (OUTPUT_STRIDE, TiledModel, add_model_arguments, class_names,
-                               input_spec, model_from_checkpoint, read_checkpoint, run_field,
+from climseg.grid import RegularGrid, describe
+from climseg.inference import (OUTPUT_STRIDE, InputSpec, TiledModel, add_model_arguments,
+                               class_names, input_spec, model_from_checkpoint, model_grid,
+                               predict_log_probabilities, prepare, read_checkpoint, run_field,
                                scored_region, select_device)
+from climseg.inputs import (LABEL_NAMES, add_variables_option, is_netcdf, open_gridded,
+                            variable_map)
 from climseg.logs import setup_logging
 from climseg.losses import build_loss
+from climseg.regrid import ToModelGrid
 
 log = logging.getLogger("climseg.evaluate")
+
+DataPaths = str | os.PathLike | Sequence[str | os.PathLike]  # --data: a root, or netCDF inputs
 
 
 def _finite_or_none(values: list[float]) -> list[float | None]:
@@ -69,35 +86,119 @@ def _counted(batches: Iterable, bar: Progress) -> Iterator:
         bar.update()
 
 
-def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: str = "test",
+def score(checkpoint: str | os.PathLike, data_root: DataPaths, split: str = "test",
           batch_size: int | None = None, crop: tuple[int, int] | None = None,
           stats_file: str | os.PathLike | None = None, device: str | None = None,
           precision: str = "auto", threads: int = 2,
           full_field: bool = False, progress: bool = False,
-          event_overlap: float = EVENT_OVERLAP) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on ``data_root/split``; the same result dict on every rank.
+          event_overlap: float = EVENT_OVERLAP, labels: tuple[str, ...] = LABEL_NAMES,
+          variables: str | None = None) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on ``data_root/split``, or on netCDF files (``data_root``: one
+    or more files or folders of them, :func:`netcdf_inputs`); the same result dict on every
+    rank.
 
     The whole field is scored unless ``crop`` names a centred crop; in tiles of the run's
     validation size where that is smaller, or in one piece with ``full_field``.
     ``progress``: a progress line on stderr (this rank's batches). Beside the pixel scores,
     events are matched per sample (:func:`climseg.events.event_scores` at IoU
-    ``event_overlap``): the detection skill the ClimateNet paper reports.
+    ``event_overlap``): the detection skill the ClimateNet paper reports. netCDF files are
+    scored on their own grids against their labels (the first of ``labels`` each has), their
+    channels found by ``variables`` (:func:`climseg.inputs.variable_map`).
     """
+    gridded = netcdf_inputs(data_root, split)
+    names = variable_map(variables) if gridded is not None else None
+    run = load_scoring(checkpoint, device, stats_file, precision, batch_size,
+                       with_grid=gridded is not None)
+    if crop is not None and any(c <= 0 or c % OUTPUT_STRIDE for c in crop):
+        raise ConfigError(f"--crop: sides must be positive multiples of {OUTPUT_STRIDE}, "
+                          f"got {crop[0]} {crop[1]}")
+    if gridded is None:
+        source = split_source(run, _paths(data_root)[0] / split, crop, threads, full_field)
+    elif crop is not None:
+        raise ConfigError("--crop: netCDF inputs are scored whole, on their own grids; a "
+                          "centred crop is for climseg's HDF5 splits")
+    else:
+        source = gridded_source(run, gridded, names, tuple(labels), full_field)
+    bar = Progress(source.batches, "scoring", unit="batches", enabled=progress)
+    tally = EventTally(run.names, event_overlap, periodic=source.region["fraction"] == 1.0)
+    result = evaluate(source.model, _counted(source.epoch, bar), run.loss_fn, run.prec,
+                      run.cfg.model.num_classes, on_batch=tally.add)
+    result["per_class_iou"] = _finite_or_none(result["per_class_iou"])
+    if not math.isfinite(result["mean_iou"]):
+        result["mean_iou"] = None
+    return {
+        "checkpoint": str(checkpoint),
+        "step": run.step,
+        "data": source.data,
+        "classes": list(run.names),
+        **result,
+        "event_overlap": event_overlap,
+        "events": tally.reduced(),
+        "pixel_frequency": pixel_frequencies(result["confusion"]),
+        "ranks": dist.size(),
+        "batch_size": run.batch_size,
+        **source.region,
+        **source.extra,
+        "device": run.prec.device.type,
+        "precision": run.prec.name,
+    }
+
+
+@dataclass
+class Scoring:
+    """A checkpoint ready to score, whatever the data: its model, how it runs, and the grid it
+    learned on (read for netCDF inputs only; None where unknown)."""
+
+    model: torch.nn.Module
+    cfg: Config
+    step: int | None
+    spec: InputSpec
+    prec: Precision
+    loss_fn: torch.nn.Module
+    names: tuple[str, ...]
+    batch_size: int
+    grid: RegularGrid | None = None
+
+
+def load_scoring(checkpoint: str | os.PathLike, device: str | None,
+                 stats_file: str | os.PathLike | None, precision: str,
+                 batch_size: int | None, with_grid: bool) -> Scoring:
+    """The checkpoint's model on this rank's device, with what scoring needs around it."""
     device = select_device(device, dist.local_rank())
     ckpt, cfg = read_checkpoint(checkpoint, device)
     model = model_from_checkpoint(ckpt, cfg, str(checkpoint), device)
     step = ckpt.get("step")
+    grid = model_grid(ckpt, cfg, str(checkpoint)) if with_grid else None
     del ckpt  # the optimizer state is as large as the model twice over
     spec = input_spec(cfg, stats_file)
-    num_classes = cfg.model.num_classes
     batch_size = batch_size or cfg.train.local_batch_size
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be at least 1, got {batch_size}")
-    if crop is not None and any(c <= 0 or c % OUTPUT_STRIDE for c in crop):
-        raise ConfigError(f"--crop: sides must be positive multiples of {OUTPUT_STRIDE}, "
-                          f"got {crop[0]} {crop[1]}")
+    prec = Precision.build(device, precision, None)
+    if prec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(class_frequencies=cfg.loss.class_frequencies,
+                         weight_pow=cfg.loss.weight_pow).to(device)
+    return Scoring(model, cfg, step, spec, prec, loss_fn, class_names(cfg), batch_size, grid)
 
-    split_dir = Path(data_root) / split
+
+@dataclass
+class Source:
+    """This rank's batches and what they cover: the model to run them through, the batches
+    (``epoch``) and their count, the ``region`` scored (:func:`scored_region`), the data in
+    words, and keys the result adds (``extra``)."""
+
+    model: torch.nn.Module
+    epoch: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    batches: int
+    region: dict[str, Any]
+    data: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def split_source(run: Scoring, split_dir: Path, crop: tuple[int, int] | None, threads: int,
+                 full_field: bool) -> Source:
+    """A split of climseg's HDF5 samples: this rank's files through the trainer's loader."""
     files = list_files(split_dir)
     if len(files) < dist.size():
         raise DataError(f"{split_dir}: {len(files)} files for {dist.size()} ranks; "
@@ -106,44 +207,126 @@ def score(checkpoint: str | os.PathLike, data_root: str | os.PathLike, split: st
     shape = validate_file(mine[0])
     for path in mine[1:]:  # fail now on a bad file, not after an hour of scoring
         validate_file(path, expect_shape=shape)
+    spec = run.spec
     try:
-        loader = BatchLoader(mine, batch_size, shift=spec.shift, scale=spec.scale,
+        loader = BatchLoader(mine, run.batch_size, shift=spec.shift, scale=spec.scale,
                              channels=spec.channels, crop=crop, random_crop=False,
                              shuffle=False, drop_last=False, num_threads=threads, prefetch=2,
-                             device=device)
+                             device=run.prec.device)
     except ValueError as err:
         raise ConfigError(f"--crop/--workers: {err}") from None
-    region = scored_region(loader.full_shape[:2], crop, None if full_field else run_field(cfg))
-    model = _scoring_model(model, region, split_dir)
-    prec = Precision.build(device, precision, None)
-    if prec.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(class_frequencies=cfg.loss.class_frequencies,
-                         weight_pow=cfg.loss.weight_pow).to(device)
+    region = scored_region(loader.full_shape[:2], crop,
+                           None if full_field else run_field(run.cfg))
+    return Source(_scoring_model(run.model, region, split_dir), loader.epoch(0), len(loader),
+                  region, str(split_dir))
 
-    bar = Progress(len(loader), "scoring", unit="batches", enabled=progress)
-    names = class_names(cfg)
-    tally = EventTally(names, event_overlap, periodic=region["fraction"] == 1.0)
-    result = evaluate(model, _counted(loader.epoch(0), bar), loss_fn, prec, num_classes,
-                      on_batch=tally.add)
-    result["per_class_iou"] = _finite_or_none(result["per_class_iou"])
-    if not math.isfinite(result["mean_iou"]):
-        result["mean_iou"] = None
-    return {
-        "checkpoint": str(checkpoint),
-        "step": step,
-        "data": str(split_dir),
-        "classes": list(names),
-        **result,
-        "event_overlap": event_overlap,
-        "events": tally.reduced(),
-        "pixel_frequency": pixel_frequencies(result["confusion"]),
-        "ranks": dist.size(),
-        "batch_size": batch_size,
-        **region,
-        "device": device.type,
-        "precision": prec.name,
-    }
+
+NETCDF_GLOB = "*.nc"  # the netCDF files of a folder given as --data
+_NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf")
+
+
+def _paths(data: DataPaths) -> list[Path]:
+    return [Path(data)] if isinstance(data, (str, os.PathLike)) else [Path(p) for p in data]
+
+
+def netcdf_inputs(data: DataPaths, split: str) -> list[Path] | None:
+    """The netCDF files ``--data`` names: files, and the ``*.nc`` of folders; None for a
+    climseg data root (one folder holding ``split/``, or naming no netCDF file, whose error
+    is then the split's own, as before)."""
+    paths = _paths(data)
+    if len(paths) == 1 and ((paths[0] / split).is_dir() or not (
+            paths[0].suffix in _NETCDF_SUFFIXES or paths[0].is_file()
+            or paths[0].is_dir() and any(paths[0].glob(NETCDF_GLOB)))):
+        return None
+    files = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(path.glob(NETCDF_GLOB))
+            if not found:
+                raise DataError(f"{path}: no {NETCDF_GLOB} files in folder")
+            files += found
+        elif not path.is_file():
+            raise DataError(f"{path}: file not found")
+        elif not is_netcdf(path):
+            raise DataError(f"{path}: not a netCDF file; --data takes netCDF files and "
+                            f"folders of them, or one data root holding {split}/")
+        else:
+            files.append(path)
+    return files
+
+
+class AlreadyPredicted(torch.nn.Module):
+    """What the trainer's evaluation loop runs when its batches are already the model's log
+    class probabilities on the grid scored: netCDF inputs are predicted on the model's grid
+    and brought back to each file's own (:func:`gridded_source`), which no module of one
+    fixed grid can do for files of several."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def gridded_source(run: Scoring, files: list[Path], names: dict[str, str],
+                   labels: tuple[str, ...], full_field: bool) -> Source:
+    """netCDF inputs, each scored on its own grid against its labels, one sample per time
+    step (batches do not span files). Every rank checks every file first (it reads their
+    coordinates only), so a bad one stops all ranks alike, and the result names every grid;
+    rank ``r`` of ``n`` then scores ``files[r::n]``."""
+    if len(files) < dist.size():
+        raise DataError(f"{files[0]}: {len(files)} netCDF files for {dist.size()} ranks; "
+                        "every rank needs at least one (a file's time steps stay together)")
+    target = describe(run.grid) if run.grid is not None else "unknown"
+    steps, shapes, hows, regridded = [], [], [], False
+    for path in files:
+        with open_gridded(path, names, run.spec.channels, target, labels=labels) as src:
+            grids = ToModelGrid(src.grid, run.grid)
+            steps.append(src.steps)
+            shapes.append(src.grid.shape)
+        regridded = regridded or grids.regridded
+        if grids.how not in hows:
+            hows.append(grids.how)
+    tile = None if full_field else run_field(run.cfg)
+    ran = scored_region(run.grid.shape if run.grid is not None else shapes[0], None, tile)
+    region = {**ran, "region": f"each input's whole field, on its own grid; the model ran on "
+                               f"{ran['region']}"}
+    grid = ("scored on the input's grid against its labels; predicted " if len(hows) == 1
+            else "scored on each input's own grid against its labels; predicted ")
+    mine = rank_partition(files, dist.rank(), dist.size())
+    batches = sum(-(-n // run.batch_size) for n in steps[dist.rank()::dist.size()])
+    return Source(AlreadyPredicted(), _gridded_batches(run, mine, names, labels, tile, target),
+                  batches, region, _described(files),
+                  {"grid": grid + " | ".join(hows), "regridded": regridded, "files": len(files)})
+
+
+def _described(files: list[Path]) -> str:
+    """netCDF inputs in words, for the result's ``data``."""
+    if len(files) == 1:
+        return str(files[0])
+    where = f"in {files[0].parent}" if len({f.parent for f in files}) == 1 \
+        else f"({files[0]} ...)"
+    return f"{len(files)} netCDF files {where}"
+
+
+def _gridded_batches(run: Scoring, files: list[Path], names: dict[str, str],
+                     labels: tuple[str, ...], tile: tuple[int, int] | None, target: str
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(log-probabilities (n, K, H, W), labels (n, H, W)) on each file's own grid, up to
+    ``run.batch_size`` time steps at a time: the channels on the model's grid as ``predict``
+    takes them (:class:`~climseg.regrid.ToModelGrid`), run as it runs them (the same tiles),
+    and the log-probabilities brought back by nearest neighbour, so that their argmax is
+    ``predict``'s mask."""
+    device, spec = run.prec.device, run.spec
+    for path in files:
+        with open_gridded(path, names, spec.channels, target, labels=labels) as src:
+            grids = ToModelGrid(src.grid, run.grid)
+            for start in range(0, src.steps, run.batch_size):
+                steps = range(start, min(start + run.batch_size, src.steps))
+                x = torch.cat([prepare(grids.fields(src.read_step(t), spec.channels), spec)
+                               for t in steps])
+                logp = predict_log_probabilities(run.model, x, run.prec, tile)
+                if grids.back is not None:
+                    logp = torch.from_numpy(grids.back.nearest(logp.cpu().numpy())).to(device)
+                y = np.stack([src.read_labels(t) for t in steps])
+                yield logp, torch.from_numpy(y).to(device, torch.int64)
 
 
 class EventTally:
@@ -195,6 +378,7 @@ def summary(result: dict[str, Any]) -> str:
     lines = [f"{result['samples']} samples of {result['data']} on {result['ranks']} rank(s), "
              f"{result['samples_per_second']:.2f} samples/s",
              f"scored: {result['region']}",
+             *([f"grid: {result['grid']}"] if "grid" in result else []),
              f"mean IoU {iou(result['mean_iou'])}   eval_accuracy (MLPerf) "
              f"{result['eval_accuracy']:.4f}   loss {result['loss']:.4f}",
              f"{'class':<20}{'IoU':>8}{'truth px':>12}{'predicted px':>14}"]
@@ -226,11 +410,23 @@ def parse_args(argv: list[str] | None):
     p = ArgumentParser("evaluate", description=(
         "Score a checkpoint on a data split (IoU, MLPerf eval_accuracy); runs alone or under "
         "horovodrun/srun.\nThe table goes to stdout, logs and progress to stderr.\n\n"
+        "--data is a climseg data root, or labelled netCDF files (ClimateNet's, or any "
+        "CF-netCDF with a\nlabel variable; one sample per time step). A netCDF file on "
+        "another regular global grid than\nthe model's is regridded bilinearly to it, "
+        "predicted there, and scored on its own grid\n(the prediction brought back by "
+        "nearest neighbour). See docs/inference.md.\n\n"
         "Example: climseg evaluate --checkpoint runs/demo/best.pt --data data/demo/cam "
-        "--output runs/demo/test.json"))
+        "--output runs/demo/test.json\n"
+        "         climseg evaluate --checkpoint best.pt --data climatenet/test"))
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by climseg train")
-    p.add_option("--data", required=True, help="data root holding <split>/data-*.h5")
+    p.add_option("--data", required=True, nargs="+", metavar="PATH",
+                 help="data root holding <split>/data-*.h5, or netCDF files and folders of "
+                      "*.nc files")
     p.add_argument("--split", default="test", help="split folder under --data (default: test)")
+    p.add_argument("--labels", default=None, metavar="NAME",
+                   help="netCDF inputs: the label variable, class ids per pixel (default: "
+                        f"{' or '.join(LABEL_NAMES)}, ClimateNet's)")
+    add_variables_option(p)
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="samples per batch and rank (default: the run's train.local_batch_size)")
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
@@ -258,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
                        tuple(args.crop) if args.crop else None, args.stats, args.device,
                        args.precision, args.workers, args.full_field,
                        progress=dist.is_primary() and not args.quiet,
-                       event_overlap=args.event_overlap)
+                       event_overlap=args.event_overlap,
+                       labels=(args.labels,) if args.labels else LABEL_NAMES,
+                       variables=args.variables)
         if dist.is_primary() and args.output is not None:
             write_json(result, args.output)
     except (DataError, CheckpointError, ConfigError) as err:

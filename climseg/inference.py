@@ -318,6 +318,27 @@ class TiledModel(torch.nn.Module):
 
 
 @torch.no_grad()
+def predict_log_probabilities(model: torch.nn.Module, x: torch.Tensor, prec: Precision,
+                              tile: tuple[int, int] | None = None, tiles_per_batch: int = 16
+                              ) -> torch.Tensor:
+    """Log class probabilities (N, K, H, W) float32 on ``prec.device`` for an input batch (N,
+    C, H, W); see :func:`predict_probabilities`. In log space, so that a scored loss keeps
+    the probabilities too small for float32."""
+    def log_probabilities(batch):
+        h, w = batch.shape[-2:]
+        pad_h, pad_w = -h % OUTPUT_STRIDE, -w % OUTPUT_STRIDE
+        if pad_w:
+            batch = F.pad(batch, (0, pad_w, 0, 0), mode="circular")
+        if pad_h:
+            batch = F.pad(batch, (0, 0, 0, pad_h), mode="replicate")
+        with prec.autocast():
+            logits = model(prec.prepare(batch))
+        return torch.log_softmax(logits[..., :h, :w].float(), dim=1)
+
+    x = x.to(prec.device, non_blocking=True)
+    return tile_average(log_probabilities, x, tile, tiles_per_batch)
+
+
 def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, prec: Precision,
                           tile: tuple[int, int] | None = None, tiles_per_batch: int = 16
                           ) -> torch.Tensor:
@@ -332,16 +353,4 @@ def predict_probabilities(model: torch.nn.Module, x: torch.Tensor, prec: Precisi
     multiples of the output stride are padded (periodically in longitude, by edge values in
     latitude) and the result cropped back.
     """
-    def log_probabilities(batch):
-        h, w = batch.shape[-2:]
-        pad_h, pad_w = -h % OUTPUT_STRIDE, -w % OUTPUT_STRIDE
-        if pad_w:
-            batch = F.pad(batch, (0, pad_w, 0, 0), mode="circular")
-        if pad_h:
-            batch = F.pad(batch, (0, 0, 0, pad_h), mode="replicate")
-        with prec.autocast():
-            logits = model(prec.prepare(batch))
-        return torch.log_softmax(logits[..., :h, :w].float(), dim=1)
-
-    x = x.to(prec.device, non_blocking=True)
-    return tile_average(log_probabilities, x, tile, tiles_per_batch).exp().cpu()
+    return predict_log_probabilities(model, x, prec, tile, tiles_per_batch).exp().cpu()

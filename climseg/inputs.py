@@ -1,5 +1,5 @@
-"""CF-netCDF fields as ``climseg predict`` inputs: ClimateNet files, CAM5 history files,
-ERA5- and MERRA-2-style downloads.
+"""CF-netCDF fields as ``climseg predict`` and ``climseg evaluate`` inputs: ClimateNet files,
+CAM5 history files, ERA5- and MERRA-2-style downloads.
 
 A file holds one 1-D latitude coordinate (``lat`` or ``latitude``, ascending or descending)
 and one 1-D longitude coordinate (``lon`` or ``longitude``, -180..180 or 0..360), an optional
@@ -8,6 +8,8 @@ variable per channel, dimensioned (lat, lon) or (time, lat, lon). Variables are 
 name map (:func:`variable_map`): climseg's channel names by default (ClimateNet's and CAM5's
 own), others with ``--variables TMQ=tcwv,PSL=msl``. Values are unpacked (CF ``scale_factor``,
 ``add_offset``); no unit is converted, so a mapped variable must be in the channel's units.
+Labels (class ids) are ClimateNet's ``LABELS``, drawn by ``predict`` where a file has them;
+``evaluate`` requires them (or another name, ``--labels``), one mask per time step.
 
 Both netCDF kinds are read with what climseg already pins: netCDF-4 through h5netcdf (it is
 HDF5), netCDF-3 (classic and 64-bit offset, as CAM5 writes) through ``scipy.io.netcdf_file``.
@@ -39,6 +41,7 @@ LAT_NAMES = ("lat", "latitude")
 LON_NAMES = ("lon", "longitude")
 TIME_NAMES = ("time", "valid_time")
 LABEL_VARIABLE = "LABELS"  # ClimateNet's expert labels, class ids as climseg's
+LABEL_NAMES = (LABEL_VARIABLE, "labels")  # what evaluate looks for without --labels
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _CLASSIC_MAGIC = (b"CDF\x01", b"CDF\x02")  # scipy reads these; CDF-5 (b"CDF\x05") it cannot
 _PACKING = ("scale_factor", "add_offset", "_FillValue", "missing_value", "valid_range",
@@ -62,6 +65,15 @@ def variable_map(text: str | None) -> dict[str, str]:
                               f"channels are {', '.join(CHANNELS)}")
         names[channel] = name
     return names
+
+
+def add_variables_option(parser) -> None:
+    """``--variables``, the map of :func:`variable_map`, as predict and evaluate take it."""
+    parser.add_argument("--variables", default=None, metavar="CHANNEL=NAME,...",
+                        help="netCDF variable names of climseg channels where they differ from "
+                             "the channel names (ClimateNet's and CAM5's), e.g. "
+                             "TMQ=tcwv,PSL=msl; the values are used as they are (no unit "
+                             "conversion)")
 
 
 def is_netcdf(path: str | os.PathLike) -> bool:
@@ -233,6 +245,7 @@ class GriddedFile:
     cols: np.ndarray           # file column of each grid column
     fields: dict[int, _Variable] = field(default_factory=dict)  # channel index -> variable
     labels: _Variable | None = None
+    label_name: str = LABEL_VARIABLE
 
     def _step(self, var: _Variable, t: int) -> np.ndarray:
         values = var.read((t,) if len(var.dims) == 3 else ())
@@ -251,10 +264,10 @@ class GriddedFile:
         return data
 
     def read_labels(self, t: int) -> np.ndarray | None:
-        """The file's ``LABELS`` at step ``t`` in climseg's layout, or None."""
+        """The file's labels at step ``t`` in climseg's layout, or None."""
         if self.labels is None:
             return None
-        return labels_to_uint8(self._step(self.labels, t), self.path)
+        return labels_to_uint8(self._step(self.labels, t), self.path, self.label_name)
 
     def to_file_layout(self, values: np.ndarray) -> np.ndarray:
         """``values`` (..., lat, lon) in climseg's layout back in the file's row and column
@@ -275,13 +288,46 @@ def _field_variable(path: Path, variables: dict[str, _Variable], name: str, chan
     return var
 
 
+def _label_variable(path: Path, variables: dict[str, _Variable], names: tuple[str, ...],
+                    lat: Coordinate, lon: Coordinate, time: Coordinate | None
+                    ) -> tuple[str, _Variable]:
+    """The labels a scored file must have, and their name: the first of ``names`` it holds,
+    on the fields' grid, one mask per time step; (lat, lon) labels serve a file of one step
+    (ClimateNet's fields are (1, lat, lon), its ``LABELS`` (lat, lon))."""
+    found = [n for n in names if n in variables]
+    if not found:
+        raise DataError(f"{path}: no label variable (looked for {' or '.join(names)}); name "
+                        "it with --labels NAME")
+    name, var = found[0], variables[found[0]]
+    plane = (lat.dim, lon.dim)
+    if var.dims[-2:] != plane or len(var.dims) not in (2, 3):
+        raise DataError(f"{path}: labels '{name}' have dimensions {var.dims} of shape "
+                        f"{var.shape}; the fields' are {plane} of shape "
+                        f"({len(lat.values)}, {len(lon.values)})")
+    steps = 1 if time is None else len(time.values)
+    if len(var.dims) == 2 and steps > 1:
+        raise DataError(f"{path}: labels '{name}' {var.dims} have no time axis, but the "
+                        f"fields have {steps} time steps along '{time.dim}'; one mask per "
+                        "step is needed")
+    if len(var.dims) == 3 and (var.shape[0] != steps
+                               or time is not None and var.dims[0] != time.dim):
+        raise DataError(f"{path}: labels '{name}' have dimensions {var.dims} of shape "
+                        f"{var.shape}; the fields have {steps} time step(s)"
+                        + (f" along '{time.dim}'" if time is not None else ""))
+    return name, var
+
+
 @contextlib.contextmanager
 def open_gridded(path: str | os.PathLike, names: dict[str, str], channels: list[int],
-                 target: str, optional: list[int] = ()) -> Iterator[GriddedFile]:
+                 target: str, optional: list[int] = (),
+                 labels: tuple[str, ...] | None = None) -> Iterator[GriddedFile]:
     """``path`` opened as a :class:`GriddedFile` with the variables of ``channels`` (indices
     into CHANNELS) found by ``names`` (:func:`variable_map`), and those of ``optional`` that
     the file has (TMQ for the map). ``target`` describes the model's grid for the error
-    lines. DataError naming the file and every missing variable."""
+    lines. DataError naming the file and every missing variable. ``labels``: the names the
+    file's labels may have where it must have them (to be scored); DataError where it has
+    none or they do not fit its fields. Without it, ``LABELS`` are taken where they lie on
+    the fields' grid (to be drawn)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -309,8 +355,11 @@ def open_gridded(path: str | os.PathLike, names: dict[str, str], channels: list[
                                {k: v for k, v in variables[dim].attrs.items()
                                 if k not in _PACKING})
                     if dim in variables else Coordinate(dim, dim, np.arange(lengths.pop()), {}))
-        labels = variables.get(LABEL_VARIABLE)
-        if labels is not None and labels.dims[-2:] != (lat.dim, lon.dim):
-            labels = None  # not a mask on this grid: not drawn
+        if labels is not None:
+            name, mask = _label_variable(path, variables, labels, lat, lon, time)
+        else:
+            name, mask = LABEL_VARIABLE, variables.get(LABEL_VARIABLE)
+            if mask is not None and mask.dims[-2:] != (lat.dim, lon.dim):
+                mask = None  # not a mask on this grid: not drawn
         yield GriddedFile(path, lat, lon, time, len(time.values) if time else 1, grid, rows,
-                          cols, fields, labels)
+                          cols, fields, mask, name)

@@ -49,11 +49,11 @@ from climseg.inference import (InputSpec, add_model_arguments, class_names, conf
                                input_spec, model_from_checkpoint, model_grid,
                                predict_probabilities, prepare, read_checkpoint, run_field,
                                scored_region, select_device)
-from climseg.inputs import is_netcdf, open_gridded, variable_map
+from climseg.inputs import add_variables_option, is_netcdf, open_gridded, variable_map
 from climseg.logs import setup_logging
 from climseg.netcdf import write_mask_netcdf, write_mask_on_coordinates
 from climseg.plot import map_title, plot_sample, save_map
-from climseg.regrid import Regridder
+from climseg.regrid import ToModelGrid
 
 log = logging.getLogger("climseg.predict")
 
@@ -133,20 +133,13 @@ def segment(job: Job, data: np.ndarray, source: RegularGrid) -> tuple[np.ndarray
     channels are regridded bilinearly to the model's grid, predicted there, and brought back:
     probabilities bilinearly, the mask by nearest neighbour (class ids are not averaged).
     ``how`` says which, for the mask file."""
-    to_model = None if job.grid is None else Regridder(source, job.grid)
-    if to_model is None or to_model.identity:
-        probs = predict_probabilities(job.model, prepare(data, job.spec), job.prec, job.tile)[0]
-        how = "on the model's own grid" if to_model else "on the input's grid (model's unknown)"
-        return probs.numpy(), probs.argmax(0).to(torch.uint8).numpy(), f"{how}, {describe(source)}"
-    used = job.spec.channels
-    on_model = np.zeros((*job.grid.shape, data.shape[-1]), np.float32)
-    on_model[..., used] = np.moveaxis(to_model.bilinear(np.moveaxis(data[..., used], -1, 0)),
-                                      0, -1)
-    probs = predict_probabilities(job.model, prepare(on_model, job.spec), job.prec, job.tile)[0]
-    back = Regridder(job.grid, source)
-    return (back.bilinear(probs.numpy()), back.nearest(probs.argmax(0).to(torch.uint8).numpy()),
-            f"on the model's grid {describe(job.grid)}, regridded bilinearly from and back to "
-            f"the input's {describe(source)}; the class mask by nearest neighbour")
+    grids = ToModelGrid(source, job.grid)
+    probs = predict_probabilities(job.model, prepare(grids.fields(data, job.spec.channels),
+                                                     job.spec), job.prec, job.tile)[0]
+    mask = probs.argmax(0).to(torch.uint8).numpy()
+    if grids.back is None:
+        return probs.numpy(), mask, grids.how
+    return grids.back.bilinear(probs.numpy()), grids.back.nearest(mask), grids.how
 
 
 def _region(job: Job, shape: tuple[int, int]) -> str:
@@ -274,10 +267,7 @@ def parse_args(argv: list[str] | None):
                         "(NAME-mask.nc, CF-1.8 with lat/lon/time); default: hdf5 for sample "
                         "files, netcdf (on the input's own coordinates) for netCDF inputs, "
                         "which can have no other")
-    p.add_argument("--variables", default=None, metavar="CHANNEL=NAME,...",
-                   help="netCDF variable names of climseg channels where they differ from the "
-                        "channel names (ClimateNet's and CAM5's), e.g. TMQ=tcwv,PSL=msl; "
-                        "the values are used as they are (no unit conversion)")
+    add_variables_option(p)
     add_model_arguments(p)
     p.add_quiet()
     p.add_argument("files", nargs="+", type=Path,

@@ -14,6 +14,10 @@ centres around the target.
   smooth field tends to there, to second order in the ring's distance), and such targets are
   interpolated linearly between the ring and the pole. Masks take the nearest row instead.
 
+:class:`ToModelGrid` is the rule ``predict`` and ``evaluate`` share: an input on the model's
+grid is taken as it is; on another, its channels go to the model's grid bilinearly and what
+is predicted there comes back to the input's grid.
+
 Bilinear, not conservative: conservative remapping needs each cell's bounds, which many files
 (ERA5, CAM5 history files) do not carry; the model's inputs are smooth at its scale (a 25 to
 60 km grid for fields whose features span hundreds of kilometres), where bilinear and
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from climseg.grid import LAT_SPAN, LON_SPAN, RegularGrid, same_grid
+from climseg.grid import LAT_SPAN, LON_SPAN, RegularGrid, describe, same_grid
 
 _POLE = LAT_SPAN / 2
 
@@ -109,9 +113,41 @@ class Regridder:
         return self._lon.apply(self._lat.apply(rows, -2), -1)
 
     def nearest(self, mask: np.ndarray) -> np.ndarray:
-        """A (lat, lon) class mask on the target grid: each target cell takes the class of the
-        nearest source centre (periodic in longitude)."""
+        """A class mask (..., lat, lon) on the target grid: each target cell takes the value of
+        the nearest source centre (periodic in longitude); also per-class scores whose argmax
+        is then the nearest cell's class."""
         if self.identity:
             return mask
-        return np.asarray(mask)[np.ix_(self._near_lat, self._near_lon)]
+        return np.asarray(mask)[..., self._near_lat[:, None], self._near_lon[None, :]]
 
+
+class ToModelGrid:
+    """How an input on the grid ``source`` meets a model of the grid ``model`` (None:
+    unknown), the rule ``predict`` and ``evaluate`` share: on the model's grid (or where the
+    model's is unknown) as it is; on another, the channels the model uses are regridded
+    bilinearly to the model's grid (:meth:`fields`), and what is predicted there goes back
+    with :attr:`back` (None where nothing was regridded). :attr:`how` says which, in words."""
+
+    def __init__(self, source: RegularGrid, model: RegularGrid | None):
+        to_model = None if model is None else Regridder(source, model)
+        self.regridded = to_model is not None and not to_model.identity
+        self._to_model = to_model if self.regridded else None
+        self.back = Regridder(model, source) if self.regridded else None
+        if not self.regridded:
+            how = "on the model's own grid" if model is not None \
+                else "on the input's grid (model's unknown)"
+            self.how = f"{how}, {describe(source)}"
+        else:
+            self.how = (f"on the model's grid {describe(model)}, regridded bilinearly from "
+                        f"and back to the input's {describe(source)}; the class mask by "
+                        "nearest neighbour")
+
+    def fields(self, data: np.ndarray, channels: list[int]) -> np.ndarray:
+        """``data`` (H, W, channel) on the model's grid: only ``channels`` are regridded (the
+        others, which the model does not read, stay zero)."""
+        if not self.regridded:
+            return data
+        on_model = np.zeros((*self._to_model.target.shape, data.shape[-1]), np.float32)
+        on_model[..., channels] = np.moveaxis(
+            self._to_model.bilinear(np.moveaxis(data[..., channels], -1, 0)), 0, -1)
+        return on_model

@@ -10,6 +10,7 @@ reproduces exactly, and the nearest cell found by arithmetic on the cell edges.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -22,10 +23,10 @@ from scipy.io import netcdf_file
 from torch import nn
 
 from climseg import config as config_module
-from climseg import inference, predict
+from climseg import dist, evaluate, events, inference, predict
 from climseg.checkpoint import CheckpointManager, Progress, load_checkpoint, save_checkpoint
 from climseg.config import load_config
-from climseg.data.format import CHANNELS, DATA_KEY, read_sample
+from climseg.data.format import CHANNELS, DATA_KEY, read_sample, write_sample
 from climseg.data.partition import list_files
 from climseg.engine import Precision
 from climseg.grid import (axis_grid, describe, grid_from_record, grid_record, regular_grid,
@@ -371,10 +372,11 @@ def _small(tmp_path, lat, lon, fields=None, name="x.nc"):
     return write_netcdf(tmp_path / name, lat, lon, fields)
 
 
-def _one_line_error(capsys, args) -> str:
-    assert predict.main(args) == 2
+def _one_line_error(capsys, args, command=predict) -> str:
+    assert command.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("climseg predict: error: "), err
+    name = command.__name__.rsplit(".", 1)[-1]
+    assert len(err) == 1 and err[0].startswith(f"climseg {name}: error: "), err
     return err[0]
 
 
@@ -464,3 +466,182 @@ def test_the_manager_writes_the_grid_it_is_given(tiny_root):
     assert manager.state_dict(Progress())["grid"] is None
     manager.grid = grid_record(regular_grid(768, 1152))
     assert manager.state_dict(Progress())["grid"]["lon"] == [0.15625, 0.3125, 1152]
+
+
+# -- evaluate on netCDF inputs --------------------------------------------------------------------
+def _confusion(truth: np.ndarray, prediction: np.ndarray, k: int = 3) -> np.ndarray:
+    cm = np.zeros((k, k), np.int64)
+    np.add.at(cm, (truth.ravel().astype(np.int64), prediction.ravel().astype(np.int64)), 1)
+    return cm
+
+
+def _smooth(lat, lon, rng) -> np.ndarray:
+    """A smooth random field on the sphere, of order 1: a few low waves."""
+    phi, lam = np.radians(lat)[:, None], np.radians(lon)[None, :]
+    return sum(rng.normal() * np.cos(m * lam + rng.uniform(0, 2 * np.pi)) * np.cos(phi) ** m
+               * np.cos(n * phi + rng.uniform(0, 2 * np.pi)) for m, n in ((1, 1), (2, 3), (3, 2)))
+
+
+def _waves(ckpt, lat, lon, steps, seed=5):
+    """Fields the model of ``ckpt`` reads as smooth waves of order 1 once normalized (its
+    predicted class varies; raw tiny samples saturate it), per channel it uses (T, lat, lon),
+    and labels drawn from the waves by thresholds, all three classes, independent of it."""
+    spec = inference.input_spec(inference.read_checkpoint(ckpt)[1])
+    rng = np.random.default_rng(seed)
+    waves = [np.stack([_smooth(lat, lon, rng) for _ in range(steps)]) for _ in spec.channels]
+    fields = {CHANNELS[c]: (spec.shift[k] + waves[k] / spec.scale[k]).astype(np.float32)
+              for k, c in enumerate(spec.channels)}
+    return fields, np.where(waves[0] > 0.7, 1, np.where(waves[-1] > 0.7, 2, 0)).astype(np.uint8)
+
+
+def _same_samples_twice(ckpt, tmp_path) -> tuple[Path, Path]:
+    """Two samples on the 64x96 grid as climseg's HDF5 split (ROOT/test) and as a folder of
+    ClimateNet-style files, one per sample: every channel (1, lat, lon) under its own name,
+    ``LABELS`` (lat, lon), rows north to south (climseg's run south to north)."""
+    g = regular_grid(64, 96)
+    fields, labels = _waves(ckpt, g.lat, g.lon, steps=2)
+    root, folder = tmp_path / "root", tmp_path / "nc"
+    (root / "test").mkdir(parents=True)
+    folder.mkdir()
+    for t in range(2):
+        name = f"data-2100-01-0{t + 1}-00-1"
+        write_sample(root / "test" / f"{name}.h5",
+                     np.stack([fields[c][t] for c in CHANNELS], -1), labels[t])
+        write_netcdf(folder / f"{name}.nc", g.lat[::-1], g.lon,
+                     {**{c: v[t:t + 1, ::-1] for c, v in fields.items()},
+                      "LABELS": labels[t, ::-1].astype(np.float32)},
+                     time=(np.array([0.0]), {"units": "days since 2100-01-01",
+                                             "calendar": "noleap"}))
+    return root, folder
+
+
+def test_evaluate_on_netcdf_files_on_the_models_grid_scores_as_on_the_hdf5_split(
+        tiny_root, grid_net, tmp_path, capsys):
+    # The same two samples, as climseg's HDF5 split and as ClimateNet-style netCDF files
+    # stored north to south: the same pixels, labels and events, so the same scores.
+    ckpt = make_checkpoint(tmp_path / "m.pt", tiny_root, (64, 96))
+    root, folder = _same_samples_twice(ckpt, tmp_path)
+    split = evaluate.score(ckpt, root, batch_size=1)
+    out = tmp_path / "nc.json"
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(folder), "--batch-size",
+                          "1", "--quiet", "--output", str(out)]) == 0
+    gridded = json.loads(out.read_text())
+    assert gridded["confusion"] == split["confusion"]
+    assert gridded["events"] == split["events"]
+    assert gridded["eval_accuracy"] == pytest.approx(split["eval_accuracy"])
+    assert gridded["samples"] == split["samples"] == 2 and gridded["files"] == 2
+    assert gridded["data"] == f"2 netCDF files in {folder}"
+    cm = np.array(split["confusion"])
+    assert (cm.sum(0) > 0).all() and (cm.sum(1) > 0).all(), "a weak test"
+    assert sum(e["true"] for e in split["events"].values()) > 0
+    assert gridded["regridded"] is False and "model's own grid, 64x96" in gridded["grid"]
+    assert gridded["grid"].startswith("scored on the input's grid against its labels")
+    assert "grid: scored on the input's grid" in capsys.readouterr().out
+    assert "grid" not in split and split["region"] == "the whole 64x96 field, in one piece"
+
+
+def test_each_rank_scores_its_netcdf_files_and_the_counts_are_summed(
+        tiny_root, grid_net, tmp_path, monkeypatch):
+    # As test_evaluate_predict's two-rank test: rank r of 2 scores files[r::2], and the
+    # evaluation's two allreduces (pixel and event counts) sum them to the one-rank result.
+    ckpt = make_checkpoint(tmp_path / "m.pt", tiny_root, (64, 96))
+    _, folder = _same_samples_twice(ckpt, tmp_path)
+    single = evaluate.score(ckpt, sorted(folder.glob("*.nc")), batch_size=1)  # --data A B
+    sent = {}
+    monkeypatch.setattr(dist, "size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    monkeypatch.setattr(dist, "allreduce_sum", lambda t, name: sent.setdefault(name, t.clone()))
+    assert evaluate.score(ckpt, folder, batch_size=1)["samples"] == 1
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    monkeypatch.setattr(dist, "allreduce_sum", lambda t, name: t + sent[name])
+    rank0 = evaluate.score(ckpt, folder, batch_size=1)
+    assert sorted(sent) == ["eval_counts", "event_counts"]
+    assert rank0["confusion"] == single["confusion"] and rank0["events"] == single["events"]
+    assert rank0["samples"] == 2
+
+
+def test_evaluate_on_an_era5_like_grid_scores_predicts_masks_against_the_files_labels(
+        tiny_root, grid_net, tmp_path, capsys):
+    # A 3-degree ERA5-like file (north to south, poles included, -180..180, ERA5 names, two
+    # time steps, labels named "labels") through a model of the 32x48 grid. The oracle:
+    # predict's netCDF masks of the same file against its labels, counted with numpy, in
+    # the file's own layout; events on it matched independently.
+    ckpt = make_checkpoint(tmp_path / "m.pt", tiny_root, (32, 48), channels=USED)
+    lat, lon = 90 - 3.0 * np.arange(61), -180 + 3.0 * np.arange(120)
+    fields, labels = _waves(ckpt, lat, lon, steps=2)
+    nc = write_netcdf(tmp_path / "era5.nc", lat, lon,
+                      {**{ERA5_NAMES[c]: v for c, v in fields.items()},
+                       "labels": labels.astype(np.float32)},
+                      names=("latitude", "longitude"),
+                      time=(np.array([0, 6], np.int32), {"units": "hours since 2020-01-01",
+                                                         "calendar": "standard"}))
+    assert predict.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "p"),
+                         "--quiet", "--variables", ERA5_MAP, str(nc)]) == 0
+    with xr.open_dataset(tmp_path / "p" / "era5-mask.nc") as ds:
+        masks = ds["class_mask"].values
+    out = tmp_path / "era5.json"
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(nc), "--variables",
+                          ERA5_MAP, "--batch-size", "2", "--quiet", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["confusion"] == _confusion(labels, masks).tolist()
+    assert result["samples"] == 2 and result["batches"] == 1
+    assert sum(map(sum, result["confusion"])) == 2 * 61 * 120
+    names = tuple(result["classes"])
+    totals = {n: {"true": 0, "predicted": 0, "matched": 0} for n in names[1:]}
+    for t in range(2):
+        for n, c in events.event_scores(masks[t], labels[t], names).items():
+            totals[n] = {k: totals[n][k] + c[k] for k in c}
+    assert {n: {k: e[k] for k in totals[n]} for n, e in result["events"].items()} == totals
+    assert len(np.unique(masks)) >= 2 and len(np.unique(labels)) == 3, "a weak test"
+    assert result["regridded"] is True and result["field"] == [32, 48]
+    assert "61x120" in result["grid"] and "regridded bilinearly" in result["grid"]
+    assert "nearest neighbour" in result["grid"]
+    assert result["region"] == ("each input's whole field, on its own grid; the model ran on "
+                                "the whole 32x48 field, in one piece")
+    assert "grid: scored on the input's grid against its labels" in capsys.readouterr().out
+
+
+def test_evaluate_errors_on_netcdf_inputs_are_one_line(tiny_root, grid_net, tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "m.pt", tiny_root, (16, 24), channels=USED)
+    g = regular_grid(16, 24)
+    plane = np.zeros((16, 24), np.float32)
+    args = ["--checkpoint", str(ckpt), "--data"]
+
+    def error(path, *more):
+        return _one_line_error(capsys, args + [str(path), *more], evaluate)
+
+    unlabelled = _small(tmp_path, g.lat, g.lon, name="unlabelled.nc")
+    line = error(unlabelled)
+    assert str(unlabelled) in line and "no label variable (looked for LABELS or labels)" in line
+    assert "(looked for mask)" in error(unlabelled, "--labels", "mask")
+    partial = _small(tmp_path, g.lat, g.lon, {"TMQ": plane, "U850": plane, "LABELS": plane},
+                     name="partial.nc")
+    line = error(partial)
+    assert str(partial) in line
+    assert "missing variables the model needs: V850 (as 'V850'), PSL (as 'PSL')" in line
+    # labels on another grid than the fields'
+    other = _small(tmp_path, g.lat, g.lon, name="other.nc")
+    with h5netcdf.File(other, "a") as f:
+        f.dimensions.update({"y": 8, "x": 12})
+        f.create_variable("LABELS", ("y", "x"), data=np.zeros((8, 12), np.int8))
+    line = error(other)
+    assert str(other) in line and "labels 'LABELS' have dimensions ('y', 'x') of shape " \
+        "(8, 12); the fields' are ('lat', 'lon') of shape (16, 24)" in line
+    # one mask for two time steps
+    steps = {c: np.zeros((2, 16, 24), np.float32) for c in USED}
+    untimed = write_netcdf(tmp_path / "untimed.nc", g.lat, g.lon, {**steps, "LABELS": plane},
+                           time=(np.array([0, 1]), {"units": "hours since 2000-01-01"}))
+    line = error(untimed)
+    assert str(untimed) in line and "have no time axis, but the fields have 2 time steps" in line
+    # a grid it cannot handle: named, with the model's
+    regional = _small(tmp_path, g.lat[4:12], g.lon,
+                      {c: np.zeros((8, 24), np.float32) for c in [*USED, "LABELS"]},
+                      name="regional.nc")
+    line = error(regional)
+    assert str(regional) in line and "does not cover the globe" in line
+    assert "8x24 (lat" in line and describe(g) in line
+    labelled = _small(tmp_path, g.lat, g.lon, {c: plane for c in [*USED, "LABELS"]},
+                      name="labelled.nc")
+    assert "--crop: netCDF inputs are scored whole" in error(labelled, "--crop", "16", "16")
+    sample = list_files(tiny_root / "test")[0]
+    assert f"{sample}: not a netCDF file" in error(labelled, str(sample))

@@ -133,22 +133,24 @@ def validate_file(path: str | os.PathLike,
         return _check_header(f, path, expect_shape)
 
 
-def labels_to_uint8(raw: np.ndarray, path: str | os.PathLike) -> np.ndarray:
-    """Class ids as uint8 from labels of any numeric dtype; DataError unless all in {0,1,2}."""
+def labels_to_uint8(raw: np.ndarray, path: str | os.PathLike,
+                    name: str = LABEL_KEY) -> np.ndarray:
+    """Class ids as uint8 from labels of any numeric dtype; DataError unless all in {0,1,2},
+    naming the file and the labels' variable ``name``."""
     if raw.dtype == np.uint8:
         labels = raw
     else:
         if np.issubdtype(raw.dtype, np.floating):
             if not np.isfinite(raw).all():
-                raise DataError(f"{path}: '{LABEL_KEY}' contains NaN or inf")
+                raise DataError(f"{path}: '{name}' contains NaN or inf")
             if not (np.round(raw) == raw).all():
-                raise DataError(f"{path}: '{LABEL_KEY}' contains non-integer class ids")
+                raise DataError(f"{path}: '{name}' contains non-integer class ids")
         if raw.size and (raw.min() < 0 or raw.max() >= NUM_CLASSES):
-            raise DataError(f"{path}: '{LABEL_KEY}' has values outside "
+            raise DataError(f"{path}: '{name}' has values outside "
                             f"{{0..{NUM_CLASSES - 1}}} (min {raw.min()}, max {raw.max()})")
         labels = raw.astype(np.uint8)
     if labels.size and labels.max() >= NUM_CLASSES:
-        raise DataError(f"{path}: '{LABEL_KEY}' has values outside {{0..{NUM_CLASSES - 1}}} "
+        raise DataError(f"{path}: '{name}' has values outside {{0..{NUM_CLASSES - 1}}} "
                         f"(max {labels.max()})")
     return labels
 
