@@ -18,6 +18,8 @@ DEMO_CONFIG  ?= yaml/demo.yaml
 RUN_DIR      ?= runs/demo
 TRAIN_ARGS   ?=
 PYTEST_ARGS  ?=
+# make test's pytest-xdist workers (tests/conftest.py says why two)
+TEST_WORKERS ?= 2
 HOROVOD      ?= 1
 
 SHELL := /bin/bash
@@ -89,7 +91,7 @@ $(STAMPS)/climseg: pyproject.toml | $(HOROVOD_DEP)
 # ...) into a failure; only the GPU and Slurm skips stay (tests/conftest.py lists them).
 TEST_ENV := CLIMSEG_REQUIRE_INSTALL=1 CLIMSEG_REQUIRE_HOROVOD=1
 test: install
-	$(TEST_ENV) python -m pytest -q --durations=15 tests $(PYTEST_ARGS)
+	$(TEST_ENV) python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests $(PYTEST_ARGS)
 
 # The tests not marked slow (the marks: pyproject.toml, tests/conftest.py).
 test-fast: install

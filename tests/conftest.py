@@ -29,6 +29,15 @@ mpiexec, srun, sbatch), trains beyond a step, or takes more than ~5 s of CPU tim
 ``mpiexec`` fixture are marked here; the others carry the mark in their file, or, for files
 listed in ``SLOW_TESTS``, by name here. A test not marked ``multiprocess`` that starts a rank
 launcher fails, naming the launcher: the mark cannot silently fall behind the test.
+
+Two workers. ``make test`` runs the suite in two pytest-xdist workers, ``--dist loadfile``:
+about half of its wall time is runs waiting (for a signal to act, a timeout, Slurm), so a
+second worker fills the idle core. A file's tests stay on one worker, so its module fixtures
+(reference runs, a cluster) run once. Every test must therefore stand another test's load
+beside it, which the suite's runs do: each multi-process file was run five times beside two
+busy loops. Tests share nothing across files but ``tiny_root`` (one per worker); the one-node
+Slurm and the two-node cluster keep every path, socket and port in their own folders and
+namespaces, so the two can run at once.
 """
 
 from __future__ import annotations
