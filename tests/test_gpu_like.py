@@ -19,6 +19,8 @@ import pytest
 import torch
 from torch import nn
 
+from climseg import dist
+from climseg.dist import horovod_engine
 from climseg.engine import Precision, train_step
 from climseg.losses import build_loss
 from climseg.optim import LAMB
@@ -156,9 +158,12 @@ def test_fp16_overflow_skips_the_step_and_backs_off(net, batch):
         assert torch.equal(p, q)
 
 
-def test_fp16_recipe_with_a_horovod_style_optimizer(net, batch):
+def test_fp16_recipe_with_a_horovod_style_optimizer(net, batch, monkeypatch):
     # hvd.DistributedOptimizer allreduces in synchronize(); with a GradScaler the gradients
     # must be reduced before they are unscaled, and the step must not reduce them again.
+    # Under the Horovod engine, set here: the test used to find it left by another file's
+    # test in the same process, and failed when run apart from it (pytest-xdist's workers).
+    monkeypatch.setattr(dist, "_engine", horovod_engine)
     calls = []
 
     class RecordingLAMB(LAMB):
