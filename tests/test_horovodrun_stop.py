@@ -63,9 +63,9 @@ def _statuses(log: Path) -> list[str]:
     return sorted(re.findall(r"Process \d exit with status code (-?\d+)\.", log.read_text()))
 
 
-def _stop(proc: subprocess.Popen, *signals: int) -> float:
-    """Send ``signals`` to horovodrun a second apart; seconds until it ended."""
-    start = time.monotonic()
+def _stop(proc: subprocess.Popen, *signals: int) -> None:
+    """Send ``signals`` to horovodrun a second apart and wait for it to end. The ranks' marker
+    files and statuses say what happened; no test times it (two workers load the machine)."""
     try:
         for i, sig in enumerate(signals):
             if i:
@@ -75,35 +75,31 @@ def _stop(proc: subprocess.Popen, *signals: int) -> float:
     finally:
         if proc.poll() is None:
             proc.kill()
-    return time.monotonic() - start
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_signal_gives_the_ranks_the_default_grace_period(tmp_path, sig):
     proc, log = _start(tmp_path)
-    took = _stop(proc, sig)
+    _stop(proc, sig)
     assert (tmp_path / "saved-0").exists() and (tmp_path / "saved-1").exists(), log.read_text()
     assert _statuses(log) == ["3", "3"], log.read_text()
     assert "the ranks have 120 s to stop" in log.read_text()
-    assert SLOW_STOP_S <= took < 120, took
 
 
 def test_the_grace_period_comes_from_the_environment(tmp_path):
     proc, log = _start(tmp_path, grace="2")
-    took = _stop(proc, signal.SIGINT)
-    assert not (tmp_path / "saved-0").exists(), log.read_text()
+    _stop(proc, signal.SIGINT)
+    assert not list(tmp_path.glob("saved-*")), log.read_text()   # killed before their 8 s
     assert "the ranks have 2 s to stop" in log.read_text()
-    assert took < SLOW_STOP_S, took
 
 
 def test_a_second_signal_kills_the_ranks_at_once(tmp_path):
     proc, log = _start(tmp_path)
-    took = _stop(proc, signal.SIGINT, signal.SIGINT)
+    _stop(proc, signal.SIGINT, signal.SIGINT)
     text = log.read_text()
     assert "second stop signal: killing every rank now" in text
     assert not list(tmp_path.glob("saved-*")), text
     assert _statuses(log) == ["-9", "-9"], text
-    assert took < SLOW_STOP_S, took
 
 
 # Rank 0 fails the way climseg does on bad input (one line, status 2); rank 1 would run on.
