@@ -591,11 +591,13 @@ def test_sbatch_stages_and_trains(slurm, tiny_root, tmp_path):
     env = dict(slurm, DATA=str(tiny_root), CONFIG="yaml/ci.yaml", OUTPUT=str(out),
                STAGE_DIR=str(staged), VENV=str(PYBIN.parent))
     # the header asks for 4 GPU nodes; on this CPU node: one node, 2 tasks, no GPUs
-    result = _run(["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
-                   "--gpus-per-node=0", "--time=15", f"--output={log}", "jobs/slurm.sbatch",
-                   "train.log_frequency=3"], env=env, timeout=900)
+    submit = _run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2",
+                   "--cpus-per-task=1", "--gpus-per-node=0", "--time=15", f"--output={log}",
+                   "jobs/slurm.sbatch", "train.log_frequency=3"], env=env, timeout=60)
+    assert submit.returncode == 0, submit.stderr
+    state, code = _wait_for_job(env, submit.stdout.strip().split(";")[0])
     text = log.read_text() if log.exists() else ""
-    assert result.returncode == 0, (result.stdout + result.stderr + text)[-4000:]
+    assert (state, code) == ("COMPLETED", "0:0"), text[-4000:]
     assert (staged / "train" / "index.txt").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "eval" for r in rows)
@@ -623,6 +625,19 @@ def _job_field(env: dict, job: str, field: str) -> str:
     return ""
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def _wait_for_job(env: dict, job: str) -> tuple[str, str]:
+    """(JobState, ExitCode) of ``job`` once it has ended, read every second. Not ``sbatch
+    --wait``: it polls ever more slowly (a job of 12 s took 42 s to be reported)."""
+    deadline = time.monotonic() + HUNG_S
+    while (state := _job_field(env, job, "JobState")) not in ENDED:
+        assert time.monotonic() < deadline, f"job {job} still {state}"
+        time.sleep(1)
+    return state, _job_field(env, job, "ExitCode")
+
+
 def run_requeued(env: dict, sbatch_args: list[str], overrides: list[str], out: Path,
                  log: Path) -> str:
     """Submit jobs/slurm.sbatch (``sbatch_args``, trainer ``overrides``, its run in ``out``,
@@ -644,7 +659,7 @@ def run_requeued(env: dict, sbatch_args: list[str], overrides: list[str], out: P
     # it never waited for).
     while ended < 10:
         state = _job_field(env, job, "JobState")
-        ended = ended + 1 if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else 0
+        ended = ended + 1 if state in ENDED else 0
         assert time.monotonic() < deadline, log.read_text()[-4000:] if log.exists() else state
         if not signalled and metrics.exists() and '"train"' in metrics.read_text():
             _run(["scancel", "--signal=USR1", job], env=env, timeout=30)
