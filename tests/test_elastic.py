@@ -25,7 +25,7 @@ from climseg.config import ConfigError, load_config
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files
 from conftest import require_horovod, wait_for
-from exact import EXACT, assert_same_training_across_ranks
+from exact import EXACT, assert_same_losses, assert_same_training_across_ranks
 
 # Ranks or training in (nearly) every test: out of make test-fast, and the launcher guard's
 # multiprocess mark (tests/conftest.py).
@@ -47,6 +47,7 @@ ELASTIC = ["train.elastic=true", "train.global_batch_size=4", "train.local_batch
            "train.validation_frequency=8", "train.log_frequency=1", WIDTH, *EXACT]
 STEPS = 24
 END = STEPS + 3   # where the runs resumed from the elastic run's checkpoint stop
+ROLLED_BACK = 5   # the commit the killed run goes back to (the survived fixture)
 
 
 # -- the pieces --------------------------------------------------------------------------------
@@ -102,10 +103,19 @@ def _cmd(root: Path, out: Path, *overrides: str) -> list[str]:
             f"output_dir={out}", WIDTH, *overrides]
 
 
+def _passes(out: Path) -> dict[int, list[float]]:
+    """Each step's losses in the order logged: two where a roll-back redid the step."""
+    passes: dict[int, list[float]] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["kind"] == "train":
+            passes.setdefault(row["step"], []).append(row["loss"])
+    return passes
+
+
 def _losses(out: Path) -> dict[int, float]:
     """Each step's loss; a step redone after a roll-back counts with its last value."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    return {step: passes[-1] for step, passes in _passes(out).items()}
 
 
 @pytest.fixture(scope="module")
@@ -222,15 +232,16 @@ def _kill_a_rank(root: Path, out: Path, log: Path, rank: int, after_step: int,
 
 @pytest.fixture(scope="module")
 def survived(tiny_root, tmp_path_factory) -> tuple[Path, str, int]:
-    """A two-rank elastic run whose rank 0 is killed with SIGKILL once step 5 is logged.
-    Commits every 3 steps: the roll-back goes to step 3 or 6, inside an epoch (16 samples,
-    global batch 4: epochs end at steps 4, 8, ...), so the redone steps must take up the
-    epoch's order where the commit left it."""
+    """A two-rank elastic run whose rank 0 is killed with SIGKILL once step 6 is logged.
+    Commits every 5 steps: the roll-back goes to step 5 (step 10 would take four more steps
+    before the kill lands), inside an epoch (16 samples, global batch 4: epochs end at steps
+    4, 8, ...), so the redone steps must take up the epoch's order where the commit left it."""
     require_horovod()
     base = tmp_path_factory.mktemp("elastic")
     out = base / "out"
-    text, returncode = _kill_a_rank(tiny_root, out, base / "run.log", 0, 5,
-                                    f"train.max_steps={STEPS}", "train.elastic_commit_frequency=3")
+    text, returncode = _kill_a_rank(tiny_root, out, base / "run.log", 0, ROLLED_BACK + 1,
+                                    f"train.max_steps={STEPS}",
+                                    f"train.elastic_commit_frequency={ROLLED_BACK}")
     return out, text, returncode
 
 
@@ -238,7 +249,13 @@ def test_elastic_run_survives_losing_rank_0_and_takes_a_rank_back(survived, unin
     out, text, returncode = survived
     assert returncode == 0, text[-4000:]
     back = re.search(r"elastic: a rank was lost; back to the commit at step (\d+)", text)
-    assert back and int(back[1]) % 4, text  # inside an epoch (the fixture's docstring)
+    assert back and int(back[1]) == ROLLED_BACK, text  # inside an epoch (the fixture's docstring)
+    # The first redone step against its own first pass, exactly: the same weights (the commit,
+    # restored to the bit) and, if the roll-back took up the epoch where the commit left it, the
+    # same four samples, each with the same forward pass on one rank as on two; only the order
+    # of the loss's sum differs. Another place in the epoch means other samples.
+    first, *_, redone = _passes(out)[ROLLED_BACK + 1]
+    assert_same_losses({0: redone}, {0: first}, [0])
     members = _members(text)
     # Two ranks, then the survivor alone as rank 0 (it took over the lock and the reports),
     # then two again once the killed rank's host came back from its cooldown.

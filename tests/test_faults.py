@@ -2,7 +2,9 @@
 process or two ranks under ``horovodrun -np 2 --gloo``, each run bounded in time.
 
 The two-rank runs share one uninterrupted reference run (``reference``); a stopped or killed
-run resumed with ``resume=auto`` must reproduce its losses step for step.
+run resumed with ``resume=auto`` must reproduce its losses step for step. They train on
+``resume_root``, whose epoch is as long as the reference run, so that every stop or kill
+before its end falls inside an epoch.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import pytest
 from climseg.checkpoint import load_checkpoint, step_checkpoints
 from climseg.data.format import read_sample, write_sample
 from climseg.data.partition import list_files
-from conftest import require_horovod, wait_for
+from climseg.data.split import split_dataset
+from climseg.data.summarize import summarize_split
+from climseg.data.synthetic import generate_dataset
+from conftest import TINY_HEIGHT, TINY_SEED, TINY_WIDTH, require_horovod, wait_for
 from exact import EXACT, assert_same_losses, assert_same_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,20 +130,37 @@ def _assert_first_exit_is(returncode: int, text: str, code: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(horovod, tiny_root, tmp_path_factory) -> Path:
+def resume_root(tmp_path_factory) -> Path:
+    """Tiny data with 32 training files: at 2 ranks x train.local_batch_size 2 (yaml/ci.yaml)
+    an epoch is REFERENCE_STEPS steps. A run stopped before step 8 (the tests assert it) is then
+    inside an epoch, and its resume must take the epoch's order up where it stopped: a resume
+    that read the epoch from its start again would train on other samples. (On the 16 files of
+    tiny_root, a stop that landed on step 4, an epoch's end, could not tell the two apart.)"""
+    base = tmp_path_factory.mktemp("resume_data")
+    generate_dataset(base / "raw", 36, TINY_SEED, height=TINY_HEIGHT, width=TINY_WIDTH,
+                     progress=False)
+    root = base / "root"
+    assert split_dataset(base / "raw", root, fractions=(32 / 36, 2 / 36, 2 / 36)) == {
+        "train": 32, "validation": 2, "test": 2}
+    summarize_split(root, "train", progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(horovod, resume_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
-    proc = _hvd_train(tiny_root, out, f"train.max_steps={REFERENCE_STEPS}", *EXACT)
+    proc = _hvd_train(resume_root, out, f"train.max_steps={REFERENCE_STEPS}", *EXACT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
 @pytest.fixture(scope="module")
-def stopped(tiny_root, tmp_path_factory) -> tuple[Path, str]:
+def stopped(resume_root, tmp_path_factory) -> tuple[Path, str]:
     """A two-rank SGD run (exact.EXACT) sent SIGTERM on rank 1 only, once it has logged its
     first step."""
     out = tmp_path_factory.mktemp("stopped")
     log = out.parent / f"{out.name}.log"
-    proc = _hvd_start(tiny_root, out, log, "train.max_steps=200", *EXACT)
+    proc = _hvd_start(resume_root, out, log, "train.max_steps=200", *EXACT)
     try:
         wait_for(lambda: _train_rows(out) >= 1, proc, log)
         os.kill(_rank_pid(out, 1), signal.SIGTERM)
@@ -164,12 +186,12 @@ def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(stopped):
     assert load_checkpoint(path)["step"] == step
 
 
-def test_stopped_run_resumes_with_the_losses_of_an_uninterrupted_run(tiny_root, stopped,
+def test_stopped_run_resumes_with_the_losses_of_an_uninterrupted_run(resume_root, stopped,
                                                                       reference):
     out, _ = stopped
     ((step, _),) = step_checkpoints(out)
     assert step < REFERENCE_STEPS
-    proc = _hvd_train(tiny_root, out, f"train.max_steps={REFERENCE_STEPS}", "resume=auto",
+    proc = _hvd_train(resume_root, out, f"train.max_steps={REFERENCE_STEPS}", "resume=auto",
                       *EXACT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _assert_continues(out, reference, step)
@@ -178,10 +200,10 @@ def test_stopped_run_resumes_with_the_losses_of_an_uninterrupted_run(tiny_root, 
     assert load_checkpoint(out / "best.pt")["best_iou"] == max(evals)
 
 
-def test_kill_9_of_one_rank_then_resume_auto_continues_identically(tiny_root, tmp_path,
+def test_kill_9_of_one_rank_then_resume_auto_continues_identically(resume_root, tmp_path,
                                                                    reference):
     out, log = tmp_path / "killed", tmp_path / "killed.log"
-    proc = _hvd_start(tiny_root, out, log, "train.max_steps=200", "train.save_frequency=2",
+    proc = _hvd_start(resume_root, out, log, "train.max_steps=200", "train.save_frequency=2",
                       *EXACT)
     try:
         wait_for(lambda: bool(step_checkpoints(out)) and _train_rows(out) >= 3, proc, log)
@@ -193,7 +215,7 @@ def test_kill_9_of_one_rank_then_resume_auto_continues_identically(tiny_root, tm
             proc.kill()
     assert proc.returncode != 0
     step = step_checkpoints(out)[-1][0]
-    proc = _hvd_train(tiny_root, out, f"train.max_steps={REFERENCE_STEPS}", "resume=auto",
+    proc = _hvd_train(resume_root, out, f"train.max_steps={REFERENCE_STEPS}", "resume=auto",
                       *EXACT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _assert_continues(out, reference, step)
@@ -201,12 +223,12 @@ def test_kill_9_of_one_rank_then_resume_auto_continues_identically(tiny_root, tm
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
 
 
-def test_ctrl_c_on_horovodrun_saves_and_the_run_resumes_identically(tiny_root, tmp_path,
+def test_ctrl_c_on_horovodrun_saves_and_the_run_resumes_identically(resume_root, tmp_path,
                                                                     reference):
     """SIGINT to horovodrun itself (a Ctrl-C): it sends each rank SIGTERM and waits for them
     (tools/patch_horovod.py); every rank stops at the same step, rank 0 saves, exit 3."""
     out, log = tmp_path / "interrupted", tmp_path / "interrupted.log"
-    proc = _hvd_start(tiny_root, out, log, "train.max_steps=200", *EXACT)
+    proc = _hvd_start(resume_root, out, log, "train.max_steps=200", *EXACT)
     try:
         wait_for(lambda: _train_rows(out) >= 1, proc, log)
         proc.send_signal(signal.SIGINT)
@@ -226,7 +248,7 @@ def test_ctrl_c_on_horovodrun_saves_and_the_run_resumes_identically(tiny_root, t
     assert set(re.findall(r"Process \d exit with status code (-?\d+)\.", text)) <= {"3"}, \
         text[-3000:]
     assert proc.returncode != 0
-    proc = _hvd_train(tiny_root, out, f"train.max_steps={REFERENCE_STEPS}", "resume=auto",
+    proc = _hvd_train(resume_root, out, f"train.max_steps={REFERENCE_STEPS}", "resume=auto",
                       *EXACT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _assert_continues(out, reference, step)
@@ -234,11 +256,12 @@ def test_ctrl_c_on_horovodrun_saves_and_the_run_resumes_identically(tiny_root, t
 
 # -- checkpoints and output folders ---------------------------------------------------------
 
-def test_resume_on_another_rank_count_is_refused(horovod, tiny_root, stopped, tmp_path):
+def test_resume_on_another_rank_count_is_refused(horovod, resume_root, stopped, tmp_path):
     out, _ = stopped
     ((_, path),) = step_checkpoints(out)
     # The checkpoint's optimizer (exact.EXACT): only the rank layout differs.
-    proc = _train(tiny_root, tmp_path, "train.gradient_accumulation=2", f"resume={path}", *EXACT)
+    proc = _train(resume_root, tmp_path, "train.gradient_accumulation=2", f"resume={path}",
+                  *EXACT)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "written by 2 rank(s) x train.local_batch_size=2 x train.gradient_accumulation=1" \
         in proc.stderr
