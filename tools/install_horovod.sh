@@ -107,7 +107,7 @@ fi
 
 # The signature names everything the installed build depends on; a change in any of it rebuilds.
 # launcher=N: the version of tools/patch_horovod.py's launcher patch; bump it when that changes.
-LAUNCHER_PATCH=3
+LAUNCHER_PATCH=4
 signature="horovod=$HOROVOD_VERSION python=$PYTAG torch=$TORCH_VERSION cuda=$TORCH_CUDA gloo=1 mpi=$with_mpi:$mpi_id nccl=$with_nccl launcher=$LAUNCHER_PATCH"
 
 installed_signature() {

@@ -23,6 +23,18 @@ in pure-Python launcher code (the compiled core is untouched):
    exits S, so that a job script sees the status climseg gave (2: bad input, 3: stopped).
    ``horovod.run()`` callers still get a RuntimeError (a subclass, ``ProcessFailed``).
 
+5. A rank on another host keeps its status. horovodrun starts such a rank as ``ssh HOST
+   COMMAND`` (gloo_run tells it by the host's address: not one of this machine's), and a stop
+   signal terminated each command's process group at once: for a remote rank that is the ssh
+   client, which died with 143 while the rank, which ssh passes no signal to, went on to stop
+   cleanly through climseg's stop vote with status 3; horovodrun then exited 143, blaming
+   that rank. Now, on the first signal, a remote command is left to end by itself within the
+   grace period (its client exits with the remote status) and is terminated only after it;
+   a rank's failure during that period does not cut it short. Local ranks get SIGTERM as
+   before, and a second signal still kills everything at once. When after a stop signal every
+   rank exited with the same status, horovodrun says ``horovodrun: stopped: all N processes
+   exited with status 3`` (not that one of them exited first) and exits with it.
+
 Each edit checks the text it replaces, so a Horovod other than 0.28.1 fails loudly instead of
 building unpatched. Exit 1 with one line on such a mismatch.
 """
@@ -101,6 +113,88 @@ HANDLER_NEW = """    def set_event_on_signal(signum, frame):
         event.set()
 """
 
+EXECUTE_OLD = ("def execute(command, env=None, stdout=None, stderr=None, index=None, events=None,\n"
+               "            prefix_output_with_timestamp=False):\n")
+EXECUTE_NEW = ("def execute(command, env=None, stdout=None, stderr=None, index=None, events=None,\n"
+               "            prefix_output_with_timestamp=False, stop_events=None):\n")
+
+EVENTS_OLD = """    stop = threading.Event()
+    events = events or []
+    for event in events:
+        on_event(event, exit_event.set, stop=stop, silent=True)
+"""
+EVENTS_NEW = """    stop = threading.Event()
+    events = events or []
+    # climseg: those of the events in stop_events (the stop signal, for a command that runs on
+    # another host through ssh) give the command the grace period to end by itself, and only
+    # then terminate it. ssh passes no signal on: the remote ranks learn of the stop from the
+    # local ones (a vote) and exit with their own status, which the ssh client exits with;
+    # terminating the client at once read as 143. Meanwhile the other events do not cut the
+    # grace period short (a local rank that stopped with status 3 sets "a rank failed").
+    stop_events = stop_events or []
+    stopping = threading.Event()
+
+    def end_unless_stopping():
+        if not stopping.is_set():
+            exit_event.set()
+
+    def end_if_not_ended_in_grace_period():
+        # Waiting on the sentinel (readable once the middleman exits) does not reap the
+        # middleman: middleman.join() below must, to read its status.
+        from multiprocessing.connection import wait
+        stopping.set()
+        if not wait([middleman.sentinel], GRACEFUL_TERMINATION_TIME_S):
+            sys.stderr.write("horovodrun: process %s (on another host) did not stop within "
+                             "%g s; ending it\\n" % (index, GRACEFUL_TERMINATION_TIME_S))
+            exit_event.set()
+
+    for event in events:
+        if event in stop_events:
+            on_event(event, end_if_not_ended_in_grace_period, stop=stop, silent=True)
+        else:
+            on_event(event, end_unless_stopping, stop=stop, silent=True)
+"""
+
+STOP_EVENTS_OLD = "def register_shutdown_event():\n"
+STOP_EVENTS_NEW = """# climseg: the events register_shutdown_event() made, set by a stop signal; a command on
+# another host is given the grace period on them (safe_shell_exec.execute's stop_events).
+_STOP_EVENTS = []
+
+
+""" + STOP_EVENTS_OLD
+
+REGISTER_OLD = "    signal.signal(signal.SIGTERM, set_event_on_signal)\n    return event\n"
+REGISTER_NEW = ("    signal.signal(signal.SIGTERM, set_event_on_signal)\n"
+                "    _STOP_EVENTS.append(event)\n    return event\n")
+
+REMOTE_OLD = """        try:
+            exit_code = safe_shell_exec.execute(command,
+                                                index=index,
+"""
+REMOTE_NEW = """        # climseg: a command on another host (``ssh HOST COMMAND``) is not terminated at the
+        # stop signal: its ssh client would die with 143 while its ranks stop cleanly; it is
+        # given the grace period to end with their status (safe_shell_exec.execute).
+        remote = host_address not in local_addresses
+        stop_events = [ev for ev in all_events if remote and ev in _STOP_EVENTS]
+        try:
+            exit_code = safe_shell_exec.execute(command,
+                                                stop_events=stop_events,
+                                                index=index,
+"""
+
+STOPPED_OLD = "\n    for name, value in sorted(res.items(), key=lambda item: item[1][1]):\n"
+STOPPED_NEW = """
+    # climseg: after a stop signal, ranks that all stopped by themselves end with one status
+    # (3): say so, rather than name the first of them as if it had failed the run. Ranks
+    # killed (a second signal) are still reported as before.
+    statuses = set(exit_code for exit_code, _ in res.values())
+    if event.is_set() and len(statuses) == 1 and 0 < min(statuses) < 128:
+        status = statuses.pop()
+        raise ProcessFailed('stopped: all {n} processes exited with status {code}'
+                            .format(n=len(res), code=status), status)
+
+""" + STOPPED_OLD[1:]
+
 FAILED_CLASS_OLD = "def _get_min_start_hosts(settings):\n"
 FAILED_CLASS_NEW = """class ProcessFailed(RuntimeError):
     # climseg: a rank exited non-zero; horovodrun's command line reports it in one line and
@@ -145,9 +239,13 @@ if __name__ == '__main__':
 EDITS = {
     "runner/common/util/safe_shell_exec.py": [(GRACE_OLD, GRACE_NEW), (WAIT_OLD, WAIT_NEW),
                                               (START_OLD, START_NEW),
-                                              (FINALLY_OLD, FINALLY_NEW)],
+                                              (FINALLY_OLD, FINALLY_NEW),
+                                              (EXECUTE_OLD, EXECUTE_NEW),
+                                              (EVENTS_OLD, EVENTS_NEW)],
     "runner/gloo_run.py": [(HANDLER_OLD, HANDLER_NEW), (FAILED_CLASS_OLD, FAILED_CLASS_NEW),
-                           _failed_raise(" " * 12), _failed_raise(" " * 16)],
+                           _failed_raise(" " * 12), _failed_raise(" " * 16),
+                           (STOPPED_OLD, STOPPED_NEW), (STOP_EVENTS_OLD, STOP_EVENTS_NEW),
+                           (REGISTER_OLD, REGISTER_NEW), (REMOTE_OLD, REMOTE_NEW)],
     "runner/launch.py": [(RUN_OLD, RUN_NEW)],
 }
 
