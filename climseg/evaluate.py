@@ -14,7 +14,10 @@ image-pooling branch averages over its whole input, so a crop-trained model fed 
 times larger sees statistics it never learned on and does worse (docs/inference.md), while
 tiles give it inputs of its own size and still score every pixel. ``--full-field`` runs each
 field in one piece anyway; ``--crop H W`` scores only a centred crop, and says so: the printed
-result and the JSON's ``region`` name what was scored and its share of the field.
+result and the JSON's ``region`` name what was scored and its share of the field. A split
+whose fields are on another grid than the model's (the grid their shape implies,
+:mod:`climseg.grid`) is scored as ``predict`` masks such files: regridded to the model's grid,
+run there, and scored on the split's own grid (below).
 
 ``--data`` may instead name netCDF files, or folders of them (:func:`netcdf_inputs`), with a
 label variable (ClimateNet's ``LABELS``, else ``labels``, or ``--labels NAME``): each time
@@ -47,12 +50,12 @@ from climseg.atomic import atomic_path
 from climseg.checkpoint import CheckpointError
 from climseg.cli import ArgumentParser, fail, positive_int
 from climseg.config import Config, ConfigError
-from climseg.data.format import DataError, Progress, validate_file
+from climseg.data.format import DataError, Progress, read_sample, validate_file
 from climseg.data.loader import BatchLoader
 from climseg.data.partition import list_files, rank_partition
 from climseg.engine import Precision, evaluate
 from climseg.events import EVENT_OVERLAP, detection_skill, event_scores
-from climseg.grid import RegularGrid, describe
+from climseg.grid import RegularGrid, describe, regular_grid
 from climseg.inference import (OUTPUT_STRIDE, InputSpec, TiledModel, add_model_arguments,
                                class_names, input_spec, model_from_checkpoint, model_grid,
                                predict_log_probabilities, prepare, read_checkpoint, run_field,
@@ -107,8 +110,7 @@ def score(checkpoint: str | os.PathLike, data_root: DataPaths, split: str = "tes
     """
     gridded = netcdf_inputs(data_root, split)
     names = variable_map(variables) if gridded is not None else None
-    run = load_scoring(checkpoint, device, stats_file, precision, batch_size,
-                       with_grid=gridded is not None)
+    run = load_scoring(checkpoint, device, stats_file, precision, batch_size)
     if crop is not None and any(c <= 0 or c % OUTPUT_STRIDE for c in crop):
         raise ConfigError(f"--crop: sides must be positive multiples of {OUTPUT_STRIDE}, "
                           f"got {crop[0]} {crop[1]}")
@@ -147,7 +149,7 @@ def score(checkpoint: str | os.PathLike, data_root: DataPaths, split: str = "tes
 @dataclass
 class Scoring:
     """A checkpoint ready to score, whatever the data: its model, how it runs, and the grid it
-    learned on (read for netCDF inputs only; None where unknown)."""
+    learned on (None where unknown)."""
 
     model: torch.nn.Module
     cfg: Config
@@ -162,13 +164,13 @@ class Scoring:
 
 def load_scoring(checkpoint: str | os.PathLike, device: str | None,
                  stats_file: str | os.PathLike | None, precision: str,
-                 batch_size: int | None, with_grid: bool) -> Scoring:
+                 batch_size: int | None) -> Scoring:
     """The checkpoint's model on this rank's device, with what scoring needs around it."""
     device = select_device(device, dist.local_rank())
     ckpt, cfg = read_checkpoint(checkpoint, device)
     model = model_from_checkpoint(ckpt, cfg, str(checkpoint), device)
     step = ckpt.get("step")
-    grid = model_grid(ckpt, cfg, str(checkpoint)) if with_grid else None
+    grid = model_grid(ckpt, cfg, str(checkpoint))
     del ckpt  # the optimizer state is as large as the model twice over
     spec = input_spec(cfg, stats_file)
     batch_size = batch_size or cfg.train.local_batch_size
@@ -207,6 +209,14 @@ def split_source(run: Scoring, split_dir: Path, crop: tuple[int, int] | None, th
     shape = validate_file(mine[0])
     for path in mine[1:]:  # fail now on a bad file, not after an hour of scoring
         validate_file(path, expect_shape=shape)
+    grids = ToModelGrid(regular_grid(*shape[:2]), run.grid)
+    if grids.regridded:
+        if crop is not None:
+            raise ConfigError(f"--crop: {split_dir} holds {shape[0]}x{shape[1]} fields, not on "
+                              f"the model's grid ({describe(run.grid)}): they are scored "
+                              "whole, regridded; a centred crop is for a split on the "
+                              "model's grid")
+        return _regridded_split(run, split_dir, mine, grids, full_field)
     spec = run.spec
     try:
         loader = BatchLoader(mine, run.batch_size, shift=spec.shift, scale=spec.scale,
@@ -219,6 +229,42 @@ def split_source(run: Scoring, split_dir: Path, crop: tuple[int, int] | None, th
                            None if full_field else run_field(run.cfg))
     return Source(_scoring_model(run.model, region, split_dir), loader.epoch(0), len(loader),
                   region, str(split_dir))
+
+
+def _regridded_split(run: Scoring, split_dir: Path, mine: list[Path], grids: ToModelGrid,
+                     full_field: bool) -> Source:
+    """A split whose fields are on another grid than the model's, scored as ``predict``
+    masks its files: each sample's channels regridded to the model's grid, run there (in the
+    same tiles), the prediction brought back by nearest neighbour and scored on the split's
+    own grid against its labels."""
+    tile = None if full_field else run_field(run.cfg)
+    ran = scored_region(run.grid.shape, None, tile)
+    region = {**ran, "region": f"the whole field, on the split's own grid; the model ran on "
+                               f"{ran['region']}"}
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(mine), run.batch_size):
+            samples = [read_sample(path) for path in mine[start:start + run.batch_size]]
+            logp = _on_input_grid(run, grids, [data for data, _ in samples], tile)
+            yield logp, torch.from_numpy(np.stack([y for _, y in samples])).to(
+                run.prec.device, torch.int64)
+
+    return Source(AlreadyPredicted(), batches(), -(-len(mine) // run.batch_size), region,
+                  str(split_dir), {"grid": "scored on the split's grid against its labels; "
+                                           "predicted " + grids.how, "regridded": True})
+
+
+def _on_input_grid(run: Scoring, grids: ToModelGrid, fields: list[np.ndarray],
+                   tile: tuple[int, int] | None) -> torch.Tensor:
+    """Log class probabilities (n, K, H, W) of samples (H, W, channel) on their own grid:
+    the channels on the model's grid as ``predict`` takes them, run as it runs them, and
+    brought back by nearest neighbour, so that their argmax is ``predict``'s mask."""
+    spec = run.spec
+    x = torch.cat([prepare(grids.fields(data, spec.channels), spec) for data in fields])
+    logp = predict_log_probabilities(run.model, x, run.prec, tile)
+    if grids.back is None:
+        return logp
+    return torch.from_numpy(grids.back.nearest(logp.cpu().numpy())).to(run.prec.device)
 
 
 NETCDF_GLOB = "*.nc"  # the netCDF files of a folder given as --data
@@ -310,23 +356,15 @@ def _gridded_batches(run: Scoring, files: list[Path], names: dict[str, str],
                      labels: tuple[str, ...], tile: tuple[int, int] | None, target: str
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(log-probabilities (n, K, H, W), labels (n, H, W)) on each file's own grid, up to
-    ``run.batch_size`` time steps at a time: the channels on the model's grid as ``predict``
-    takes them (:class:`~climseg.regrid.ToModelGrid`), run as it runs them (the same tiles),
-    and the log-probabilities brought back by nearest neighbour, so that their argmax is
-    ``predict``'s mask."""
-    device, spec = run.prec.device, run.spec
+    ``run.batch_size`` time steps at a time (:func:`_on_input_grid`)."""
     for path in files:
-        with open_gridded(path, names, spec.channels, target, labels=labels) as src:
+        with open_gridded(path, names, run.spec.channels, target, labels=labels) as src:
             grids = ToModelGrid(src.grid, run.grid)
             for start in range(0, src.steps, run.batch_size):
                 steps = range(start, min(start + run.batch_size, src.steps))
-                x = torch.cat([prepare(grids.fields(src.read_step(t), spec.channels), spec)
-                               for t in steps])
-                logp = predict_log_probabilities(run.model, x, run.prec, tile)
-                if grids.back is not None:
-                    logp = torch.from_numpy(grids.back.nearest(logp.cpu().numpy())).to(device)
+                logp = _on_input_grid(run, grids, [src.read_step(t) for t in steps], tile)
                 y = np.stack([src.read_labels(t) for t in steps])
-                yield logp, torch.from_numpy(y).to(device, torch.int64)
+                yield logp, torch.from_numpy(y).to(run.prec.device, torch.int64)
 
 
 class EventTally:
@@ -412,9 +450,9 @@ def parse_args(argv: list[str] | None):
         "horovodrun/srun.\nThe table goes to stdout, logs and progress to stderr.\n\n"
         "--data is a climseg data root, or labelled netCDF files (ClimateNet's, or any "
         "CF-netCDF with a\nlabel variable; one sample per time step). A netCDF file on "
-        "another regular global grid than\nthe model's is regridded bilinearly to it, "
-        "predicted there, and scored on its own grid\n(the prediction brought back by "
-        "nearest neighbour). See docs/inference.md.\n\n"
+        "another regular global grid than\nthe model's (or a split of fields of another "
+        "shape) is regridded bilinearly to it, predicted there,\nand scored on its own grid "
+        "(the prediction brought back by nearest neighbour). See\ndocs/inference.md.\n\n"
         "Example: climseg evaluate --checkpoint runs/demo/best.pt --data data/demo/cam "
         "--output runs/demo/test.json\n"
         "         climseg evaluate --checkpoint best.pt --data climatenet/test"))

@@ -601,6 +601,44 @@ def test_evaluate_on_an_era5_like_grid_scores_predicts_masks_against_the_files_l
     assert "grid: scored on the input's grid against its labels" in capsys.readouterr().out
 
 
+def test_evaluate_on_an_hdf5_split_of_another_shape_scores_predicts_masks(
+        tiny_root, grid_net, tmp_path, capsys):
+    # climseg's HDF5 samples on the 64x96 grid their shape implies, through a model of the
+    # 32x48 grid: evaluate regrids as predict does (not the model run at 64x96, which a fully
+    # convolutional net would also accept). The oracle: predict's HDF5 masks of the same files
+    # against their labels, counted with numpy.
+    ckpt = make_checkpoint(tmp_path / "m.pt", tiny_root, (32, 48))
+    g = regular_grid(64, 96)
+    fields, labels = _waves(ckpt, g.lat, g.lon, steps=3)
+    root = tmp_path / "root"
+    (root / "test").mkdir(parents=True)
+    files = [root / "test" / f"data-2100-01-0{t + 1}-00-1.h5" for t in range(3)]
+    for t, path in enumerate(files):
+        write_sample(path, np.stack([fields[c][t] for c in CHANNELS], -1), labels[t])
+    assert predict.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / "p"),
+                         "--quiet", *map(str, files)]) == 0
+    masks = []
+    for path in files:
+        with h5py.File(tmp_path / "p" / f"{path.stem}-mask.h5", "r") as h:
+            masks.append(h[predict.PREDICTION_KEY][...])
+    out = tmp_path / "split.json"
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(root), "--batch-size", "2",
+                          "--quiet", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["confusion"] == _confusion(labels, np.stack(masks)).tolist()
+    assert result["samples"] == 3 and result["batches"] == 2
+    assert len(np.unique(masks)) >= 2 and len(np.unique(labels)) == 3, "a weak test"
+    assert result["regridded"] is True and result["field"] == [32, 48]
+    assert "64x96" in result["grid"] and "regridded bilinearly" in result["grid"]
+    assert result["region"] == ("the whole field, on the split's own grid; the model ran on "
+                                "the whole 32x48 field, in one piece")
+    assert "grid: scored on the split's grid against its labels" in capsys.readouterr().out
+    # A centred crop belongs to the model's grid: asked on this split, one line, exit 2.
+    line = _one_line_error(capsys, ["--checkpoint", str(ckpt), "--data", str(root), "--crop",
+                                    "32", "48"], command=evaluate)
+    assert str(root / "test") in line and "64x96 fields" in line and "32x48" in line
+
+
 def test_evaluate_errors_on_netcdf_inputs_are_one_line(tiny_root, grid_net, tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "m.pt", tiny_root, (16, 24), channels=USED)
     g = regular_grid(16, 24)
