@@ -11,7 +11,9 @@ The runs are 4 ranks of yaml/ci.yaml for 2 steps on 40 tiny samples (32 train, 4
 every one of 4 ranks needs a validation file, which conftest's tiny_root with 2 has not); one
 two-node run (module fixture ``two_nodes``) serves the tests of equality, of the files read, of
 the MLPerf log and of the placement hint. Measured on 2 loaded cores: a 2-step two-node run
-30-60 s (an allreduce of the 56 M parameters over the simulated network takes seconds).
+30-60 s (an allreduce of the 56 M parameters over the simulated network takes seconds). The
+elastic run (k) is jobs/elastic.sh with one rank per node on the per-node staged split: node2
+is lost, the run goes on with node1 alone, and node2 joins again (about 75 s).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import psutil
 from climseg.checkpoint import step_checkpoints
 from conftest import HUNG_S, TINY_HEIGHT, TINY_SEED, TINY_WIDTH, require_horovod, wait_for
 from exact import EXACT, assert_same_losses, assert_same_weights, losses
+from test_elastic import (ELASTIC, _losses, _passes, assert_finished_like_uninterrupted,
+                          uninterrupted_run)
 from test_launch import _env, _horovod_features, require_slurm, run_requeued
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -78,13 +82,30 @@ class Cluster:
         last bit from the first step (measured: 2.4e-8 at step 2, 2e-3 by step 5). One
         allreduce per tensor has one order, and runs repeat to the bit (2 ranks have one
         order of a + b whatever the buffer: the one-host tests need no such setting)."""
-        env = dict(self.env, CLUSTER_DIR=str(self.dir), HOROVOD_FUSION_THRESHOLD="0",
-                   PATH=f"{REPO / 'tests' / 'cluster_bin'}:{self.env['PATH']}")
+        return self.login("horovodrun", "-np", "4", "-H", "node1:2,node2:2", "--gloo", *args,
+                          log=log, HOROVOD_FUSION_THRESHOLD="0")
+
+    def login(self, *cmd, log: Path, **env) -> subprocess.Popen:
+        """``CMD`` started on node1 with tests/cluster_bin/ssh to reach node2, output (both
+        streams) to ``log``."""
+        env = dict(self.env, CLUSTER_DIR=str(self.dir),
+                   PATH=f"{REPO / 'tests' / 'cluster_bin'}:{self.env['PATH']}", **env)
         with open(log, "w") as f:
-            return subprocess.Popen(
-                ["bash", str(CLUSTER), "on", "1", str(self.dir), "horovodrun", "-np", "4",
-                 "-H", "node1:2,node2:2", "--gloo", *map(str, args)],
-                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+            return subprocess.Popen(["bash", str(CLUSTER), "on", "1", str(self.dir),
+                                     *map(str, cmd)],
+                                    cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+    def node_of(self, pid: int) -> int | None:
+        """The node whose network namespace process ``pid`` runs in (None: neither)."""
+        try:
+            net = os.readlink(f"/proc/{pid}/ns/net")
+        except OSError:
+            return None
+        for node in (1, 2):
+            holder = (self.dir / f"node{node}.holder.pid").read_text().strip()
+            if os.readlink(f"/proc/{holder}/ns/net") == net:
+                return node
+        return None
 
     def files(self, node: int, folder: Path) -> list[str]:
         """The sample files under ``folder`` as node ``node`` sees them (relative paths)."""
@@ -253,10 +274,17 @@ def test_torch_engine_across_two_nodes_matches_horovod(cluster, two_nodes, data_
 
 
 # --- e. per-node staging ------------------------------------------------------------------------
-def test_per_node_staging_puts_every_file_on_every_node(cluster, data_root):
+@pytest.fixture(scope="module")
+def per_node(cluster, data_root) -> tuple[Path, subprocess.CompletedProcess]:
+    """The whole split staged into each node's scratch (``climseg stage --per-node``), as
+    elastic runs need it: (staged root, the srun's result)."""
     dest = cluster.scratch / "whole"
-    result = _stage(cluster, data_root, dest, "-N2", "--ntasks-per-node=2", "--mpi=pmi2",
-                    stage_args=["--per-node"])
+    return dest, _stage(cluster, data_root, dest, "-N2", "--ntasks-per-node=2", "--mpi=pmi2",
+                        stage_args=["--per-node"])
+
+
+def test_per_node_staging_puts_every_file_on_every_node(cluster, data_root, per_node):
+    dest, result = per_node
     assert result.returncode == 0, result.stderr[-3000:]
     every = sorted(str(p.relative_to(data_root)) for split in SPLITS
                    for p in (data_root / split).glob("data-*.h5"))
@@ -538,3 +566,84 @@ def test_a_node_cut_off_ends_every_rank_naming_the_collective_and_resume_continu
                          r"checkpoint of step \d+) \(train.stall_timeout 20 s\)(: ending this "
                          r"rank \(exit status 2\)|, and the rank does not answer)",
                          _stall_line(text, rank)), text[-3000:]
+
+
+# --- k. elastic across the two nodes: node2 lost, the run goes on alone, node2 back -------------
+# jobs/elastic.sh on node1 with one rank per node (node2's through tests/cluster_bin/ssh), on the
+# per-node staged split, reference width, SGD in fp32 (test_elastic's settings: global batch 4
+# of single samples, 2 micro-batches per rank on two ranks, 4 on one). Commits every 5 steps;
+# node2 is lost once step 6 is logged, inside the first epoch (32 samples: 8 steps).
+ELASTIC_STEPS = 20
+ELASTIC_COMMIT = 5
+_JOINED = re.compile(r"elastic: rank (\d+) of (\d+) \(host (\S+), pid (\d+)\) at step (\d+)")
+
+
+def _write_hosts(out: Path, hosts: list[str]) -> None:
+    """What the discovery script (OUTPUT/discover-hosts.sh) lists, replaced in one rename so
+    that it never reads a half-written file."""
+    new = out / "hosts.new"
+    new.write_text("".join(f"{h}\n" for h in hosts))
+    new.rename(out / "hosts")
+
+
+def test_elastic_run_survives_losing_node2_and_takes_it_back(cluster, data_root, per_node,
+                                                            tmp_path):
+    staged, staging = per_node
+    assert staging.returncode == 0, staging.stderr[-3000:]
+    out, log = tmp_path / "elastic", tmp_path / "elastic.log"
+    # A host that failed may come back after 2 s (Horovod's cooldown: the lower limit times 2,
+    # at most the upper); without a range it stays out for good.
+    proc = cluster.login("bash", "jobs/elastic.sh", *ELASTIC, f"train.max_steps={ELASTIC_STEPS}",
+                         f"train.elastic_commit_frequency={ELASTIC_COMMIT}", log=log,
+                         DATA=str(staged), HOSTS="node1:1 node2:1", OUTPUT=str(out),
+                         CONFIG="yaml/ci.yaml", HOROVODRUN_ARGS="--blacklist-cooldown-range 1 2")
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").exists()
+                 and max(_losses(out), default=0) > ELASTIC_COMMIT, proc, log)
+        # The node goes: every process of the run on node2 killed, and the discovery script
+        # no longer lists it (as a cluster's would list only the nodes that answer).
+        lost = [p for p in _processes_of(out) if cluster.node_of(p.pid) == 2]
+        assert lost, "no process of the run on node2"
+        for p in lost:
+            p.kill()
+        _write_hosts(out, ["node1:1"])
+        # It comes back once the survivor trains alone.
+        wait_for(lambda: re.search(r"elastic: rank 0 of 1 ", log.read_text()), proc, log)
+        _write_hosts(out, ["node1:1", "node2:1"])
+        proc.wait(timeout=HUNG_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in _processes_of(out):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    back = re.findall(r"elastic: a rank was lost; back to the commit at step (\d+)", text)
+    assert back == [str(ELASTIC_COMMIT)], text[-4000:]
+    # Who trained: two ranks, one per node (Horovod orders new hosts as a set: node2's rank may
+    # be 0 or 1); node1's process alone, as rank 0 of 1 (the lock and the reports are its own
+    # if node2's was rank 0); then two again at a commit, node2's a new process.
+    members = [(int(r), int(n), host, int(pid), int(step))
+               for r, n, host, pid, step in _JOINED.findall(text)]
+    assert sorted((r, n) for r, n, *_ in members[:2]) == [(0, 2), (1, 2)], members
+    assert sorted(host for _, _, host, _, _ in members[:2]) == ["node1", "node2"], members
+    survivor = next(pid for _, _, host, pid, _ in members[:2] if host == "node1")
+    alone = [m for m in members if m[1] == 1]
+    assert alone and all(m[:4] == (0, 1, "node1", survivor) for m in alone), members
+    rejoined = members[members.index(alone[-1]) + 1:]
+    assert sorted((r, n, host) for r, n, host, _, _ in rejoined) == \
+        [(0, 2, "node1"), (1, 2, "node2")], members
+    (joined,) = [m for m in rejoined if m[2] == "node2"]
+    assert joined[3] not in {p.pid for p in lost} and survivor in {m[3] for m in rejoined}
+    assert joined[4] % ELASTIC_COMMIT == 0 and ELASTIC_COMMIT < joined[4] < ELASTIC_STEPS, \
+        members
+    # The first redone step against its own first pass, exactly (test_elastic's survived
+    # test: the same weights and, where the roll-back takes up the epoch, the same samples).
+    first, *_, redone = _passes(out)[ELASTIC_COMMIT + 1]
+    assert_same_losses({0: redone}, {0: first}, [0])
+    reference = uninterrupted_run(data_root, tmp_path / "reference", ELASTIC_STEPS,
+                                  cluster.env)
+    assert_finished_like_uninterrupted(out, text, reference, ELASTIC_STEPS)

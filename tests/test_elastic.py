@@ -118,16 +118,34 @@ def _losses(out: Path) -> dict[int, float]:
     return {step: passes[-1] for step, passes in _passes(out).items()}
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_root, tmp_path_factory) -> Path:
-    """The plain run the elastic ones must reproduce: one process, 4 micro-batches of 1."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    proc = subprocess.run(_cmd(tiny_root, out, "train.gradient_accumulation=4",
+def uninterrupted_run(root: Path, out: Path, steps: int, env: dict[str, str] = ENV) -> Path:
+    """The plain run an elastic one must reproduce: one process, 4 micro-batches of 1."""
+    proc = subprocess.run(_cmd(root, out, "train.gradient_accumulation=4",
                                "train.local_batch_size=1", "train.validation_frequency=8",
-                               f"train.max_steps={END}", *EXACT),
-                          capture_output=True, text=True, cwd=REPO, env=ENV, timeout=600)
+                               f"train.max_steps={steps}", *EXACT),
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_root, tmp_path_factory) -> Path:
+    return uninterrupted_run(tiny_root, tmp_path_factory.mktemp("uninterrupted"), END)
+
+
+def assert_finished_like_uninterrupted(out: Path, text: str, reference: Path,
+                                       steps: int) -> None:
+    """Every step once (the steps after a commit are redone), with the losses of the
+    uninterrupted run: the global order and batch do not depend on the rank count, only the
+    order of float additions does (exact.assert_same_training_across_ranks); the final
+    checkpoint, and no traceback from any rank."""
+    got = _losses(out)
+    assert sorted(got) == list(range(1, steps + 1))
+    assert_same_training_across_ranks(got, _losses(reference), range(1, steps + 1))
+    ((step, path),) = step_checkpoints(out)
+    assert step == steps and load_checkpoint(path)["step"] == steps
+    ranks_lines = [line for line in text.splitlines() if line.startswith("[")]
+    assert not any("Traceback" in line for line in ranks_lines), text[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -264,16 +282,7 @@ def test_elastic_run_survives_losing_rank_0_and_takes_a_rank_back(survived, unin
     first_pid0 = next(pid for rank, _, pid, _ in members if rank == 0)
     alone = next(m for m in members if m[1] == 1)
     assert alone[0] == 0 and alone[2] != first_pid0
-    # Every step once (the steps after the commit are redone), with the losses of the
-    # uninterrupted run: the global order and batch do not depend on the rank count, only the
-    # order of float additions does (exact.assert_same_training_across_ranks).
-    got = _losses(out)
-    assert sorted(got) == list(range(1, STEPS + 1))
-    assert_same_training_across_ranks(got, _losses(uninterrupted), range(1, STEPS + 1))
-    ((step, path),) = step_checkpoints(out)
-    assert step == STEPS and load_checkpoint(path)["step"] == STEPS
-    ranks_lines = [line for line in text.splitlines() if line.startswith("[")]
-    assert not any("Traceback" in line for line in ranks_lines), text[-4000:]
+    assert_finished_like_uninterrupted(out, text, uninterrupted, STEPS)
 
 
 def test_a_rank_lost_before_the_first_commit_rolls_back_to_the_resumed_step(
