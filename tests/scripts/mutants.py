@@ -31,6 +31,8 @@ ELASTIC_TWO_RANKS = ("tests/test_elastic.py::"
 TORCH_TWO_RANKS = ("tests/test_engine_torch.py::"
                    "test_two_torch_ranks_match_one_process_with_accumulation")
 BN_GROUP = "tests/test_train.py::test_two_ranks_batchnorm_group_of_two_on_cpu"
+ELASTIC_TWO_NODES = ("tests/test_cluster.py::"
+                     "test_elastic_run_survives_losing_node2_and_takes_it_back")
 
 # name: (file, the line as it is, the line broken, why it is a fault, tests that must fail)
 MUTANTS = {
@@ -40,7 +42,8 @@ MUTANTS = {
         "starts = deque(range(0, len(plan), bs))",
         "a resumed run reads its epoch from the first batch again (wrong data order)",
         [RESUME, STOPPED, REQUEUE,
-         "tests/test_elastic.py::test_elastic_run_survives_losing_rank_0_and_takes_a_rank_back"]),
+         "tests/test_elastic.py::test_elastic_run_survives_losing_rank_0_and_takes_a_rank_back",
+         ELASTIC_TWO_NODES]),
     "a-step-lost-at-resume": (
         "climseg/checkpoint.py",
         "return Progress(**meta[\"progress\"])",
