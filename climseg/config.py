@@ -55,6 +55,7 @@ class DataConfig:
     normalization: str = "minmax"        # minmax | zscore
     crop: list[int] | None = None        # training crop [height, width] at a random offset; null = full field
     validation_crop: list[int] | None = None  # centre crop for validation; null = as data.crop
+    validation_tile: list[int] | None = None  # validate in tiles of this size; null = one piece
     loader_threads: int = 4
     prefetch: int = 2
     shuffle: bool = True
@@ -68,7 +69,7 @@ class DataConfig:
                      f"indices must be in 0..{NUM_CHANNELS - 1}, got {self.channels}")
             _require(len(set(self.channels)) == len(self.channels), "data.channels",
                      f"has repeated indices: {self.channels}")
-        for key in ("crop", "validation_crop"):
+        for key in ("crop", "validation_crop", "validation_tile"):
             crop = getattr(self, key)
             if crop is not None:
                 _require(len(crop) == 2, f"data.{key}", f"must be [height, width], got {crop}")

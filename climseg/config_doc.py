@@ -73,6 +73,11 @@ DESCRIPTIONS: dict[str, str] = {
     "data.validation_crop": "Centre crop `[height, width]` for validation; `null` = the "
                             "training crop (`data.crop`), so the full field when training on "
                             "full fields.",
+    "data.validation_tile": "Run the validation field in half-overlapping tiles "
+                            "`[height, width]`, their probabilities averaged, as `climseg "
+                            "evaluate` and `predict` then do too; for a model trained on crops "
+                            "and validated on larger fields (its image-pooling branch averages "
+                            "over its whole input). `null` = in one piece.",
     "data.loader_threads": "Reader threads per rank.",
     "data.prefetch": "Batches read ahead per rank.",
     "data.shuffle": "Shuffle the training order every epoch (a seeded shuffle).",

@@ -228,10 +228,10 @@ def prepare(data: np.ndarray, spec: InputSpec) -> torch.Tensor:
 
 
 def run_field(cfg: Config) -> tuple[int, int] | None:
-    """The input size a run validated at: its ``data.validation_crop``, else its training
-    ``data.crop``, else None (whole fields). evaluate and predict run a larger field in
-    tiles of this size."""
-    size = cfg.data.validation_crop or cfg.data.crop
+    """The input size a run validated at: its ``data.validation_tile``, else its
+    ``data.validation_crop``, else its training ``data.crop``, else None (whole fields).
+    evaluate and predict run a larger field in tiles of this size."""
+    size = cfg.data.validation_tile or cfg.data.validation_crop or cfg.data.crop
     return tuple(int(s) for s in size) if size else None
 
 

@@ -27,7 +27,7 @@ from climseg.elastic import ElasticDriver
 from climseg.engine import (Precision, average_batchnorm_stats, configure_torch, evaluate,
                             grad_norm, tflop_per_sample, train_step)
 from climseg.health import Health, StepFiles
-from climseg.inference import select_device
+from climseg.inference import TiledModel, select_device
 from climseg.losses import build_loss
 from climseg.metrics import iou_from_confusion
 from climseg.mlperf import launch_topology, this_rank
@@ -296,7 +296,9 @@ class Trainer:
                       and p.validations % cfg.train.image_frequency == 0)
         batches = self.watchdog.watched(self.monitor.eval_progress(
             self.data.validation.epoch(0), len(self.data.validation)), p.step, "validation")
-        result = evaluate(self.step_model, batches, self.loss_fn,
+        tile = cfg.data.validation_tile
+        model = TiledModel(self.step_model, tile) if tile else self.step_model
+        result = evaluate(model, batches, self.loss_fn,
                           self.prec, cfg.model.num_classes,
                           keep_first=dist.is_primary() and want_image)
         p.validations += 1

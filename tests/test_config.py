@@ -49,6 +49,8 @@ def test_in_channels_follows_channel_subset():
     ("train.compile=yes please", "train.compile: must be true or false"),
     ("data.crop=[100, 144]", "data.crop: both sides must be positive multiples of 16"),
     ("data.validation_crop=[64]", "data.validation_crop: must be [height, width]"),
+    ("data.validation_tile=[96, 100]", "data.validation_tile: both sides must be positive "
+                                       "multiples of 16"),
     ("data.channels=[0, 16]", "data.channels: indices must be in 0..15"),
     ("data.normalization=l2", "data.normalization: 'l2' is not one of"),
     ("scheduler.type=cosine", "scheduler.t_max: must be a positive number"),

@@ -234,6 +234,14 @@ def test_checkpoint_config_is_read_back_into_the_typed_config(tiny_root, tiny_mo
     assert cfg.train.local_batch_size == 1 and inference.run_field(cfg) == (32, 48)
 
 
+def test_a_run_validated_in_tiles_is_run_in_those_tiles():
+    """data.validation_tile (validation of whole fields in tiles) is what evaluate and predict
+    tile with too, before the validation or training crop."""
+    cfg = load_config(None, ["data.root=x", "data.crop=[32, 48]",
+                             "data.validation_crop=[64, 96]", "data.validation_tile=[32, 48]"])
+    assert inference.run_field(cfg) == (32, 48)
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("model", {"name": "tiny", "num_classes": 1}, "model.num_classes: must be at least 2"),
     ("data", {"root": "x", "no_such_key": 1}, "data.no_such_key: unknown key"),

@@ -9,7 +9,8 @@ finished fields, in the spirit of TECA (the detector that labelled DeepCAM):
   derivatives) and the pressure that balances them (``rho f psi``); vapour, temperature and
   precipitation get their own power-law noise. Along latitude circles the zonal spectra of
   TMQ, the winds and PRECT fall off with slopes near -2.3 over wavenumbers 4-100, as in
-  reanalyses, instead of the smooth blobs of a hand-drawn field;
+  reanalyses, instead of the smooth blobs of a hand-drawn field, and TMQ keeps a reanalysis'
+  share of small-scale power (P(k 50-100) / P(k 4-10) about 0.05 at 20-60 degrees);
 - consistency: TMQ and QREFHT follow temperature (Clausius-Clapeyron) and share one humidity
   field, poleward flow is moist, temperatures fall with height, Z1000/Z200 are hydrostatic
   (thickness from the layer temperature), PS is PSL reduced over random orography;
@@ -61,6 +62,13 @@ _KM_PER_DEG = 111.19
 _KMAX = 160
 _LMAX = 80
 
+# The vapour noise's spectrum: K**-4.2, flat below wavenumber 18 (~2000 km). Moisture
+# anomalies are stirred by synoptic eddies (storm-track scales, 1000-3000 km) and not fed from
+# planetary scales, where the climate and temperature set TMQ; a plain power law from k0 = 3
+# put too much of the variance there (zonal power ratio P(k 50-100) / P(k 4-10) of TMQ at
+# 20-60 degrees 0.021 against 0.051 in a reanalysis). With the roll-off: about 0.05, slope -2.3.
+_MOIST_SPECTRUM = (4.2, 18.0)
+
 # Feature sizes in units of the grid height (768 rows = 180 degrees at full size).
 _TC_RADIUS = 0.0140          # e-folding radius of the PSL low
 _TC_PER_SAMPLE = (1, 4)      # integers in [low, high)
@@ -110,7 +118,8 @@ def _draw_coefficients(rng: np.random.Generator, count: int) -> np.ndarray:
 
 
 def _amplitude(l: np.ndarray, k: np.ndarray, beta: float, k0: float = 3.0) -> np.ndarray:
-    """Isotropic amplitude for a 2-D spectrum ~ K**-beta (zonal 1-D slope 1 - beta)."""
+    """Isotropic amplitude for a 2-D spectrum ~ K**-beta (zonal 1-D slope 1 - beta) above
+    wavenumber ``k0``, flattening below it."""
     kk = k[None, :] ** 2 + (2.0 * l[:, None]) ** 2       # (2l): per 360 degrees, like k
     amp = (kk + k0 * k0) ** (-beta / 4.0)
     amp[:, 0] = 0.0    # no zonally symmetric part: zonal means come from the climate profiles
@@ -129,13 +138,15 @@ def _to_grid(coef: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _noise_fields(rng: np.random.Generator, height: int, width: int,
-                  betas: tuple[float, ...]) -> np.ndarray:
-    """Unit-variance (in expectation) noise fields with 2-D spectral exponents ``betas``."""
+                  spectra: tuple[float | tuple[float, float], ...]) -> np.ndarray:
+    """Unit-variance (in expectation) noise fields, one per entry of ``spectra``: a 2-D
+    spectral exponent beta, or (beta, k0) with a roll-off wavenumber (see _amplitude)."""
     rows_src, _, km, _, _ = _spectral_layout(height, width)
-    z = _draw_coefficients(rng, len(betas))[:, rows_src, :km + 1]
+    z = _draw_coefficients(rng, len(spectra))[:, rows_src, :km + 1]
     coef = np.empty_like(z)
-    for i, beta in enumerate(betas):
-        coef[i] = z[i] * _unit_amplitude(beta)[rows_src, :km + 1]
+    for i, spec in enumerate(spectra):
+        spec = spec if isinstance(spec, tuple) else (spec,)
+        coef[i] = z[i] * _unit_amplitude(*spec)[rows_src, :km + 1]
     return _to_grid(coef, height, width)
 
 
@@ -144,13 +155,13 @@ _K_ALL = np.arange(_KMAX + 1, dtype=np.float64)
 
 
 @functools.lru_cache(maxsize=16)
-def _unit_amplitude(beta: float) -> np.ndarray:
+def _unit_amplitude(beta: float, k0: float = 3.0) -> np.ndarray:
     """Amplitudes (2L+1, K+1) of a field of unit variance when all wavenumbers are kept.
 
     Normalized over the full fixed spectrum, not the part a small grid keeps, so a coarse
     grid shows the same large scales with the same amplitude, only without the finest ones.
     """
-    amp = _amplitude(_L_ALL, _K_ALL, beta)
+    amp = _amplitude(_L_ALL, _K_ALL, beta, k0)
     # Parseval for irfft2 (norm="forward"), k >= 1 only: var = sum 2 |c|^2, E|c|^2 = 2 A^2.
     return amp / np.sqrt(4.0 * (amp ** 2).sum())
 
@@ -359,7 +370,7 @@ def generate_fields(rng: np.random.Generator, height: int = HEIGHT,
     # vapour, temperature, precipitation and orography noise with their own slopes.
     psi, u_w, v_w = _streamfunction_winds(rng, height, width, beta=5.4, wind_std=6.5)
     moist_n, temp_n, rain_n, orog_n = _noise_fields(rng, height, width,
-                                                    betas=(3.3, 4.4, 2.9, 4.0))
+                                                    spectra=(_MOIST_SPECTRUM, 4.4, 2.9, 4.0))
     eddy = 0.55 + 0.7 * midlat               # storm tracks: stronger eddies at mid-latitudes
     f = col(2.0 * _OMEGA * np.sin(np.deg2rad(lat1)))
 
