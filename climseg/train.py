@@ -286,8 +286,7 @@ class Trainer:
         self.step_files.clear()
 
     def validate(self) -> dict[str, Any]:
-        """Score the validation partition (a collective); the result also goes to the
-        reporters."""
+        """Score the validation partition (a collective); the result goes to the reporters."""
         p, cfg = self.progress, self.cfg
         self.health.check()
         self.monitor.eval_start(p.epoch, p.step, self.data.validation_samples)
@@ -297,9 +296,8 @@ class Trainer:
         batches = self.watchdog.watched(self.monitor.eval_progress(
             self.data.validation.epoch(0), len(self.data.validation)), p.step, "validation")
         tile = cfg.data.validation_tile
-        model = TiledModel(self.step_model, tile) if tile else self.step_model
-        result = evaluate(model, batches, self.loss_fn,
-                          self.prec, cfg.model.num_classes,
+        result = evaluate(TiledModel(self.step_model, tile) if tile else self.step_model,
+                          batches, self.loss_fn, self.prec, cfg.model.num_classes,
                           keep_first=dist.is_primary() and want_image)
         p.validations += 1
         result["step"] = p.step
