@@ -138,15 +138,14 @@ def _to_grid(coef: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _noise_fields(rng: np.random.Generator, height: int, width: int,
-                  spectra: tuple[float | tuple[float, float], ...]) -> np.ndarray:
-    """Unit-variance (in expectation) noise fields, one per entry of ``spectra``: a 2-D
-    spectral exponent beta, or (beta, k0) with a roll-off wavenumber (see _amplitude)."""
+                  spectra: tuple[tuple[float, float], ...]) -> np.ndarray:
+    """Unit-variance (in expectation) noise fields, one per (beta, k0) of ``spectra``: the
+    2-D spectral exponent and the wavenumber below which it flattens (see _amplitude)."""
     rows_src, _, km, _, _ = _spectral_layout(height, width)
     z = _draw_coefficients(rng, len(spectra))[:, rows_src, :km + 1]
     coef = np.empty_like(z)
-    for i, spec in enumerate(spectra):
-        spec = spec if isinstance(spec, tuple) else (spec,)
-        coef[i] = z[i] * _unit_amplitude(*spec)[rows_src, :km + 1]
+    for i, (beta, k0) in enumerate(spectra):
+        coef[i] = z[i] * _unit_amplitude(beta, k0)[rows_src, :km + 1]
     return _to_grid(coef, height, width)
 
 
@@ -369,8 +368,8 @@ def generate_fields(rng: np.random.Generator, height: int = HEIGHT,
     # Weather: winds from a streamfunction (2-D spectrum K^-5.4: wind zonal slope ~ -2.4);
     # vapour, temperature, precipitation and orography noise with their own slopes.
     psi, u_w, v_w = _streamfunction_winds(rng, height, width, beta=5.4, wind_std=6.5)
-    moist_n, temp_n, rain_n, orog_n = _noise_fields(rng, height, width,
-                                                    spectra=(_MOIST_SPECTRUM, 4.4, 2.9, 4.0))
+    moist_n, temp_n, rain_n, orog_n = _noise_fields(
+        rng, height, width, spectra=(_MOIST_SPECTRUM, (4.4, 3.0), (2.9, 3.0), (4.0, 3.0)))
     eddy = 0.55 + 0.7 * midlat               # storm tracks: stronger eddies at mid-latitudes
     f = col(2.0 * _OMEGA * np.sin(np.deg2rad(lat1)))
 
