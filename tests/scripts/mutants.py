@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 RESUME = "tests/test_train.py::test_resume_matches_uninterrupted_run"
 STOPPED = ("tests/test_faults.py::"
            "test_stopped_run_resumes_with_the_losses_of_an_uninterrupted_run")
-REQUEUE = ("tests/test_launch.py::"
-           "test_sbatch_warning_signal_requeues_and_finishes_with_uninterrupted_losses")
+REQUEUE = ("tests/test_cluster.py::test_two_node_sbatch_requeued_by_the_warning_signal_"
+           "finishes_with_uninterrupted_losses")
 ELASTIC_TWO_RANKS = ("tests/test_elastic.py::"
                      "test_two_ranks_with_accumulation_2_train_as_one_process_with_accumulation_4")
 TORCH_TWO_RANKS = ("tests/test_engine_torch.py::"
