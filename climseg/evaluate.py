@@ -13,7 +13,9 @@ size with the probabilities averaged, not on the whole field at once: DeepLabv3+
 image-pooling branch averages over its whole input, so a crop-trained model fed a field 16
 times larger sees statistics it never learned on and does worse (docs/inference.md), while
 tiles give it inputs of its own size and still score every pixel. ``--full-field`` runs each
-field in one piece anyway; ``--crop H W`` scores only a centred crop, and says so: the printed
+field in one piece anyway, ``--tile H W`` in tiles of another size (the training crop, to
+measure what the whole field costs a crop-trained model); ``--crop H W`` scores only a centred
+crop, and says so: the printed
 result and the JSON's ``region`` name what was scored and its share of the field. A split
 whose fields are on another grid than the model's (the grid their shape implies,
 :mod:`climseg.grid`) is scored as ``predict`` masks such files: regridded to the model's grid,
@@ -57,8 +59,8 @@ from climseg.engine import Precision, evaluate
 from climseg.events import EVENT_OVERLAP, detection_skill, event_scores
 from climseg.grid import RegularGrid, describe, regular_grid
 from climseg.inference import (OUTPUT_STRIDE, InputSpec, TiledModel, add_model_arguments,
-                               class_names, input_spec, model_from_checkpoint, model_grid,
-                               predict_log_probabilities, prepare, read_checkpoint, run_field,
+                               chosen_tile, class_names, input_spec, model_from_checkpoint,
+                               model_grid, predict_log_probabilities, prepare, read_checkpoint,
                                scored_region, select_device)
 from climseg.inputs import (LABEL_NAMES, add_variables_option, is_netcdf, open_gridded,
                             variable_map)
@@ -94,6 +96,7 @@ def score(checkpoint: str | os.PathLike, data_root: DataPaths, split: str = "tes
           stats_file: str | os.PathLike | None = None, device: str | None = None,
           precision: str = "auto", threads: int = 2,
           full_field: bool = False, progress: bool = False,
+          tile: tuple[int, int] | None = None,
           event_overlap: float = EVENT_OVERLAP, labels: tuple[str, ...] = LABEL_NAMES,
           variables: str | None = None) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``data_root/split``, or on netCDF files (``data_root``: one
@@ -101,7 +104,8 @@ def score(checkpoint: str | os.PathLike, data_root: DataPaths, split: str = "tes
     rank.
 
     The whole field is scored unless ``crop`` names a centred crop; in tiles of the run's
-    validation size where that is smaller, or in one piece with ``full_field``.
+    validation size where that is smaller, in one piece with ``full_field``, or in tiles of
+    ``tile`` (:func:`climseg.inference.chosen_tile`).
     ``progress``: a progress line on stderr (this rank's batches). Beside the pixel scores,
     events are matched per sample (:func:`climseg.events.event_scores` at IoU
     ``event_overlap``): the detection skill the ClimateNet paper reports. netCDF files are
@@ -111,16 +115,17 @@ def score(checkpoint: str | os.PathLike, data_root: DataPaths, split: str = "tes
     gridded = netcdf_inputs(data_root, split)
     names = variable_map(variables) if gridded is not None else None
     run = load_scoring(checkpoint, device, stats_file, precision, batch_size)
+    tile = chosen_tile(run.cfg, full_field, tile)
     if crop is not None and any(c <= 0 or c % OUTPUT_STRIDE for c in crop):
         raise ConfigError(f"--crop: sides must be positive multiples of {OUTPUT_STRIDE}, "
                           f"got {crop[0]} {crop[1]}")
     if gridded is None:
-        source = split_source(run, _paths(data_root)[0] / split, crop, threads, full_field)
+        source = split_source(run, _paths(data_root)[0] / split, crop, threads, tile)
     elif crop is not None:
         raise ConfigError("--crop: netCDF inputs are scored whole, on their own grids; a "
                           "centred crop is for climseg's HDF5 splits")
     else:
-        source = gridded_source(run, gridded, names, tuple(labels), full_field)
+        source = gridded_source(run, gridded, names, tuple(labels), tile)
     bar = Progress(source.batches, "scoring", unit="batches", enabled=progress)
     tally = EventTally(run.names, event_overlap, periodic=source.region["fraction"] == 1.0)
     result = evaluate(source.model, _counted(source.epoch, bar), run.loss_fn, run.prec,
@@ -199,7 +204,7 @@ class Source:
 
 
 def split_source(run: Scoring, split_dir: Path, crop: tuple[int, int] | None, threads: int,
-                 full_field: bool) -> Source:
+                 tile: tuple[int, int] | None) -> Source:
     """A split of climseg's HDF5 samples: this rank's files through the trainer's loader."""
     files = list_files(split_dir)
     if len(files) < dist.size():
@@ -216,7 +221,7 @@ def split_source(run: Scoring, split_dir: Path, crop: tuple[int, int] | None, th
                               f"the model's grid ({describe(run.grid)}): they are scored "
                               "whole, regridded; a centred crop is for a split on the "
                               "model's grid")
-        return _regridded_split(run, split_dir, mine, grids, full_field)
+        return _regridded_split(run, split_dir, mine, grids, tile)
     spec = run.spec
     try:
         loader = BatchLoader(mine, run.batch_size, shift=spec.shift, scale=spec.scale,
@@ -225,19 +230,17 @@ def split_source(run: Scoring, split_dir: Path, crop: tuple[int, int] | None, th
                              device=run.prec.device)
     except ValueError as err:
         raise ConfigError(f"--crop/--workers: {err}") from None
-    region = scored_region(loader.full_shape[:2], crop,
-                           None if full_field else run_field(run.cfg))
+    region = scored_region(loader.full_shape[:2], crop, tile)
     return Source(_scoring_model(run.model, region, split_dir), loader.epoch(0), len(loader),
                   region, str(split_dir))
 
 
 def _regridded_split(run: Scoring, split_dir: Path, mine: list[Path], grids: ToModelGrid,
-                     full_field: bool) -> Source:
+                     tile: tuple[int, int] | None) -> Source:
     """A split whose fields are on another grid than the model's, scored as ``predict``
     masks its files: each sample's channels regridded to the model's grid, run there (in the
     same tiles), the prediction brought back by nearest neighbour and scored on the split's
     own grid against its labels."""
-    tile = None if full_field else run_field(run.cfg)
     ran = scored_region(run.grid.shape, None, tile)
     region = {**ran, "region": f"the whole field, on the split's own grid; the model ran on "
                                f"{ran['region']}"}
@@ -312,7 +315,7 @@ class AlreadyPredicted(torch.nn.Module):
 
 
 def gridded_source(run: Scoring, files: list[Path], names: dict[str, str],
-                   labels: tuple[str, ...], full_field: bool) -> Source:
+                   labels: tuple[str, ...], tile: tuple[int, int] | None) -> Source:
     """netCDF inputs, each scored on its own grid against its labels, one sample per time
     step (batches do not span files). Every rank checks every file first (it reads their
     coordinates only), so a bad one stops all ranks alike, and the result names every grid;
@@ -330,7 +333,6 @@ def gridded_source(run: Scoring, files: list[Path], names: dict[str, str],
         regridded = regridded or grids.regridded
         if grids.how not in hows:
             hows.append(grids.how)
-    tile = None if full_field else run_field(run.cfg)
     ran = scored_region(run.grid.shape if run.grid is not None else shapes[0], None, tile)
     region = {**ran, "region": f"each input's whole field, on its own grid; the model ran on "
                                f"{ran['region']}"}
@@ -491,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         result = score(args.checkpoint, args.data, args.split, args.batch_size,
                        tuple(args.crop) if args.crop else None, args.stats, args.device,
                        args.precision, args.workers, args.full_field,
+                       tile=tuple(args.tile) if args.tile else None,
                        progress=dist.is_primary() and not args.quiet,
                        event_overlap=args.event_overlap,
                        labels=(args.labels,) if args.labels else LABEL_NAMES,

@@ -65,6 +65,9 @@ def add_model_arguments(parser) -> None:
                         help="each field in one forward pass, not in tiles of the size the "
                              "run validated at (a crop-trained model then does worse: its "
                              "image-pooling branch averages over a larger input)")
+    parser.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="run each field in half-overlapping HxW tiles instead (e.g. the "
+                             "training crop, to compare with the run's own setting)")
 
 
 def _listing(items: list[str]) -> str:
@@ -233,6 +236,20 @@ def run_field(cfg: Config) -> tuple[int, int] | None:
     evaluate and predict run a larger field in tiles of this size."""
     size = cfg.data.validation_tile or cfg.data.validation_crop or cfg.data.crop
     return tuple(int(s) for s in size) if size else None
+
+
+def chosen_tile(cfg: Config, full_field: bool = False,
+                tile: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """The tile evaluate and predict run a field in: ``tile`` (``--tile H W``) when given, None
+    (one piece) with ``full_field``, else the run's own (:func:`run_field`)."""
+    if tile is None:
+        return None if full_field else run_field(cfg)
+    if full_field:
+        raise ConfigError("--tile and --full-field: choose one (tiles, or the field in one piece)")
+    if any(t <= 0 or t % OUTPUT_STRIDE for t in tile):
+        raise ConfigError(f"--tile: sides must be positive multiples of {OUTPUT_STRIDE}, "
+                          f"got {tile[0]} {tile[1]}")
+    return int(tile[0]), int(tile[1])
 
 
 def scored_region(full: tuple[int, int], crop: tuple[int, int] | None,

@@ -45,10 +45,10 @@ from climseg.data.format import (CHANNELS, CLASS_NAMES, DATA_KEY, LABEL_KEY, NUM
                                  DataError, hdf5_writer, read_sample, sample_time)
 from climseg.engine import Precision
 from climseg.grid import RegularGrid, describe, regular_grid
-from climseg.inference import (InputSpec, add_model_arguments, class_names, config_hash,
-                               input_spec, model_from_checkpoint, model_grid,
-                               predict_probabilities, prepare, read_checkpoint, run_field,
-                               scored_region, select_device)
+from climseg.inference import (InputSpec, add_model_arguments, chosen_tile, class_names,
+                               config_hash, input_spec, model_from_checkpoint, model_grid,
+                               predict_probabilities, prepare, read_checkpoint, scored_region,
+                               select_device)
 from climseg.inputs import add_variables_option, is_netcdf, open_gridded, variable_map
 from climseg.logs import setup_logging
 from climseg.netcdf import write_mask_netcdf, write_mask_on_coordinates
@@ -308,7 +308,8 @@ def build_job(args, device: torch.device) -> Job:
     if prec.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Job(model, input_spec(cfg, args.stats), prec,
-               None if args.full_field else run_field(cfg), class_names(cfg),
+               chosen_tile(cfg, args.full_field, tuple(args.tile) if args.tile else None),
+               class_names(cfg),
                provenance(args.checkpoint, cfg), made_with, args.output, args.probabilities,
                args.format, grid, variables)
 

@@ -368,9 +368,49 @@ def test_evaluate_scores_the_whole_field_and_names_any_crop(tiny_root, tiny_mode
     assert crop["fraction"] == pytest.approx(0.5)
     assert crop["region"] == ("only the centred 48x64 crop of the 64x96 field (50.0 % of it), "
                               "in 32x48 tiles")
+    # --tile: the run's own tile gives the default's counts; one covering the field, one
+    # piece's; another size is named
+    assert evaluate.score(ckpt, tiny_root, "test", tile=(32, 48))["confusion"] == \
+        whole["confusion"]
+    covering = evaluate.score(ckpt, tiny_root, "test", tile=(64, 96))
+    assert covering["tile"] is None and covering["confusion"] == one["confusion"]
+    rows = evaluate.score(ckpt, tiny_root, "test", tile=(32, 96))
+    assert rows["tile"] == [32, 96] and rows["region"] == "the whole 64x96 field, in 32x96 tiles"
     ckpt = make_checkpoint(tmp_path / "val.pt", tiny_root,
                            overrides=["data.crop=[32, 48]", "data.validation_crop=[48, 96]"])
     assert evaluate.score(ckpt, tiny_root, "test")["tile"] == [48, 96]
+
+
+def test_predict_tile_runs_the_field_in_those_tiles(tiny_root, tiny_model, tmp_path):
+    ckpt = make_checkpoint(tmp_path / "crop.pt", tiny_root, overrides=["data.crop=[32, 48]"])
+    (sample,) = list_files(tiny_root / "test")[:1]
+    masks = {}
+    for name, extra in (("own", []), ("tile", ["--tile", "32", "48"]),
+                        ("covering", ["--tile", "64", "96"]), ("one", ["--full-field"])):
+        assert predict.main(["--checkpoint", str(ckpt), "--output", str(tmp_path / name),
+                             "--quiet", *extra, str(sample)]) == 0
+        with h5py.File(tmp_path / name / f"{sample.stem}-mask.h5", "r") as h:
+            masks[name] = h[predict.PREDICTION_KEY][...]
+    np.testing.assert_array_equal(masks["tile"], masks["own"])
+    np.testing.assert_array_equal(masks["covering"], masks["one"])
+    assert (masks["own"] != masks["one"]).any()  # tiles and one piece do differ here
+
+
+@pytest.mark.parametrize("command", [evaluate, predict])
+@pytest.mark.parametrize("extra, message", [
+    (["--tile", "30", "48"], "--tile: sides must be positive multiples of 16, got 30 48"),
+    (["--tile", "32", "48", "--full-field"], "--tile and --full-field: choose one"),
+])
+def test_bad_tiles_are_one_line(command, extra, message, tiny_root, tiny_model, tmp_path,
+                                capsys):
+    ckpt = make_checkpoint(tmp_path / "crop.pt", tiny_root, overrides=["data.crop=[32, 48]"])
+    (sample,) = list_files(tiny_root / "test")[:1]
+    args = {evaluate: ["--checkpoint", str(ckpt), "--data", str(tiny_root)],
+            predict: ["--checkpoint", str(ckpt), "--output", str(tmp_path / "out"),
+                      str(sample)]}[command]
+    assert command.main([*args, "--quiet", *extra]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert message in line and line.startswith("climseg ")
 
 
 class Background(nn.Module):
