@@ -23,6 +23,11 @@ its shape (:mod:`climseg.grid`). Per event the table gives:
   for cyclones only, ``min_psl`` (Pa, as the file stores it) and ``max_wind``, the largest
   |(UBOT, VBOT)| (m s⁻¹), the two numbers a cyclone track records.
 
+``--min-area KM2`` leaves out events smaller than that: a model that breaks a river into
+specks, or a cyclone's edge into crumbs, buries the storms in the table otherwise (the demo
+model's 11 test masks hold 5119 events for 45 true ones). A mask's crumbs count in nothing
+then, not in the summary, the plot or the log's counts; how many were left out is logged.
+
 :func:`summarize` counts the events per class by latitude band and by month (printed after the
 table is written), :func:`plot_events` draws them on a map, and :func:`event_scores` matches
 predicted events with true ones (object-based precision, recall and F1). Under ``horovodrun``
@@ -31,6 +36,7 @@ or ``srun`` rank ``r`` of ``n`` reads ``MASKS[r::n]`` and rank 0 writes the one 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import logging
@@ -354,6 +360,22 @@ def detection_skill(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, fl
     return skill
 
 
+def large_events(rows: list[dict], min_area_km2: float) -> list[dict]:
+    """The rows whose event covers at least ``min_area_km2`` (all of them for 0)."""
+    return [row for row in rows if row["area_km2"] >= min_area_km2]
+
+
+def _area(text: str) -> float:
+    """An argparse ``type``: an area in km², 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be an area in km², 0 or more, got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None):
     p = ArgumentParser("events", description=(
         "One row per connected tropical cyclone or atmospheric river in each mask: area (km²), "
@@ -365,6 +387,9 @@ def parse_args(argv: list[str] | None):
     p.add_option("--output", "--out", required=True, type=Path, help="the CSV table")
     p.add_option("--plot", type=Path, metavar="PNG",
                  help="also draw the events on a map, with their counts by latitude band")
+    p.add_argument("--min-area", type=_area, default=0.0, metavar="KM2",
+                   help="leave out events smaller than this (km²; default 0: every event). "
+                        "A grid cell of the 768x1152 CAM5 grid is at most about 900 km²")
     p.add_quiet()
     p.add_argument("masks", nargs="+", type=Path, metavar="MASKS",
                    help="NAME-mask.h5 / NAME-mask.nc from climseg predict, or sample files")
@@ -409,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail("events", error) if rank == 0 else 2
     if rank != 0:
         return 0
+    if args.min_area > 0:
+        kept = large_events(rows, args.min_area)
+        log.info("left out %d of %d events under %g km²", len(rows) - len(kept), len(rows),
+                 args.min_area)
+        rows = kept
     try:
         write_table(rows, args.output)
         if args.plot is not None:

@@ -229,6 +229,42 @@ def test_the_cli_prints_the_summary_and_draws_the_plot(tmp_path, capsys):
     assert red.sum() > 20
 
 
+def test_min_area_leaves_out_the_small_events(tmp_path, capsys, caplog):
+    # _field_sample's cyclone covers 10-30 N x 20 degrees of longitude, its river 60-40 S x 100
+    # degrees: areas from the spherical zone formula, R^2 dlon (sin north - sin south).
+    path, *_ = _field_sample(tmp_path)
+    zone = {"tropical_cyclone": math.radians(20) * (math.sin(math.radians(30)) -
+                                                    math.sin(math.radians(10))),
+            "atmospheric_river": math.radians(100) * (math.sin(math.radians(-40)) -
+                                                      math.sin(math.radians(-60)))}
+    between = R * R * (zone["tropical_cyclone"] + zone["atmospheric_river"]) / 2
+    out = tmp_path / "events.csv"
+    caplog.set_level("INFO", logger="climseg.events")
+    assert events.main(["--output", str(out), "--min-area", str(between), str(path)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["class"] for r in rows] == ["atmospheric_river"]
+    assert float(rows[0]["area_km2"]) == pytest.approx(R * R * zone["atmospheric_river"])
+    assert "left out 1 of 2 events under" in caplog.text
+    assert "tropical_cyclone" not in capsys.readouterr().out   # nor in the summary
+    # an event of exactly the minimum area stays
+    rows = _rows(_field_sample(tmp_path, "b.h5")[2])
+    smallest = min(r["area_km2"] for r in rows)
+    assert events.large_events(rows, smallest) == rows
+    assert len(events.large_events(rows, np.nextafter(smallest, np.inf))) == 1
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "inf"])
+def test_a_bad_min_area_is_one_line(tmp_path, capsys, value):
+    path, *_ = _field_sample(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        events.main(["--output", str(tmp_path / "t.csv"), "--min-area", value, str(path)])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("climseg events: error: argument --min-area: must be an area in km²")
+    assert not (tmp_path / "t.csv").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_ranks_under_horovodrun_write_the_one_process_table(tmp_path, horovod):
