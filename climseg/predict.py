@@ -115,7 +115,7 @@ class Job:
     model: torch.nn.Module
     spec: InputSpec
     prec: Precision
-    tile: tuple[int, int] | None      # the run's validation size: tiles of it; None: whole
+    tile: tuple[int, int] | None      # chosen_tile: --tile, else the run's; None: whole
     names: tuple[str, ...]            # class names, recorded in every mask
     provenance: dict[str, str]        # checkpoint, config hash, version, history
     made_with: str                    # the maps' titles: checkpoint and step
