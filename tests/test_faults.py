@@ -322,11 +322,18 @@ def _silent_peer_line(seconds: str) -> str:
 def test_a_frozen_rank_is_reported_as_a_timeout_with_its_knob(horovod, tiny_root, tmp_path):
     """Rank 1 stopped (SIGSTOP) mid-run: Gloo's collective times out on rank 0 (5 s here), and
     rank 0's line says that a silent rank can end the run and which setting waits longer.
-    Rank 1 is let go once rank 0 has said it, and ends on the shut-down as well."""
+    Rank 1 is let go once rank 0 has said it, and ends on the shut-down as well.
+
+    Once in a fresh-clone CI run the timeout hit a send in the middle of the step's allreduce:
+    Horovod's background loop died of it ("uncaught exception") without failing the handle
+    rank 0 waited on, so no Python error came, and the watchdog ended the run after
+    ``train.stall_timeout`` (300 s then) with its own line naming that setting. That ending is
+    accepted too, with the stall timeout cut to 30 s so that it comes quickly."""
     out, log = tmp_path / "out", tmp_path / "run.log"
     env = dict(ENV, HOROVOD_GLOO_TIMEOUT_SECONDS="5")
     proc = subprocess.Popen(_hvd_cmd(tiny_root, out, "train.max_steps=100000",
-                                     "train.max_epochs=100000", "train.validation_frequency=0"),
+                                     "train.max_epochs=100000", "train.validation_frequency=0",
+                                     "train.stall_timeout=30"),
                             stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
     pid = None
     try:
@@ -335,7 +342,10 @@ def test_a_frozen_rank_is_reported_as_a_timeout_with_its_knob(horovod, tiny_root
         os.kill(pid, signal.SIGSTOP)
         wait_for(lambda: any(line.startswith("[0]") and "error: " in line
                              for line in _rank_lines(log.read_text())), proc, log)
-        os.kill(pid, signal.SIGCONT)
+        # the launcher or the watchdog may have ended rank 1 already (SIGKILL ends a stopped
+        # process too)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
         proc.wait(timeout=300)
     finally:
         if pid is not None:
@@ -347,7 +357,13 @@ def test_a_frozen_rank_is_reported_as_a_timeout_with_its_knob(horovod, tiny_root
     errors = {line[:3]: line.split("error: ", 1)[1] for line in _rank_lines(text)
               if "error: " in line}
     assert "Timed out waiting" in text, text[-3000:]
-    assert errors.get("[0]") == _silent_peer_line("5"), text[-3000:]
+    line = errors.get("[0]", "")
+    if "no progress for" in line:  # the rarer ending (above): rank 0's background loop died
+        assert "(train.stall_timeout 30 s)" in line, text[-3000:]
+        assert any(row.startswith("[0]") and "background loop uncaught exception" in row
+                   for row in text.splitlines()), text[-3000:]
+    else:
+        assert line == _silent_peer_line("5"), text[-3000:]
     assert "Traceback" not in "\n".join(_rank_lines(text)), text[-3000:]
 
 
